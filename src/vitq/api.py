@@ -1,0 +1,61 @@
+"""The public Python API: ``prepare``, ``quantize``, ``evaluate`` (re-exported), ``save``/``load``.
+
+    import vitq
+    model = vitq.create_model("deit_tiny_patch16_224", checkpoint="deit_tiny.safetensors")
+    qmodel = vitq.quantize(model, vitq.QuantConfig(method="percentile", w_bits=4, a_bits=4), calib)
+    print(vitq.evaluate(qmodel, (images, labels)).top1)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from vitq.calib.data import load_tensors
+from vitq.config import QuantConfig
+from vitq.methods import method_class
+from vitq.models import adapter_for
+from vitq.quantized_model import QuantizedModel
+from vitq.quantizers import build_quantizer
+
+
+def model_name_of(model: nn.Module) -> str:
+    """The timm architecture name of ``model`` (needed to rebuild it when loading)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        raise ValueError("cannot tell the timm architecture of this model; pass model_name=")
+    return name
+
+
+def prepare(model: nn.Module, config: QuantConfig, *, model_name: str | None = None,
+            inplace: bool = False) -> QuantizedModel:
+    """Wrap ``model`` and build (uncalibrated) quantizers as the method and overrides say."""
+    model_name = model_name or model_name_of(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    adapter = adapter_for(model)
+    adapter.wrap(model)
+    qmodel = QuantizedModel(model.eval(), model_name, adapter.family, config)
+    method = method_class(config.method)(config)
+    for slot in qmodel.slots():
+        spec = config.spec_for(slot.point, slot.name, method.quantizer_spec(slot.role))
+        slot.quantizer = None if spec is None else build_quantizer(spec)
+    return qmodel
+
+
+def quantize(model: nn.Module, config: QuantConfig, calib_data, *, model_name: str | None = None,
+             inplace: bool = False, progress: bool = True) -> QuantizedModel:
+    """Quantize ``model`` with ``config.method``, calibrated on ``calib_data``.
+
+    ``calib_data`` is an image tensor ``[N, 3, H, W]`` (already preprocessed) or a dataset of
+    ``(image, label)`` pairs. The input model is left untouched unless ``inplace``.
+    """
+    qmodel = prepare(model, config, model_name=model_name, inplace=inplace)
+    if not isinstance(calib_data, torch.Tensor):
+        calib_data, _ = load_tensors(calib_data, progress=progress, desc="loading calibration images")
+    torch.manual_seed(config.seed)
+    method_class(config.method)(config).calibrate(qmodel, calib_data, progress=progress)
+    return qmodel.eval()

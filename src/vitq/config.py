@@ -1,0 +1,117 @@
+"""Validated quantization configs.
+
+``QuantConfig`` is what every method receives: the method name, bit widths, calibration size and
+seed, method-specific ``options``, and per-point ``overrides`` selected by glob, e.g.
+
+    QuantConfig(method="percentile", w_bits=4, a_bits=4,
+                overrides=[PointOverride(pattern="head", bits=8),
+                           PointOverride(pattern="blocks.*.attn.softmax", keep_float=True)])
+
+A pattern matches a quantization point (``blocks.3.mlp.fc2``: both its weight and input
+quantizers) or one quantizer slot (``blocks.3.mlp.fc2.input_quantizer``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vitq.errors import VitqError
+from vitq.quantizers.base import MAX_BITS, MIN_BITS
+from vitq.quantizers.registry import quantizer_class, quantizer_kinds
+
+
+class PointOverride(BaseModel):
+    """Change the quantizer of every slot whose point or slot name matches ``pattern``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pattern: str = Field(min_length=1)
+    bits: int | None = Field(default=None, ge=MIN_BITS, le=MAX_BITS)
+    kind: str | None = None
+    keep_float: bool = False
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str | None) -> str | None:
+        if kind is not None and kind not in quantizer_kinds():
+            raise ValueError(f"unknown quantizer kind {kind!r}; known: {', '.join(quantizer_kinds())}")
+        return kind
+
+    @classmethod
+    def parse(cls, text: str) -> PointOverride:
+        """Parse the CLI form ``PATTERN=float``, ``PATTERN=BITS``, ``PATTERN=KIND`` or ``PATTERN=KIND:BITS``."""
+        pattern, sep, value = text.partition("=")
+        if not sep or not pattern or not value:
+            raise VitqError(f"override {text!r} must look like PATTERN=float, PATTERN=BITS or PATTERN=KIND[:BITS]")
+        if value == "float":
+            return make(cls, pattern=pattern, keep_float=True)
+        kind, _, bits = value.rpartition(":") if ":" in value else ("", "", value)
+        if not bits.isdigit():
+            kind, bits = value, ""
+        return make(cls, pattern=pattern, kind=kind or None, bits=int(bits) if bits else None)
+
+    def matches(self, point: str, slot: str) -> bool:
+        return fnmatch.fnmatchcase(point, self.pattern) or fnmatch.fnmatchcase(slot, self.pattern)
+
+    def apply(self, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The quantizer spec after this override (``None`` = float)."""
+        if self.keep_float or spec is None:
+            return None
+        spec = dict(spec)
+        if self.kind is not None and self.kind != spec["kind"]:
+            # keep the options the new kind also understands (bits, granularity, init, ...)
+            accepted = inspect.signature(quantizer_class(self.kind).__init__).parameters
+            spec = {"kind": self.kind, **{k: v for k, v in spec.items() if k in accepted}}
+        if self.bits is not None:
+            spec["bits"] = self.bits
+        return spec
+
+
+class QuantConfig(BaseModel):
+    """Everything that decides how a model is quantized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "percentile"
+    w_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    a_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    image_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS, description="bits of the patch-embedding input")
+    calib_size: int = Field(32, ge=1, description="number of calibration images")
+    seed: int = Field(0, ge=0, description="selects the calibration images and seeds the method")
+    overrides: list[PointOverride] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from vitq.methods import method_names
+
+        if method not in method_names():
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+        return method
+
+    def spec_for(self, point: str, slot: str, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Apply every matching override, in order (later ones win)."""
+        for override in self.overrides:
+            if override.matches(point, slot):
+                spec = override.apply(spec)
+        return spec
+
+    @property
+    def label(self) -> str:
+        return "float" if self.method == "float" else f"{self.method} W{self.w_bits}A{self.a_bits}"
+
+
+def make(cls: type[BaseModel], **kwargs: Any) -> Any:
+    """Build a pydantic model, turning validation errors into one-line :class:`VitqError`."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise VitqError(f"invalid {where}: {message} (got {first.get('input')!r})") from None

@@ -1,0 +1,87 @@
+"""The method interface and registry.
+
+A method decides two things:
+
+1. which quantizer each slot gets (``quantizer_spec``: by slot role, e.g. a log quantizer for
+   ``softmax`` slots), before any data is seen. This is the model's *structure*, so a saved model
+   can be rebuilt from the specs alone;
+2. how the quantizers (and possibly weights) are calibrated (``calibrate``), usually block by
+   block with :mod:`vitq.calib.runner`.
+
+Register a method with ``@register_method("name")``; one method per file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from vitq.calib.runner import calibrate_in_forward_order
+from vitq.config import QuantConfig
+from vitq.errors import VitqError
+
+_METHODS: dict[str, type[Method]] = {}
+M = TypeVar("M", bound="type[Method]")
+
+
+class Method:
+    """Base class. The default structure is the papers' convention (NOTES §2.0):
+    per-output-channel asymmetric weights at ``w_bits``, per-tensor asymmetric activations at
+    ``a_bits``, the patch-embedding input at ``image_bits``.
+    """
+
+    name: ClassVar[str] = ""
+    #: range initialiser of the default uniform quantizers
+    init: ClassVar[str] = "minmax"
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+        unknown = set(config.options) - set(self.option_names())
+        if unknown:
+            raise VitqError(f"method {self.name!r} has no option(s) {', '.join(sorted(unknown))}")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Names of the method-specific options accepted in ``QuantConfig.options``."""
+        return ()
+
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        """The quantizer of a slot with ``role`` (``None`` keeps it float)."""
+        cfg = self.config
+        if role == "weight":
+            return {"kind": "uniform", "bits": cfg.w_bits, "granularity": "channel", "axis": 0, "init": self.init}
+        bits = cfg.image_bits if role == "image" else cfg.a_bits
+        return {"kind": "uniform", "bits": bits, "granularity": "tensor", "init": self.init}
+
+    def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
+        """Calibrate ``qmodel`` (whose quantizers are built but uncalibrated) on ``images``.
+
+        Default: every quantizer initialises on the whole calibration batch in forward order.
+        """
+        calibrate_in_forward_order(qmodel, images, progress=progress)
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: make a method available by ``name`` (config, CLI, compare)."""
+
+    def decorator(cls: M) -> M:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorator
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise VitqError(f"unknown method {name!r}; known: {', '.join(method_names())}") from None

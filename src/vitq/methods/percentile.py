@@ -1,0 +1,16 @@
+"""``percentile``: uniform quantizers whose clipping range is chosen by RepQ-ViT's MSE search.
+
+For every quantization group (a weight row, or a whole activation tensor) the candidate ranges
+are the {0.999, 0.9999, 0.99999} percentiles; the one with the smallest ``||x - Q(x)||²`` wins
+(NOTES §2.0). Same structure and forward-order calibration as ``minmax``: this is RepQ-ViT
+without its reparameterization and log√2 softmax quantizer.
+"""
+
+from __future__ import annotations
+
+from vitq.methods.base import Method, register_method
+
+
+@register_method("percentile")
+class PercentileMethod(Method):
+    init = "mse"

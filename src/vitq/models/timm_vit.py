@@ -1,0 +1,48 @@
+"""Adapter for timm ``VisionTransformer`` models (ViT, DeiT, DeiT-III, ...).
+
+Quantization points (names are the public contract, see DESIGN.md):
+``patch_embed.proj`` (conv; its input is the image), and per block ``blocks.{i}.attn.qkv``,
+``.attn.q``, ``.attn.k``, ``.attn.v``, ``.attn.softmax``, ``.attn.proj``, ``.mlp.fc1``,
+``.mlp.fc2``, then ``head``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitq.models.base import ModelAdapter, Stage, replace_module
+from vitq.models.registry import register_adapter
+from vitq.nn import QConv2d, QLinear, QuantAttention
+
+
+@register_adapter("vit")
+class VitAdapter(ModelAdapter):
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> None:
+        replace_module(model, "patch_embed.proj", QConv2d(model.patch_embed.proj, "image"))
+        for i, block in enumerate(model.blocks):
+            replace_module(model, f"blocks.{i}.attn", QuantAttention(block.attn))
+            replace_module(model, f"blocks.{i}.mlp.fc1", QLinear(block.mlp.fc1, "post_ln"))
+            replace_module(model, f"blocks.{i}.mlp.fc2", QLinear(block.mlp.fc2, "post_gelu"))
+        if isinstance(model.head, nn.Linear):
+            replace_module(model, "head", QLinear(model.head, "act"))
+
+    @classmethod
+    def stages(cls, model: nn.Module) -> list[Stage]:
+        def embed(x):
+            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+        def head(x):
+            return model.forward_head(model.norm(x))
+
+        return [
+            Stage("embed", ("patch_embed",), embed),
+            *(Stage(f"blocks.{i}", (f"blocks.{i}",), block) for i, block in enumerate(model.blocks)),
+            Stage("head", ("norm", "fc_norm", "head"), head),
+        ]

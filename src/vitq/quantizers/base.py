@@ -1,0 +1,101 @@
+"""The quantizer interface shared by every quantization scheme.
+
+A quantizer is an ``nn.Module`` that maps a float tensor to its dequantized ("fake-quant") value.
+Its parameters (scales, zero points, extra shape parameters) are *buffers*, so a quantized
+model's ``state_dict`` holds everything needed to rebuild it, and their shapes are only known
+after calibration (per-tensor vs per-channel). ``_load_from_state_dict`` therefore adopts the
+shapes it finds in the checkpoint instead of demanding them up front.
+
+Life cycle:
+1. build from a spec (``build_quantizer({"kind": "uniform", "bits": 4, ...})``);
+2. calibrate: either call :meth:`calibrate` with data, or set ``calibrating = True`` and run the
+   model: the first forward call then calibrates on its input before quantizing it. This gives the
+   RepQ-ViT "forward order" calibration, where every quantizer sees inputs that are already
+   quantized upstream;
+3. ``forward`` (fake-quant) / ``int_repr`` (integer codes) / ``dequantize``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vitq.errors import VitqError
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Return ``bits`` if it is an integer in 2..8, else raise a readable error."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise VitqError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    return bits
+
+
+class Quantizer(nn.Module):
+    """Base class: fake-quantizes tensors once calibrated."""
+
+    kind: ClassVar[str] = ""
+    #: names of the buffers that hold the calibrated parameters
+    param_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, bits: int, **spec_kwargs: Any) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.enabled = True
+        self.calibrating = False
+        self._spec_kwargs = dict(spec_kwargs)
+        for name in self.param_names:
+            self.register_buffer(name, torch.empty(0))
+
+    # ----------------------------------------------------------------- spec / state
+    def spec(self) -> dict[str, Any]:
+        """The constructor arguments, enough to rebuild an uncalibrated twin of this quantizer."""
+        return {"kind": self.kind, "bits": self.bits, **self._spec_kwargs}
+
+    @property
+    def is_calibrated(self) -> bool:
+        return all(getattr(self, name).numel() > 0 for name in self.param_names)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Calibrated shapes are data dependent: adopt the checkpoint's shapes before loading.
+        for name in self.param_names:
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # ----------------------------------------------------------------- quantization
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set the quantization parameters from sample data ``x``."""
+        raise NotImplementedError
+
+    def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quant of ``x`` with the calibrated parameters."""
+        raise NotImplementedError
+
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (int32)."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """Float values of integer codes, so that ``dequantize(int_repr(x)) == forward(x)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.calibrating:
+            with torch.no_grad():
+                self.calibrate(x.detach())
+            self.calibrating = False
+        if not self.is_calibrated:
+            raise VitqError(f"{type(self).__name__} used before calibration")
+        return self.quantize_dequantize(x)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind")

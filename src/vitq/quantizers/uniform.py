@@ -1,0 +1,146 @@
+"""Uniform affine quantizer: x̂ = (clamp(round(x/Δ) + z, q_min, q_max) − z) · Δ.
+
+Options:
+- ``signed``: codes in [−2^(b−1), 2^(b−1)−1] instead of [0, 2^b−1];
+- ``symmetric``: zero point 0 and Δ = max(|lo|, |hi|) / q_max (signed) or hi / q_max (unsigned);
+  asymmetric: Δ = (hi − lo)/(q_max − q_min), z = q_min − round(lo/Δ);
+- ``granularity``: ``"tensor"`` (one Δ), ``"channel"`` (one Δ per index of ``axis``; for weights
+  axis 0 = per output channel) or ``"head"`` (``axis`` split into ``groups`` contiguous groups,
+  e.g. the heads of a q/k/v channel dimension);
+- ``init``: the range initialiser (``"minmax"``, ``"percentile"`` at ``percentile``, or
+  ``"mse"``: RepQ-ViT's search over ``search_percentiles``, see :mod:`vitq.quantizers.ranges`).
+
+Like RepQ-ViT, the asymmetric range is not forced to contain 0 (its zero point may fall outside
+the code range); a degenerate range (a constant channel, NOTES §7) is widened to include 0 so
+that the constant is still represented exactly and Δ never collapses to 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vitq.errors import VitqError
+from vitq.quantizers.base import Quantizer
+from vitq.quantizers.ranges import REPQ_PERCENTILES, minmax_range, mse_range_search, percentile_range
+from vitq.quantizers.registry import register_quantizer
+
+GRANULARITIES = ("tensor", "channel", "head")
+INITS = ("minmax", "percentile", "mse")
+#: smallest step; keeps Δ > 0 for all-zero groups
+MIN_SCALE = 1e-8
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def uniform_params(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, signed: bool, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step Δ and zero point z for clipping ranges [lo, hi] (vectorised)."""
+    q_min, q_max = code_range(bits, signed)
+    degenerate = (hi - lo) <= MIN_SCALE * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    lo = torch.where(degenerate, lo.clamp(max=0.0), lo)
+    hi = torch.where(degenerate, hi.clamp(min=0.0), hi)
+    if symmetric:
+        bound = torch.maximum(lo.abs(), hi.abs()) if signed else hi.clamp_min(0.0)
+        scale = (bound / q_max).clamp_min(MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (q_max - q_min)).clamp_min(MIN_SCALE)
+    return scale, q_min - torch.round(lo / scale)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int):
+    codes = torch.clamp(torch.round(x / scale) + zero_point, q_min, q_max)
+    return (codes - zero_point) * scale
+
+
+@register_quantizer("uniform")
+class UniformQuantizer(Quantizer):
+    param_names = ("scale", "zero_point")
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool = False,
+        symmetric: bool = False,
+        granularity: str = "tensor",
+        axis: int = 0,
+        groups: int = 1,
+        init: str = "minmax",
+        percentile: float = 0.9999,
+        search_percentiles: Sequence[float] = REPQ_PERCENTILES,
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise VitqError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if init not in INITS:
+            raise VitqError(f"init must be one of {INITS}, got {init!r}")
+        if granularity == "head" and groups < 1:
+            raise VitqError(f"per-head quantization needs groups >= 1, got {groups}")
+        search_percentiles = tuple(float(p) for p in search_percentiles)
+        super().__init__(bits, signed=signed, symmetric=symmetric, granularity=granularity, axis=axis,
+                         groups=groups, init=init, percentile=percentile,
+                         search_percentiles=list(search_percentiles))
+        self.signed, self.symmetric = signed, symmetric
+        self.granularity, self.axis, self.groups = granularity, axis, groups
+        self.init, self.percentile, self.search_percentiles = init, percentile, search_percentiles
+        self.q_min, self.q_max = code_range(bits, signed)
+
+    # --------------------------------------------------------------- group layout
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a [groups, elements] matrix, one row per quantization group."""
+        if self.granularity == "tensor":
+            return x.reshape(1, -1)
+        channels_first = x.movedim(self.axis, 0)
+        n_rows = channels_first.shape[0] if self.granularity == "channel" else self.groups
+        if channels_first.shape[0] % n_rows:
+            raise VitqError(f"cannot split {channels_first.shape[0]} channels into {n_rows} heads")
+        return channels_first.reshape(n_rows, -1)
+
+    def _broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-group parameter reshaped to broadcast against ``x``."""
+        if self.granularity == "tensor":
+            return param.reshape(())
+        axis = self.axis % x.ndim
+        channels = x.shape[axis]
+        if self.granularity == "head":
+            param = param.repeat_interleave(channels // param.numel())
+        shape = [1] * x.ndim
+        shape[axis] = channels
+        return param.reshape(shape)
+
+    # --------------------------------------------------------------- calibration
+    def _quantize_rows(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = uniform_params(lo, hi, self.bits, self.signed, self.symmetric)
+        return fake_quant(rows, scale[:, None], zero_point[:, None], self.q_min, self.q_max)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        rows = self._rows(x.detach().float())
+        if self.init == "minmax":
+            lo, hi = minmax_range(rows)
+        elif self.init == "percentile":
+            lo, hi = percentile_range(rows, self.percentile)
+        else:
+            lo, hi = mse_range_search(rows, self._quantize_rows, self.search_percentiles)
+        self.set_range(lo, hi)
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set Δ and z from per-group clipping ranges."""
+        self.scale, self.zero_point = uniform_params(lo, hi, self.bits, self.signed, self.symmetric)
+
+    # --------------------------------------------------------------- quantization
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+        return torch.clamp(torch.round(x / scale) + zero_point, self.q_min, self.q_max).to(torch.int32)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self._broadcast(self.scale, codes), self._broadcast(self.zero_point, codes)
+        return (codes.float() - zero_point) * scale
+
+    def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x),
+                          self.q_min, self.q_max)

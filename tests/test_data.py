@@ -1,0 +1,305 @@
+"""Tests of vitq.calib.data: layouts and labels, errors, seeded splits, tensor loading."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from vitq.assets import assets_dir
+from vitq.calib import (
+    ImageNetImages,
+    data_config_for_model,
+    imagenet_wnids,
+    load_tensors,
+    split_calib_eval,
+    transform_for_model,
+)
+from vitq.errors import VitqError
+
+TENCH, GOLDFISH, SHARK = "n01440764", "n01443537", "n01484850"
+
+
+def _write_image(path: Path, size: tuple[int, int] = (12, 10), mode: str = "RGB") -> Path:
+    """A tiny synthetic image; the extension picks the format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color=0 if mode == "L" else (200, 30, 60)).save(path)
+    return path
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """Minimal transform for tests: fixed size, CHW float in [0, 1]."""
+    data = torch.frombuffer(bytearray(img.resize((8, 8)).tobytes()), dtype=torch.uint8)
+    return data.reshape(8, 8, 3).permute(2, 0, 1).float() / 255
+
+
+# ---------------------------------------------------------------- wnids
+
+
+def test_wnids_are_the_sorted_imagenet_1k_list():
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 == len(set(wnids))
+    assert wnids == sorted(wnids)
+    assert wnids[:3] == [TENCH, GOLDFISH, SHARK]
+    assert all(re.fullmatch(r"n\d{8}", w) for w in wnids)
+
+
+def test_wnids_cache_cannot_be_corrupted_by_caller():
+    imagenet_wnids().clear()
+    assert len(imagenet_wnids()) == 1000
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_imagefolder_layout(tmp_path):
+    _write_image(tmp_path / GOLDFISH / "b.JPEG")
+    _write_image(tmp_path / GOLDFISH / "a.png")
+    _write_image(tmp_path / TENCH / "x.jpg")
+    _write_image(tmp_path / SHARK / "nested" / "y.webp")
+    (tmp_path / TENCH / "notes.txt").write_text("not an image")
+    ds = ImageNetImages(tmp_path)
+    assert ds.layout == "imagefolder"
+    assert [(p.relative_to(tmp_path).as_posix(), label) for p, label in ds.samples] == [
+        (f"{TENCH}/x.jpg", 0),
+        (f"{GOLDFISH}/a.png", 1),
+        (f"{GOLDFISH}/b.JPEG", 1),
+        (f"{SHARK}/nested/y.webp", 2),
+    ]
+    assert len(ds) == 4
+
+
+def test_flat_wnid_layout(tmp_path):
+    _write_image(tmp_path / f"{GOLDFISH}_goldfish.JPEG")
+    _write_image(tmp_path / f"{TENCH}_tench.JPEG")
+    _write_image(tmp_path / f"{SHARK}.BMP")
+    (tmp_path / ".DS_Store").write_bytes(b"junk")
+    ds = ImageNetImages(tmp_path)
+    assert ds.layout == "wnid-files"
+    assert [(p.name, label) for p, label in ds.samples] == [
+        (f"{TENCH}_tench.JPEG", 0),
+        (f"{GOLDFISH}_goldfish.JPEG", 1),
+        (f"{SHARK}.BMP", 2),
+    ]
+
+
+def test_flat_foolbox_layout(tmp_path):
+    _write_image(tmp_path / "imagenet_01_559.jpg")
+    _write_image(tmp_path / "imagenet_00_243.JPG")
+    _write_image(tmp_path / "imagenet_02_0.jpeg")
+    ds = ImageNetImages(tmp_path)
+    assert ds.layout == "foolbox"
+    assert [(p.name, label) for p, label in ds.samples] == [
+        ("imagenet_00_243.JPG", 243),
+        ("imagenet_01_559.jpg", 559),
+        ("imagenet_02_0.jpeg", 0),
+    ]
+
+
+def test_getitem_converts_to_rgb_and_applies_transform(tmp_path):
+    _write_image(tmp_path / f"{TENCH}_gray.png", mode="L")
+    img, label = ImageNetImages(tmp_path)[0]
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and label == 0
+    tensor, label = ImageNetImages(tmp_path, transform=_to_tensor)[0]
+    assert tensor.shape == (3, 8, 8) and label == 0
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(VitqError, match="does not exist") as info:
+        ImageNetImages(tmp_path / "nope")
+    assert "nope" in str(info.value)
+
+
+def test_root_is_a_file(tmp_path):
+    path = _write_image(tmp_path / f"{TENCH}.jpg")
+    with pytest.raises(VitqError, match="not a folder"):
+        ImageNetImages(path)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(VitqError, match="no images") as info:
+        ImageNetImages(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_imagefolder_without_images(tmp_path):
+    (tmp_path / TENCH).mkdir()
+    with pytest.raises(VitqError, match="no images"):
+        ImageNetImages(tmp_path)
+
+
+def test_unknown_wnid_folder(tmp_path):
+    _write_image(tmp_path / TENCH / "a.jpg")
+    _write_image(tmp_path / "n99999999" / "b.jpg")
+    with pytest.raises(VitqError, match="n99999999.*not an ImageNet-1k wnid"):
+        ImageNetImages(tmp_path)
+
+
+def test_non_wnid_folder_name(tmp_path):
+    _write_image(tmp_path / "cats" / "a.jpg")
+    with pytest.raises(VitqError, match="'cats'.*not an ImageNet-1k wnid"):
+        ImageNetImages(tmp_path)
+
+
+def test_unknown_wnid_file_prefix(tmp_path):
+    _write_image(tmp_path / f"{TENCH}_tench.jpg")
+    _write_image(tmp_path / "n99999999_mystery.jpg")
+    with pytest.raises(VitqError, match="n99999999_mystery.jpg.*not an ImageNet-1k wnid"):
+        ImageNetImages(tmp_path)
+
+
+def test_unparseable_file_name(tmp_path):
+    _write_image(tmp_path / "holiday.jpg")
+    with pytest.raises(VitqError, match="holiday.jpg"):
+        ImageNetImages(tmp_path)
+
+
+def test_foolbox_label_out_of_range(tmp_path):
+    _write_image(tmp_path / "imagenet_00_1000.jpg")
+    with pytest.raises(VitqError, match="imagenet_00_1000.jpg"):
+        ImageNetImages(tmp_path)
+
+
+def test_mixed_naming_styles(tmp_path):
+    _write_image(tmp_path / f"{TENCH}_tench.jpg")
+    _write_image(tmp_path / "imagenet_00_243.jpg")
+    with pytest.raises(VitqError, match="mixes file naming styles"):
+        ImageNetImages(tmp_path)
+
+
+def test_mixed_folders_and_loose_images(tmp_path):
+    _write_image(tmp_path / TENCH / "a.jpg")
+    _write_image(tmp_path / f"{GOLDFISH}_goldfish.jpg")
+    with pytest.raises(VitqError, match="mixes class sub-folders"):
+        ImageNetImages(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a jpeg", None], ids=["empty", "garbage", "truncated"])
+def test_corrupt_image_raises_on_load(tmp_path, content):
+    _write_image(tmp_path / f"{TENCH}_ok.jpg")
+    bad = tmp_path / f"{GOLDFISH}_bad.jpg"
+    if content is None:
+        full = _write_image(tmp_path / "full.jpg", size=(64, 64)).read_bytes()
+        (tmp_path / "full.jpg").unlink()
+        content = full[: len(full) // 2]
+    bad.write_bytes(content)
+    ds = ImageNetImages(tmp_path)  # listing does not decode
+    ds[0]
+    with pytest.raises(VitqError, match=f"cannot read image .*{bad.name}") as info:
+        ds[1]
+    assert "\n" not in str(info.value)
+    with pytest.raises(VitqError, match=bad.name):
+        load_tensors(ImageNetImages(tmp_path, transform=_to_tensor), progress=False)
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_split_sizes_and_sorted():
+    calib, evaluation = split_calib_eval(1000, 32, seed=0)
+    assert len(calib) == 32 and len(evaluation) == 968
+    assert calib == sorted(calib) and evaluation == sorted(evaluation)
+    assert split_calib_eval(1000, 32, seed=1)[0] != calib
+
+
+def test_split_zero_calibration():
+    assert split_calib_eval(5, 0, seed=3) == ([], [0, 1, 2, 3, 4])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_split_properties(n, data, seed):
+    calib_size = data.draw(st.integers(0, n - 1))
+    calib, evaluation = split_calib_eval(n, calib_size, seed)
+    assert len(calib) == calib_size and len(evaluation) == n - calib_size
+    assert not set(calib) & set(evaluation)
+    assert sorted(calib + evaluation) == list(range(n))
+    assert split_calib_eval(n, calib_size, seed) == (calib, evaluation)
+
+
+@pytest.mark.parametrize(
+    ("n", "calib_size", "message"),
+    [
+        (1000, 2000, "calibration size 2000 is larger than the 1000 images in /data/val"),
+        (1000, 1000, "leaving none for evaluation"),
+        (10, -1, "must not be negative"),
+    ],
+)
+def test_split_errors(n, calib_size, message):
+    with pytest.raises(VitqError, match=re.escape(message)):
+        split_calib_eval(n, calib_size, seed=0, source="/data/val")
+
+
+# ---------------------------------------------------------------- load_tensors
+
+
+def test_load_tensors_shapes_and_labels(tmp_path):
+    for wnid in (TENCH, GOLDFISH, SHARK):
+        for i in range(15):
+            _write_image(tmp_path / wnid / f"{i:02d}.png", size=(5 + i, 9))
+    ds = ImageNetImages(tmp_path, transform=_to_tensor)
+    images, labels = load_tensors(ds, progress=False)
+    assert images.shape == (45, 3, 8, 8) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.tolist() == [0] * 15 + [1] * 15 + [2] * 15
+    images, labels = load_tensors(ds, [44, 0, 20], progress=False)
+    assert images.shape == (3, 3, 8, 8) and labels.tolist() == [2, 0, 1]
+
+
+def test_load_tensors_nothing_selected(tmp_path):
+    _write_image(tmp_path / f"{TENCH}_tench.jpg")
+    with pytest.raises(VitqError, match="no images selected"):
+        load_tensors(ImageNetImages(tmp_path, transform=_to_tensor), [], progress=False)
+
+
+# ---------------------------------------------------------------- real assets
+
+SAMPLE = assets_dir() / "imagenet-sample"
+FOOLBOX = assets_dir() / "imagenet-foolbox20"
+needs_assets = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real assets missing: {SAMPLE}")
+
+
+@pytest.mark.integration
+@needs_assets
+def test_real_sample_has_one_image_per_class():
+    ds = ImageNetImages(SAMPLE)
+    assert ds.layout == "wnid-files"
+    assert len(ds) == 1000
+    assert sorted(label for _, label in ds.samples) == list(range(1000))
+    by_name = {path.name: label for path, label in ds.samples}
+    assert by_name["n01440764_tench.JPEG"] == 0
+    wnids = imagenet_wnids()
+    assert all(wnids[label] == path.name[:9] for path, label in ds.samples)
+
+
+@pytest.mark.integration
+@needs_assets
+def test_real_foolbox_labels_parsed_from_names():
+    ds = ImageNetImages(FOOLBOX)
+    assert ds.layout == "foolbox"
+    assert len(ds) == 20
+    assert all(label == int(path.stem.rsplit("_", 1)[1]) for path, label in ds.samples)
+    assert ds.samples[0][0].name == "imagenet_00_243.jpg" and ds.samples[0][1] == 243
+
+
+@pytest.mark.integration
+@needs_assets
+def test_real_images_through_deit_tiny_transform():
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    cfg = data_config_for_model(model)
+    assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
+    ds = ImageNetImages(SAMPLE, transform=transform_for_model(model))
+    images, labels = load_tensors(ds, [0, 1, 999], progress=False)
+    assert images.shape == (3, 3, 224, 224) and images.dtype == torch.float32
+    assert labels.tolist() == [0, 1, 999]
+    foolbox = ImageNetImages(FOOLBOX, transform=transform_for_model(model))
+    fool_images, _ = load_tensors(foolbox, [0], progress=False)
+    assert fool_images.shape == (1, 3, 224, 224)
