@@ -50,7 +50,7 @@ class PointOverride(BaseModel):
         if value == "float":
             return make(cls, pattern=pattern, keep_float=True)
         kind, _, bits = value.rpartition(":") if ":" in value else ("", "", value)
-        if not bits.isdigit():
+        if not (bits.isascii() and bits.isdigit()):  # "²".isdigit() but int("²") fails
             kind, bits = value, ""
         return make(cls, pattern=pattern, kind=kind or None, bits=int(bits) if bits else None)
 

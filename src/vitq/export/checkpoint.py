@@ -61,27 +61,52 @@ def read_header(path: str | Path) -> dict:
         header = json.loads(metadata[HEADER_KEY])
     except (KeyError, json.JSONDecodeError):
         raise VitqError(f"{path} is not a vitq quantized model (no valid '{HEADER_KEY}' header)") from None
+    if not isinstance(header, dict):
+        raise VitqError(f"{path} is not a vitq quantized model (its '{HEADER_KEY}' header is not an object)")
     if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
         raise VitqError(f"{path} has an unsupported format {header.get('format')!r} "
                         f"version {header.get('format_version')!r}")
     return header
 
 
+def _header_fields(path: Path, header: dict) -> tuple[str, str, dict, dict]:
+    fields = {"model_name": str, "family": str, "config": dict, "quantizers": dict}
+    for key, kind in fields.items():
+        if not isinstance(header.get(key), kind):
+            raise VitqError(f"{path} has a broken vitq header: '{key}' is missing or not a {kind.__name__}")
+    return header["model_name"], header["family"], header["config"], header["quantizers"]
+
+
 def load(path: str | Path) -> QuantizedModel:
     """Rebuild a quantized model saved by :func:`save`."""
     import timm
 
+    path = Path(path)
     header = read_header(path)
-    model = timm.create_model(header["model_name"], pretrained=False)
-    adapter = adapter_by_family(header["family"])
-    adapter.wrap(model)
-    qmodel = QuantizedModel(model.eval(), header["model_name"], header["family"],
-                            make(QuantConfig, **header["config"]))
-    specs = header["quantizers"]
-    for slot in qmodel.slots():
-        if slot.name not in specs:
-            raise VitqError(f"{path} does not match {header['model_name']}: no entry for {slot.name}")
-        spec = specs[slot.name]
-        slot.quantizer = None if spec is None else build_quantizer(spec)
-    load_state_dict_file(qmodel.model, path, what=f"quantized {header['model_name']}")
+    name, family, config, specs = _header_fields(path, header)
+    if not timm.is_model(name):
+        raise VitqError(f"{path} was saved from model {name!r}, which this timm does not know")
+    try:
+        # everything the header alone decides is checked before building the (possibly large) model
+        adapter = adapter_by_family(family)
+        qconfig = make(QuantConfig, **config)
+        quantizers = {}
+        for slot_name, spec in specs.items():
+            if spec is not None and not isinstance(spec, dict):
+                raise VitqError(f"bad quantizer spec for {slot_name}: {spec!r}")
+            quantizers[slot_name] = None if spec is None else build_quantizer(spec)
+        model = timm.create_model(name, pretrained=False)
+        adapter.wrap(model)
+        qmodel = QuantizedModel(model.eval(), name, family, qconfig)
+        slots = qmodel.slots()
+        extra = set(specs) - {slot.name for slot in slots}
+        if extra:
+            raise VitqError(f"does not match {name}: {len(extra)} unknown quantizer slot(s), e.g. {min(extra)}")
+        for slot in slots:
+            if slot.name not in quantizers:
+                raise VitqError(f"does not match {name}: no entry for {slot.name}")
+            slot.quantizer = quantizers[slot.name]
+    except VitqError as err:
+        raise VitqError(f"{path}: {err}") from None
+    load_state_dict_file(qmodel.model, path, what=f"quantized {name}")
     return qmodel.eval()

@@ -26,24 +26,41 @@ def minmax_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.amin(dim=1), rows.amax(dim=1)
 
 
-def _sorted_quantile(sorted_rows: torch.Tensor, p: float) -> torch.Tensor:
-    """Quantile ``p`` of each (already sorted) row, linear interpolation as ``torch.quantile``.
+class TailQuantiles:
+    """Quantiles near both ends of each row, interpolated like ``torch.quantile`` (linear).
 
-    ``torch.quantile`` refuses inputs above 2^24 elements; one sort serves every candidate.
+    Only the ``k`` smallest and ``k`` largest values of each row are kept (``topk``), enough for every
+    percentile >= ``min_percentile``: much cheaper than sorting millions of activations, and free of
+    ``torch.quantile``'s 2^24-element limit.
     """
-    n = sorted_rows.shape[1]
-    pos = p * (n - 1)
-    below = int(pos)
-    above = min(below + 1, n - 1)
-    frac = pos - below
-    return sorted_rows[:, below] + frac * (sorted_rows[:, above] - sorted_rows[:, below])
+
+    def __init__(self, rows: torch.Tensor, min_percentile: float) -> None:
+        self.n = rows.shape[1]
+        k = min(self.n, int((1.0 - min_percentile) * (self.n - 1)) + 2)
+        self.min_percentile = min_percentile
+        self.largest = rows.topk(k, dim=1, largest=True, sorted=True).values  # descending
+        self.smallest = rows.topk(k, dim=1, largest=False, sorted=True).values  # ascending
+
+    @staticmethod
+    def _at(tail: torch.Tensor, pos: float) -> torch.Tensor:
+        """Value at fractional position ``pos`` from the tail's extreme, linearly interpolated."""
+        below = int(pos)
+        above = min(below + 1, tail.shape[1] - 1)
+        return tail[:, below] + (pos - below) * (tail[:, above] - tail[:, below])
+
+    def range(self, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``1-p`` and ``p`` quantiles of each row."""
+        if not self.min_percentile <= p <= 1.0:
+            raise ValueError(f"percentile {p} is outside [{self.min_percentile}, 1]")
+        # quantile q sits at sorted position q·(n-1); from the top, position p·(n-1) is (1-p)·(n-1) away
+        distance = (1.0 - p) * (self.n - 1)
+        return self._at(self.smallest, distance), self._at(self.largest, distance)
 
 
 def percentile_range(rows: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0.5 < p <= 1.0:
         raise ValueError(f"percentile must be in (0.5, 1], got {p}")
-    sorted_rows = rows.sort(dim=1).values
-    return _sorted_quantile(sorted_rows, 1.0 - p), _sorted_quantile(sorted_rows, p)
+    return TailQuantiles(rows, p).range(p)
 
 
 def mse_range_search(
@@ -55,13 +72,13 @@ def mse_range_search(
 
     ``quantize_rows(rows, lo, hi)`` must return the fake-quant of ``rows`` under per-row ranges.
     """
-    sorted_rows = rows.sort(dim=1).values
+    tails = TailQuantiles(rows, min(candidates))
     best_err = torch.full((rows.shape[0],), float("inf"), dtype=rows.dtype, device=rows.device)
     best_lo = torch.zeros_like(best_err)
     best_hi = torch.zeros_like(best_err)
     for p in candidates:
-        lo, hi = _sorted_quantile(sorted_rows, 1.0 - p), _sorted_quantile(sorted_rows, p)
-        err = (quantize_rows(rows, lo, hi) - rows).pow(2).sum(dim=1)
+        lo, hi = tails.range(p)
+        err = quantize_rows(rows, lo, hi).sub_(rows).square_().sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo, best_lo)

@@ -48,15 +48,26 @@ def uniform_params(
     hi = torch.where(degenerate, hi.clamp(min=0.0), hi)
     if symmetric:
         bound = torch.maximum(lo.abs(), hi.abs()) if signed else hi.clamp_min(0.0)
-        scale = (bound / q_max).clamp_min(MIN_SCALE)
+        steps = q_max
+    else:
+        bound = hi - lo
+        steps = q_max - q_min
+    scale = (bound / steps).clamp_min(MIN_SCALE)
+    # A degenerate group holds one value c: step |c| / 2^k for the largest 2^k <= steps, so that c is
+    # exactly the code ±2^k (dividing by a power of two is exact; |c| / steps · steps need not be).
+    # Near the bottom of the float range (|c| / 2^k subnormal) the step is |c| itself.
+    exact = bound / 2 ** (steps.bit_length() - 1)
+    exact = torch.where(exact >= torch.finfo(exact.dtype).tiny, exact, bound)
+    scale = torch.where(degenerate & (bound > 0), exact, scale)
+    if symmetric:
         return scale, torch.zeros_like(scale)
-    scale = ((hi - lo) / (q_max - q_min)).clamp_min(MIN_SCALE)
     return scale, q_min - torch.round(lo / scale)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int):
-    codes = torch.clamp(torch.round(x / scale) + zero_point, q_min, q_max)
-    return (codes - zero_point) * scale
+    """(clamp(round(x/Δ) + z, q_min, q_max) − z)·Δ, in place on one fresh buffer (activations are large)."""
+    out = torch.round(x / scale)
+    return out.add_(zero_point).clamp_(q_min, q_max).sub_(zero_point).mul_(scale)
 
 
 @register_quantizer("uniform")
@@ -79,9 +90,16 @@ class UniformQuantizer(Quantizer):
             raise VitqError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if init not in INITS:
             raise VitqError(f"init must be one of {INITS}, got {init!r}")
-        if granularity == "head" and groups < 1:
-            raise VitqError(f"per-head quantization needs groups >= 1, got {groups}")
+        if granularity == "head" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+            raise VitqError(f"per-head quantization needs an integer groups >= 1, got {groups!r}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise VitqError(f"axis must be an integer, got {axis!r}")
         search_percentiles = tuple(float(p) for p in search_percentiles)
+        for p in (percentile, *search_percentiles):
+            if not 0.5 < p <= 1.0:
+                raise VitqError(f"percentiles must be in (0.5, 1], got {p!r}")
+        if init == "mse" and not search_percentiles:
+            raise VitqError("init='mse' needs at least one search percentile")
         super().__init__(bits, signed=signed, symmetric=symmetric, granularity=granularity, axis=axis,
                          groups=groups, init=init, percentile=percentile,
                          search_percentiles=list(search_percentiles))
@@ -95,6 +113,8 @@ class UniformQuantizer(Quantizer):
         """``x`` as a [groups, elements] matrix, one row per quantization group."""
         if self.granularity == "tensor":
             return x.reshape(1, -1)
+        if not -x.ndim <= self.axis < x.ndim:
+            raise VitqError(f"axis {self.axis} is out of range for a {x.ndim}-d tensor")
         channels_first = x.movedim(self.axis, 0)
         n_rows = channels_first.shape[0] if self.granularity == "channel" else self.groups
         if channels_first.shape[0] % n_rows:

@@ -1,0 +1,538 @@
+"""The ``vitq`` command line: ``inspect``, ``quantize``, ``eval`` and ``compare``.
+
+    vitq inspect --method percentile --w-bits 4 --a-bits 4 --override head=8
+    vitq quantize --method minmax --w-bits 8 --a-bits 8 --output runs/minmax_w8a8
+    vitq eval --quantized runs/minmax_w8a8 --json runs/minmax_w8a8/eval.json
+    vitq eval --method float --limit 100
+    vitq compare --methods minmax,percentile --bits W8A8,W6A6,W4A4 --seeds 0,1,2 --out-dir runs/compare
+
+Calibration and evaluation images come from one folder, split by ``--calib-size`` and ``--seed``
+(:func:`vitq.calib.data.split_calib_eval`), so a run is reproducible from its seed. Every problem a
+user can cause is printed as one line ``vitq: error: <message>`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import vitq
+from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
+from vitq.calib.data import ImageNetImages, load_tensors, split_calib_eval, transform_for_model
+from vitq.config import PointOverride, QuantConfig, make
+from vitq.errors import VitqError
+from vitq.eval.accuracy import EvalResult
+from vitq.eval.errors import PointError, point_sqnr
+from vitq.eval.size import SizeReport, model_size
+from vitq.methods import method_names
+from vitq.models.registry import create_model
+from vitq.quantized_model import QuantizedModel
+from vitq.report import CompareRun, machine_summary, peak_rss_mb, sha256_prefix, text_table, write_compare_report
+from vitq.report.compare import SUMMARY_COLUMNS, summary_rows
+
+DEFAULT_MODEL = "deit_tiny_patch16_224"
+EXIT_USER_ERROR = 2
+#: calibration images used for the per-point SQNR (a forward pass of the float and quantized model each)
+SQNR_IMAGES = 8
+WORST_POINTS = 5
+MODEL_FILE = "model.safetensors"
+QUANTIZE_FILE = "quantize.json"
+MB = 1e6
+
+
+# ====================================================================== option parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``vitq: error: ...`` like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"vitq: error: {message} (see '{self.prog} --help')\n")
+
+
+def _int_at_least(minimum: int, what: str):
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "positive")
+_non_negative_int = _int_at_least(0, "non-negative")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", type=Path,
+                   help=f"local .safetensors state dict (default: $VITQ_ASSETS/{DEIT_TINY_CHECKPOINT} for "
+                        f"{DEFAULT_MODEL} if present, else timm's pretrained download)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (torch.set_num_threads)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def _method_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--method", choices=method_names(), help="quantization method (default percentile)")
+    p.add_argument("--w-bits", type=int, help="weight bits, 2..8 (default 8)")
+    p.add_argument("--a-bits", type=int, help="activation bits, 2..8 (default 8)")
+    return p
+
+
+def _tuning_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=VALUE",
+                   help="per-point override: PATTERN=float, PATTERN=BITS or PATTERN=KIND[:BITS] (repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option; VALUE is parsed as JSON when possible, else kept as text (repeatable)")
+    return p
+
+
+def _data_options(*, seed: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--data", type=Path, help=f"ImageNet image folder (default $VITQ_ASSETS/{IMAGENET_SAMPLE})")
+    p.add_argument("--calib-size", type=_positive_int, help="number of calibration images (default 32)")
+    if seed:
+        p.add_argument("--seed", type=_non_negative_int,
+                       help="selects the calibration images and seeds the method (default 0)")
+    return p
+
+
+def _eval_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N evaluation images")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vitq`` argument parser with its four subcommands."""
+    parser = _Parser(prog="vitq", description="Post-training quantization of Vision Transformers.")
+    parser.add_argument("--version", action="version", version=f"vitq {vitq.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common, method, tuning = _common_options(), _method_options(), _tuning_options()
+
+    p = sub.add_parser("inspect", parents=[common, method, tuning],
+                       help="list every quantizer slot of a model (no data, no calibration)")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("quantize", parents=[common, method, tuning, _data_options(seed=True)],
+                       help="quantize on the calibration split and save the model")
+    p.add_argument("--output", type=Path, required=True, metavar="DIR",
+                   help=f"folder for {MODEL_FILE} and {QUANTIZE_FILE}")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
+    p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("eval", parents=[common, method, tuning, _data_options(seed=True), _eval_options()],
+                       help="top-1/top-5 on the evaluation split (quantizing first, or --quantized DIR)")
+    p.add_argument("--quantized", type=Path, metavar="DIR", help="evaluate the model saved by 'vitq quantize'")
+    p.add_argument("--sqnr", action="store_true", help="print the per-point SQNR table (and put it in the JSON)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("compare", parents=[common, tuning, _data_options(seed=False), _eval_options()],
+                       help="methods x bit settings x seeds against float: markdown, CSV and a plot")
+    p.add_argument("--methods", default="minmax,percentile", help="comma-separated methods (default %(default)s)")
+    p.add_argument("--bits", default="W8A8,W6A6,W4A4", help="comma-separated WxAy settings (default %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
+                   help="folder for compare.md, compare.csv and compare.png")
+    p.set_defaults(run=cmd_compare)
+    return parser
+
+
+# ====================================================================== shared helpers
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    return args.model or DEFAULT_MODEL
+
+
+def _checkpoint(args: argparse.Namespace) -> Path | None:
+    """``--checkpoint``, else the DeiT-tiny asset for the default model when present, else None (download)."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    default = assets_dir() / DEIT_TINY_CHECKPOINT
+    return default if _model_name(args) == DEFAULT_MODEL and default.is_file() else None
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return args.data or assets_dir() / IMAGENET_SAMPLE
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when possible (``3``, ``0.5``, ``true``, ``[1, 2]``), else text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise VitqError(f"option {text!r} must look like KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _config(args: argparse.Namespace, **given: Any) -> QuantConfig:
+    """The validated config from the command line; ``given`` (e.g. ``method=``) takes precedence."""
+    values = {"method": getattr(args, "method", None), "w_bits": getattr(args, "w_bits", None),
+              "a_bits": getattr(args, "a_bits", None), "calib_size": getattr(args, "calib_size", None),
+              "seed": getattr(args, "seed", None), **given}
+    return make(QuantConfig, **{k: v for k, v in values.items() if v is not None},
+                overrides=[PointOverride.parse(text) for text in args.override],
+                options=dict(_parse_option(text) for text in args.option))
+
+
+def _load_float_model(args: argparse.Namespace) -> nn.Module:
+    return create_model(_model_name(args), checkpoint=_checkpoint(args))
+
+
+def _architecture(name: str) -> nn.Module:
+    """A randomly initialised timm model: the structure only, nothing is downloaded."""
+    import timm
+
+    if not timm.is_model(name):
+        create_model(name)  # raises the registry's "unknown model ..., did you mean ...?" error first
+    return timm.create_model(name, pretrained=False).eval()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Dataset indices of the calibration and (possibly ``--limit``-ed) evaluation images of one seed."""
+
+    seed: int
+    calib: list[int]
+    eval: list[int]
+
+
+class ImageCache:
+    """The images of one folder, preprocessed for one model and kept by index.
+
+    Each image is decoded once per process however often it is used, so a ``compare`` grid
+    preprocesses its images once for every method, bit setting and seed.
+    """
+
+    def __init__(self, root: Path, model: nn.Module, *, progress: bool) -> None:
+        self.dataset = ImageNetImages(root, transform=transform_for_model(model))
+        self.progress = progress
+        self._images: dict[int, torch.Tensor] = {}
+        self._labels: dict[int, int] = {}
+
+    def split(self, calib_size: int, seed: int, limit: int | None = None) -> Split:
+        calib, evaluation = split_calib_eval(len(self.dataset), calib_size, seed, source=str(self.dataset.root))
+        return Split(seed, calib, evaluation[:limit])
+
+    def file_names(self, indices: Sequence[int]) -> list[str]:
+        return [self.dataset.samples[i][0].name for i in indices]
+
+    def tensors(self, indices: Sequence[int], desc: str = "loading images") -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``[N, 3, H, W]`` and labels ``[N]`` of ``indices``, decoding those not seen yet."""
+        if not indices:
+            raise VitqError("no images selected to load")
+        missing = sorted(set(indices).difference(self._images))
+        if missing:
+            images, labels = load_tensors(self.dataset, missing, progress=self.progress, desc=desc)
+            self._images.update(zip(missing, images, strict=True))
+            self._labels.update(zip(missing, labels.tolist(), strict=True))
+        return (torch.stack([self._images[i] for i in indices]),
+                torch.tensor([self._labels[i] for i in indices], dtype=torch.int64))
+
+
+def _quantize(model: nn.Module, name: str, config: QuantConfig, cache: ImageCache, split: Split, *,
+              progress: bool, inplace: bool) -> tuple[QuantizedModel, float]:
+    """``model`` quantized with ``config`` on the split's calibration images, and the calibration seconds."""
+    if config.method == "float":  # nothing to calibrate: skip loading the calibration images
+        return vitq.prepare(model, config, model_name=name, inplace=inplace), 0.0
+    images, _ = cache.tensors(split.calib, "loading calibration images")
+    start = time.perf_counter()
+    qmodel = vitq.quantize(model, config, images, model_name=name, inplace=inplace, progress=progress)
+    return qmodel, time.perf_counter() - start
+
+
+def _evaluate(qmodel: QuantizedModel, cache: ImageCache, split: Split, args: argparse.Namespace) -> EvalResult:
+    data = cache.tensors(split.eval, "loading evaluation images")
+    return vitq.evaluate(qmodel, data, batch_size=args.batch_size, progress=_progress(args))
+
+
+def _sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
+    """Accumulated SQNR of every point on up to :data:`SQNR_IMAGES` calibration images."""
+    images, _ = cache.tensors(split.calib[:SQNR_IMAGES], "loading calibration images")
+    return point_sqnr(qmodel, images)
+
+
+def _sqnr_table(errors: Sequence[PointError]) -> str:
+    return text_table(["point", "SQNR dB"], [[e.point, e.sqnr_db] for e in errors])
+
+
+def _sqnr_json(errors: Sequence[PointError]) -> list[dict[str, Any]]:
+    """Per-point SQNR for JSON (an infinite SQNR, i.e. no error at all, becomes ``null``)."""
+    return [{"point": e.point, "sqnr_db": e.sqnr_db if math.isfinite(e.sqnr_db) else None} for e in errors]
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _describe(qmodel: QuantizedModel, split: Split, calib_seconds: float | None) -> str:
+    """One line: model, method/bits, calibration images and time."""
+    config = qmodel.config
+    if config.method == "float":
+        how = "not quantized"
+    else:
+        took = "unknown time" if calib_seconds is None else f"{calib_seconds:.1f} s"
+        how = f"calibrated on {len(split.calib)} images (seed {split.seed}) in {took}"
+    return f"{qmodel.model_name}, {config.label}: {how}"
+
+
+def _size_fields(size: SizeReport) -> dict[str, float]:
+    return {"size_mb": size.quantized_bytes / MB, "float_size_mb": size.float_bytes / MB}
+
+
+def _spec_summary(spec: dict[str, Any] | None) -> str:
+    """``uniform 8-bit channel init=mse`` for a quantizer spec, ``float`` for none."""
+    if spec is None:
+        return "float"
+    parts = [spec.get("kind"), f"{spec.get('bits')}-bit", spec.get("granularity")]
+    if "init" in spec:
+        parts.append(f"init={spec['init']}")
+    return " ".join(str(p) for p in parts if p)
+
+
+# ====================================================================== subcommands
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print every quantizer slot: name, role and quantizer (or float). No data, no calibration."""
+    name = _model_name(args)
+    model = create_model(name, checkpoint=args.checkpoint) if args.checkpoint else _architecture(name)
+    qmodel = vitq.prepare(model, _config(args), model_name=name, inplace=True)
+    specs = qmodel.quant_specs()
+    rows = [[slot.name, slot.role, _spec_summary(specs[slot.name])] for slot in qmodel.slots()]
+    n_quantized = sum(spec is not None for spec in specs.values())
+    print(f"{name} ({qmodel.family} family), {qmodel.config.label}: "
+          f"{len(rows)} quantizer slots, {n_quantized} quantized")
+    print(text_table(["slot", "role", "quantizer"], rows), end="")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize on the calibration split; save the model and ``quantize.json`` in ``--output``."""
+    config = _config(args)
+    name, checkpoint = _model_name(args), _checkpoint(args)
+    model = _load_float_model(args)
+    cache = ImageCache(_data_dir(args), model, progress=_progress(args))
+    split = cache.split(config.calib_size, config.seed)
+    qmodel, calib_seconds = _quantize(model, name, config, cache, split, progress=_progress(args), inplace=True)
+    model_path = vitq.save(qmodel, args.output / MODEL_FILE)
+    size = model_size(qmodel)
+    worst = sorted(_sqnr(qmodel, cache, split), key=lambda e: e.sqnr_db)[:WORST_POINTS]
+    record = {
+        "model": name,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "data": str(cache.dataset.root),
+        "config": config.model_dump(mode="json"),
+        "calibration_images": [{"index": i, "file": f} for i, f in zip(split.calib, cache.file_names(split.calib),
+                                                                        strict=True)],
+        "calib_seconds": calib_seconds,
+        "peak_mem_mb": peak_rss_mb(),
+        **_size_fields(size),
+        "worst_points": _sqnr_json(worst),
+    }
+    _write_json(args.output / QUANTIZE_FILE, record)
+    if args.json:
+        _write_json(args.json, record)
+    print(_describe(qmodel, split, calib_seconds))
+    print(f"size: {size.summary()}")
+    print(f"worst {len(worst)} points by SQNR (on {min(len(split.calib), SQNR_IMAGES)} calibration images):")
+    print(_sqnr_table(worst), end="")
+    print(f"saved {model_path} and {args.output / QUANTIZE_FILE}")
+    return 0
+
+
+def _load_saved(args: argparse.Namespace) -> tuple[QuantizedModel, float | None]:
+    """The model saved in ``--quantized DIR`` and its calibration seconds (from ``quantize.json``, if any)."""
+    folder: Path = args.quantized
+    if not folder.is_dir():
+        raise VitqError(f"quantized model folder {folder} does not exist")
+    qmodel = vitq.load(folder / MODEL_FILE)
+    saved = qmodel.config
+    given = {"--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
+             "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits)}
+    conflicts = [f"{flag} {mine} (saved: {theirs})" for flag, (mine, theirs) in given.items()
+                 if mine is not None and mine != theirs]
+    if args.override or args.option:
+        conflicts.append("--override/--option (the saved model is already quantized)")
+    if conflicts:
+        raise VitqError(f"--quantized {folder} conflicts with {'; '.join(conflicts)}")
+    info = folder / QUANTIZE_FILE
+    if not info.is_file():
+        return qmodel, None
+    try:
+        return qmodel, json.loads(info.read_text(encoding="utf-8")).get("calib_seconds")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise VitqError(f"cannot read {info}: {err}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Top-1/top-5 on the evaluation split of a freshly quantized (or float, or saved) model."""
+    progress = _progress(args)
+    if args.quantized:
+        qmodel, calib_seconds = _load_saved(args)
+        cache = ImageCache(_data_dir(args), qmodel.model, progress=progress)
+        seed = qmodel.config.seed if args.seed is None else args.seed
+        calib_size = qmodel.config.calib_size if args.calib_size is None else args.calib_size
+        split = cache.split(calib_size, seed, args.limit)
+    else:
+        config = _config(args)
+        model = _load_float_model(args)
+        cache = ImageCache(_data_dir(args), model, progress=progress)
+        split = cache.split(config.calib_size, config.seed, args.limit)
+        qmodel, calib_seconds = _quantize(model, _model_name(args), config, cache, split,
+                                          progress=progress, inplace=True)
+    result = _evaluate(qmodel, cache, split, args)
+    size = model_size(qmodel)
+    config = qmodel.config
+    quantized = config.method != "float"
+    record = {
+        "top1": result.top1, "top5": result.top5, "top1_ci95": list(result.top1_ci95),
+        "n_images": result.n_images, "seconds": result.seconds, "calib_seconds": calib_seconds,
+        "peak_mem_mb": peak_rss_mb(), "images_per_s": result.images_per_s,
+        "model": qmodel.model_name, "method": config.method,
+        "w_bits": config.w_bits if quantized else None, "a_bits": config.a_bits if quantized else None,
+        "calib_size": len(split.calib), "seed": split.seed, **_size_fields(size),
+    }
+    print(_describe(qmodel, split, calib_seconds))
+    print(result.summary())
+    print(f"size: {size.summary()}")
+    if args.sqnr:
+        errors = _sqnr(qmodel, cache, split)
+        print(f"per-point SQNR (on {min(len(split.calib), SQNR_IMAGES)} calibration images):")
+        print(_sqnr_table(errors), end="")
+        record["sqnr"] = _sqnr_json(errors)
+    if args.json:
+        _write_json(args.json, record)
+    return 0
+
+
+_BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+def _parse_list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise VitqError(f"--{what} is empty")
+    return list(dict.fromkeys(items))
+
+
+def _parse_bits(text: str) -> tuple[int, int]:
+    """``W4A8`` -> ``(4, 8)``."""
+    match = _BITS.match(text)
+    if match is None:
+        raise VitqError(f"bit setting {text!r} must look like W8A8 (weight bits, activation bits)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _parse_seed(text: str) -> int:
+    if not text.isdigit():
+        raise VitqError(f"seed {text!r} must be a non-negative integer")
+    return int(text)
+
+
+def _compare_run(model: nn.Module, name: str, config: QuantConfig, cache: ImageCache, split: Split,
+                 args: argparse.Namespace, float_top1: float | None) -> CompareRun:
+    """Quantize (a copy of) ``model`` and evaluate it on ``split``; ``float_top1=None`` for the float run."""
+    qmodel, calib_seconds = _quantize(model, name, config, cache, split, progress=_progress(args), inplace=False)
+    result = _evaluate(qmodel, cache, split, args)
+    setting = "float" if config.method == "float" else f"W{config.w_bits}A{config.a_bits}"
+    print(f"seed {split.seed}: {config.label}: {result.summary()}, calibration {calib_seconds:.1f} s")
+    return CompareRun(method=config.method, setting=setting, seed=split.seed, n_images=result.n_images,
+                      top1=result.top1, top5=result.top5,
+                      float_top1=result.top1 if float_top1 is None else float_top1,
+                      calib_seconds=calib_seconds, eval_seconds=result.seconds,
+                      size_mb=model_size(qmodel).quantized_bytes / MB)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Every method x bit setting against float, per seed on the same images; writes md, csv and png."""
+    methods = _parse_list(args.methods, "methods")
+    if "float" in methods:
+        raise VitqError("--methods must not list float: the float model is always evaluated as the baseline")
+    bits = {text.upper(): _parse_bits(text) for text in _parse_list(args.bits, "bits")}
+    seeds = [_parse_seed(text) for text in _parse_list(args.seeds, "seeds")]
+    # validate every config before any model or image is loaded
+    grids = {seed: [_config(args, method=m, w_bits=w, a_bits=a, seed=seed) for m in methods for w, a in bits.values()]
+             for seed in seeds}
+    calib_size = grids[seeds[0]][0].calib_size
+    name, checkpoint = _model_name(args), _checkpoint(args)
+    model = _load_float_model(args)
+    cache = ImageCache(_data_dir(args), model, progress=_progress(args))
+    splits = [cache.split(calib_size, seed, args.limit) for seed in seeds]
+    cache.tensors(sorted({i for s in splits for i in s.calib + s.eval}))  # decode the whole grid's images once
+    runs = []
+    for split in splits:
+        float_config = make(QuantConfig, method="float", calib_size=calib_size, seed=split.seed)
+        baseline = _compare_run(model, name, float_config, cache, split, args, float_top1=None)
+        runs.append(baseline)
+        runs += [_compare_run(model, name, config, cache, split, args, float_top1=baseline.top1)
+                 for config in grids[split.seed]]
+    meta = [
+        ("date", datetime.now().astimezone().isoformat(timespec="seconds")),
+        ("command", f"`vitq {shlex.join(args.argv)}`"),
+        ("model", name),
+        ("checkpoint", "timm pretrained weights" if checkpoint is None
+         else f"{checkpoint} (sha256 {sha256_prefix(checkpoint)}…)"),
+        ("data", str(cache.dataset.root)),
+        ("evaluation images", f"{len(splits[0].eval)} per seed (calibration: {calib_size}, disjoint)"),
+        ("seeds", ", ".join(map(str, seeds))),
+        ("machine", machine_summary()),
+    ]
+    paths = write_compare_report(args.out_dir, f"vitq compare: {name}", meta, runs, list(bits))
+    print(text_table(SUMMARY_COLUMNS, summary_rows(runs)), end="")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# ====================================================================== entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``vitq`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (2 for user errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help / --version, or a usage error already printed as one line
+        return stop.code if isinstance(stop.code, int) else 0
+    args.argv = argv
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return args.run(args)
+    except (VitqError, OSError) as err:
+        message = " ".join(str(err).split())
+        print(f"vitq: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,58 @@
+"""Adapter for timm ``SwinTransformer`` models (Swin-T/S/B/L, v1).
+
+Quantization points (names follow timm's module names):
+``patch_embed.proj`` (conv; its input is the image); per stage ``layers.{i}.downsample.reduction``
+(PatchMerging, input post-LayerNorm; stages 1..n only); per block ``layers.{i}.blocks.{j}.attn.qkv``,
+``.attn.q``, ``.attn.k``, ``.attn.v``, ``.attn.softmax``, ``.attn.proj``, ``.mlp.fc1``, ``.mlp.fc2``;
+then ``head.fc``.
+
+Stages: ``embed`` (patch embedding), then for each timm stage its ``downsample`` (when it is not an
+``Identity``) followed by each of its blocks, then ``head`` (final norm, pooling, classifier).
+This is exactly timm's ``SwinTransformerStage.forward`` order (downsample first, then blocks).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitq.models.base import ModelAdapter, Stage, replace_module
+from vitq.models.registry import register_adapter
+from vitq.nn import QConv2d, QLinear, QuantWindowAttention
+
+
+@register_adapter("swin")
+class SwinAdapter(ModelAdapter):
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from timm.models.swin_transformer import SwinTransformer
+
+        return isinstance(model, SwinTransformer)
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> None:
+        replace_module(model, "patch_embed.proj", QConv2d(model.patch_embed.proj, "image"))
+        for i, layer in enumerate(model.layers):
+            if not isinstance(layer.downsample, nn.Identity):
+                replace_module(model, f"layers.{i}.downsample.reduction",
+                               QLinear(layer.downsample.reduction, "post_ln"))
+            for j, block in enumerate(layer.blocks):
+                prefix = f"layers.{i}.blocks.{j}"
+                replace_module(model, f"{prefix}.attn", QuantWindowAttention(block.attn))
+                replace_module(model, f"{prefix}.mlp.fc1", QLinear(block.mlp.fc1, "post_ln"))
+                replace_module(model, f"{prefix}.mlp.fc2", QLinear(block.mlp.fc2, "post_gelu"))
+        if isinstance(model.head.fc, nn.Linear):
+            replace_module(model, "head.fc", QLinear(model.head.fc, "act"))
+
+    @classmethod
+    def stages(cls, model: nn.Module) -> list[Stage]:
+        def head(x):
+            return model.forward_head(model.norm(x))
+
+        stages = [Stage("embed", ("patch_embed",), model.patch_embed)]
+        for i, layer in enumerate(model.layers):
+            if not isinstance(layer.downsample, nn.Identity):
+                stages.append(Stage(f"layers.{i}.downsample", (f"layers.{i}.downsample",), layer.downsample))
+            stages.extend(Stage(f"layers.{i}.blocks.{j}", (f"layers.{i}.blocks.{j}",), block)
+                          for j, block in enumerate(layer.blocks))
+        stages.append(Stage("head", ("norm", "head"), head))
+        return stages

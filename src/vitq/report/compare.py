@@ -1,0 +1,110 @@
+"""The ``vitq compare`` report: methods x bit settings x seeds as markdown, CSV and a plot.
+
+Each run is one :class:`CompareRun` (a method at a bit setting on one seed's evaluation images,
+or the float model with ``setting == "float"``). The float top-1 of the same seed is stored with
+every run, so the drop from float is *paired*: float minus method on the same images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from vitq.report.plots import plot_compare
+from vitq.report.stats import format_mean_std, mean_std
+from vitq.report.tables import markdown_table, write_csv
+
+FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class CompareRun:
+    """Raw numbers of one method x bit setting x seed run (top-1/top-5 in percent)."""
+
+    method: str
+    setting: str  # "W8A8", ... or "float"
+    seed: int
+    n_images: int
+    top1: float
+    top5: float
+    float_top1: float
+    calib_seconds: float
+    eval_seconds: float
+    size_mb: float
+
+    @property
+    def drop(self) -> float:
+        """Top-1 lost against float on the same images (percentage points)."""
+        return self.float_top1 - self.top1
+
+
+CSV_COLUMNS = [f.name for f in fields(CompareRun)] + ["drop"]
+
+
+def _groups(runs: Sequence[CompareRun]) -> dict[tuple[str, str], list[CompareRun]]:
+    """Runs grouped by (method, setting), in first-seen order."""
+    groups: dict[tuple[str, str], list[CompareRun]] = {}
+    for run in runs:
+        groups.setdefault((run.method, run.setting), []).append(run)
+    return groups
+
+
+def summary_rows(runs: Sequence[CompareRun]) -> list[list]:
+    """One row per method x setting: top-1 mean ± std, top-5 mean, drop mean ± std, calibration s mean."""
+    rows = []
+    for (method, setting), group in _groups(runs).items():
+        rows.append([method, setting, len(group), format_mean_std([r.top1 for r in group]),
+                     mean_std([r.top5 for r in group])[0], format_mean_std([r.drop for r in group]),
+                     mean_std([r.calib_seconds for r in group])[0]])
+    return rows
+
+
+SUMMARY_COLUMNS = ["method", "bits", "seeds", "top-1 % (mean ± std)", "top-5 % (mean)",
+                   "drop from float (mean ± std)", "calibration s (mean)"]
+PER_SEED_COLUMNS = ["method", "bits", "seed", "images", "top-1 %", "top-5 %", "float top-1 %", "drop",
+                    "calibration s", "eval s", "size MB"]
+
+
+def per_seed_rows(runs: Sequence[CompareRun]) -> list[list]:
+    """The raw numbers, one row per run."""
+    return [[r.method, r.setting, r.seed, r.n_images, r.top1, r.top5, r.float_top1, r.drop,
+             r.calib_seconds, r.eval_seconds, r.size_mb] for r in runs]
+
+
+def compare_markdown(title: str, meta: Sequence[tuple[str, str]], runs: Sequence[CompareRun],
+                     plot_name: str | None = None) -> str:
+    """The markdown report: title, ``meta`` as a bullet list, summary table, per-seed table, plot."""
+    parts = [f"# {title}\n", "\n".join(f"- {key}: {value}" for key, value in meta) + "\n",
+             "## Summary (mean ± std over seeds)\n", markdown_table(SUMMARY_COLUMNS, summary_rows(runs)),
+             "## Per seed\n", markdown_table(PER_SEED_COLUMNS, per_seed_rows(runs))]
+    if plot_name:
+        parts.append(f"![top-1 vs bit setting]({plot_name})\n")
+    return "\n".join(parts)
+
+
+def plot_series(runs: Sequence[CompareRun], settings: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per quantized method: top-1 (means, stds) over seeds for each of ``settings`` (``nan`` if missing)."""
+    groups = _groups(runs)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for method in dict.fromkeys(r.method for r in runs if r.setting != FLOAT):
+        stats = [mean_std([r.top1 for r in groups[(method, s)]]) if (method, s) in groups else (math.nan, 0.0)
+                 for s in settings]
+        series[method] = ([m for m, _ in stats], [s for _, s in stats])
+    return series
+
+
+def write_compare_report(out_dir: str | Path, title: str, meta: Sequence[tuple[str, str]],
+                         runs: Sequence[CompareRun], settings: Sequence[str]) -> dict[str, Path]:
+    """Write ``compare.md``, ``compare.csv`` and ``compare.png`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    float_top1 = [r.top1 for r in runs if r.setting == FLOAT]
+    png = plot_compare(out_dir / "compare.png", settings, plot_series(runs, settings),
+                       mean_std(float_top1)[0] if float_top1 else None, title=title)
+    csv_path = write_csv(out_dir / "compare.csv", CSV_COLUMNS,
+                         [list(asdict(r).values()) + [r.drop] for r in runs])
+    md = out_dir / "compare.md"
+    md.write_text(compare_markdown(title, meta, runs, plot_name=png.name), encoding="utf-8")
+    return {"markdown": md, "csv": csv_path, "plot": png}

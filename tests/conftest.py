@@ -1,0 +1,42 @@
+"""Shared fixtures: the real DeiT-tiny and ImageNet sample (skipped when the assets are missing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
+
+
+@pytest.fixture(scope="session")
+def assets():
+    path = assets_dir()
+    if not (path / DEIT_TINY_CHECKPOINT).is_file() or not (path / IMAGENET_SAMPLE).is_dir():
+        pytest.skip(f"real assets not found in {path} (set VITQ_ASSETS)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def deit_tiny(assets):
+    import vitq
+
+    return vitq.create_model("deit_tiny_patch16_224", checkpoint=assets / DEIT_TINY_CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def sample_tensors(assets, deit_tiny) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1000 sample images preprocessed with DeiT-tiny's timm transform, and their labels."""
+    from vitq.calib import ImageNetImages, load_tensors, transform_for_model
+
+    dataset = ImageNetImages(assets / IMAGENET_SAMPLE, transform_for_model(deit_tiny))
+    return load_tensors(dataset, progress=False)
+
+
+@pytest.fixture(scope="session")
+def split_seed0(sample_tensors):
+    """(calibration images, (eval images, eval labels)) for the default 32/968 split, seed 0."""
+    from vitq.calib import split_calib_eval
+
+    images, labels = sample_tensors
+    calib_idx, eval_idx = split_calib_eval(len(images), 32, seed=0)
+    return images[calib_idx], (images[eval_idx], labels[eval_idx])

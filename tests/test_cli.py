@@ -1,0 +1,269 @@
+"""Tests of the ``vitq`` command line, run in-process on a few synthetic JPEGs and a random-init timm ``test_vit``
+(a 6-block, 160 px ViT: the same code paths as DeiT-tiny at a fraction of the CPU time)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
+from vitq.calib import imagenet_wnids
+from vitq.cli import main
+
+MODEL = "deit_tiny_patch16_224"
+TEST_MODEL = "test_vit"
+N_IMAGES, CALIB = 6, 2
+EVAL_KEYS = {"top1", "top5", "top1_ci95", "n_images", "seconds", "calib_seconds", "peak_mem_mb", "images_per_s",
+             "model", "method", "w_bits", "a_bits", "calib_size", "seed", "size_mb", "float_size_mb"}
+
+
+def _write_images(folder: Path, n: int) -> Path:
+    """``n`` small noise JPEGs named ``<wnid>_x.JPEG`` (one class each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for wnid in imagenet_wnids()[:n]:
+        pixels = torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(folder / f"{wnid}_x.JPEG")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A random-init ``test_vit`` checkpoint and a data folder of synthetic images."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = timm.create_model(TEST_MODEL, pretrained=False)
+    checkpoint = root / "test_vit_random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    return {"root": root, "checkpoint": checkpoint, "data": _write_images(root / "images", N_IMAGES)}
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``vitq ARGS`` in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*args) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _inputs(files, *, model=TEST_MODEL, checkpoint=None, data=None, calib=CALIB) -> list:
+    return ["--model", model, "--checkpoint", checkpoint or files["checkpoint"], "--data", data or files["data"],
+            "--calib-size", calib, "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def minmax_json(files):
+    """JSON of ``vitq eval --method minmax --w-bits 8 --a-bits 8`` on the synthetic data."""
+    path = files["root"] / "minmax.json"
+    assert main(["eval", "--method", "minmax", "--w-bits", "8", "--a-bits", "8", *map(str, _inputs(files)),
+                 "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def test_inspect_lists_every_slot_without_data(cli):
+    code, out, err = cli("inspect", "--method", "minmax", "--w-bits", "4", "--override", "head=float",
+                         "--no-progress")
+    assert code == 0, err
+    assert out.startswith(f"{MODEL} (vit family), minmax W4A8: 148 quantizer slots, 146 quantized")
+    lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
+    assert "uniform 4-bit channel" in lines["blocks.0.attn.qkv.weight_quantizer"]
+    assert "uniform 8-bit tensor" in lines["blocks.0.attn.softmax.quantizer"]
+    assert lines["head.weight_quantizer"].endswith("float")
+    assert lines["blocks.11.mlp.fc2.input_quantizer"].split()[1] == "post_gelu"
+
+
+def test_inspect_float_method_with_checkpoint(cli, files):
+    code, out, err = cli("inspect", "--model", TEST_MODEL, "--method", "float", "--checkpoint", files["checkpoint"])
+    assert code == 0, err
+    assert "76 quantizer slots, 0 quantized" in out
+
+
+# ---------------------------------------------------------------- eval / quantize
+
+
+def test_eval_float(cli, files):
+    code, out, err = cli("eval", "--method", "float", *_inputs(files), "--threads", "2")
+    assert code == 0, err
+    assert "float: not quantized" in out
+    assert f"on {N_IMAGES - CALIB} images" in out
+    assert "size:" in out
+
+
+def test_eval_minmax_json(minmax_json):
+    result = minmax_json
+    assert set(result) >= EVAL_KEYS
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    lo, hi = result["top1_ci95"]
+    assert 0 <= lo <= result["top1"] <= hi <= 100
+    assert result["n_images"] == N_IMAGES - CALIB
+    assert (result["model"], result["method"], result["w_bits"], result["a_bits"]) == (TEST_MODEL, "minmax", 8, 8)
+    assert (result["calib_size"], result["seed"]) == (CALIB, 0)
+    assert result["seconds"] > 0 and result["images_per_s"] > 0 and result["calib_seconds"] > 0
+    assert result["peak_mem_mb"] > 50
+    assert 0 < result["size_mb"] < 0.5 * result["float_size_mb"]
+
+
+def test_quantize_then_eval_quantized_matches_direct_eval(cli, files, minmax_json, tmp_path):
+    out_dir = tmp_path / "q"
+    code, out, err = cli("quantize", "--method", "minmax", *_inputs(files), "--output", out_dir,
+                         "--json", tmp_path / "quantize_copy.json")
+    assert code == 0, err
+    assert "worst 5 points by SQNR" in out
+    assert (out_dir / "model.safetensors").is_file()
+    info = json.loads((out_dir / "quantize.json").read_text())
+    assert json.loads((tmp_path / "quantize_copy.json").read_text()) == info
+    assert info["config"]["method"] == "minmax"
+    assert len(info["calibration_images"]) == CALIB
+    assert all(item["file"].endswith("_x.JPEG") for item in info["calibration_images"])
+    assert info["calib_seconds"] > 0 and info["peak_mem_mb"] > 0 and len(info["worst_points"]) == 5
+
+    result_path = tmp_path / "eval.json"
+    code, out, err = cli("eval", "--quantized", out_dir, "--data", files["data"], "--no-progress", "--sqnr",
+                         "--json", result_path)
+    assert code == 0, err
+    result = json.loads(result_path.read_text())
+    for key in ("top1", "top5", "n_images", "method", "w_bits", "a_bits", "calib_size", "seed", "size_mb"):
+        assert result[key] == minmax_json[key], key
+    assert result["calib_seconds"] == info["calib_seconds"]
+    assert [p["point"] for p in result["sqnr"]][:2] == ["patch_embed.proj", "blocks.0.attn.qkv"]
+    assert "per-point SQNR" in out
+
+
+def test_eval_limit(cli, files, tmp_path):
+    path = tmp_path / "r.json"
+    code, _, err = cli("eval", "--method", "float", *_inputs(files), "--limit", "1", "--json", path)
+    assert code == 0, err
+    result = json.loads(path.read_text())
+    assert result["n_images"] == 1 and result["w_bits"] is None
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_compare_writes_markdown_csv_and_plot(cli, files, tmp_path):
+    out_dir = tmp_path / "cmp"
+    code, out, err = cli("compare", "--methods", "minmax,percentile", "--bits", "W8A8", "--seeds", "0",
+                         *_inputs(files), "--out-dir", out_dir)
+    assert code == 0, err
+    md = (out_dir / "compare.md").read_text()
+    assert md.startswith(f"# vitq compare: {TEST_MODEL}")
+    assert "`vitq compare --methods minmax,percentile --bits W8A8" in md
+    assert "sha256 " in md and f"{N_IMAGES - CALIB} per seed" in md and "torch " in md
+    assert "| minmax | W8A8 | 1 |" in md and "| percentile | W8A8 | 1 |" in md
+    with (out_dir / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["setting"], r["seed"]) for r in rows] == [
+        ("float", "float", "0"), ("minmax", "W8A8", "0"), ("percentile", "W8A8", "0")]
+    for row in rows:
+        assert float(row["drop"]) == pytest.approx(float(row["float_top1"]) - float(row["top1"]))
+    assert (out_dir / "compare.png").stat().st_size > 1000
+    assert "wrote" in out
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_checkpoint(files) -> Path:
+    path = files["root"] / "wrong.safetensors"
+    save_file({"foo": torch.zeros(2)}, str(path))
+    return path
+
+
+def _bad_image_folder(files) -> Path:
+    folder = _write_images(files["root"] / "with_bad_image", 3)
+    (folder / f"{imagenet_wnids()[5]}_broken.JPEG").write_bytes(b"not a jpeg at all")
+    return folder
+
+
+def _empty_folder(files) -> Path:
+    folder = files["root"] / "empty"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+BAD_INPUTS = {
+    "unknown model": (lambda f: ["eval", *_inputs(f, model="deit_tinyy_patch16_224")], ["unknown model"]),
+    "inspect unknown model": (lambda f: ["inspect", "--model", "no_such_model"], ["unknown model"]),
+    "unknown method": (lambda f: ["eval", "--method", "nope", *_inputs(f)], ["--method", "nope"]),
+    "w bits too high": (lambda f: ["eval", "--w-bits", "9", *_inputs(f)], ["w_bits", "8"]),
+    "a bits too low": (lambda f: ["quantize", "--a-bits", "1", *_inputs(f), "--output", "x"], ["a_bits", "2"]),
+    "compare bits": (lambda f: ["compare", "--bits", "W9A8", *_inputs(f), "--out-dir", "x"], ["w_bits"]),
+    "compare bit syntax": (lambda f: ["compare", "--bits", "8bit", *_inputs(f), "--out-dir", "x"], ["W8A8"]),
+    "checkpoint mismatch": (lambda f: ["eval", *_inputs(f, checkpoint=_bad_checkpoint(f))], ["does not match"]),
+    "checkpoint of another model": (lambda f: ["eval", *_inputs(f, model="test_vit2")], ["does not match"]),
+    "missing checkpoint": (lambda f: ["eval", *_inputs(f, checkpoint=f["root"] / "nope.safetensors")],
+                           ["checkpoint not found"]),
+    "missing data": (lambda f: ["eval", *_inputs(f, data=f["root"] / "nowhere")], ["does not exist"]),
+    "empty data": (lambda f: ["eval", *_inputs(f, data=_empty_folder(f))], ["no images"]),
+    "unreadable image": (lambda f: ["eval", "--method", "minmax", *_inputs(f, data=_bad_image_folder(f), calib=1)],
+                         ["cannot read image", "broken"]),
+    "calib size too large": (lambda f: ["eval", *_inputs(f, calib=100)], ["calibration size 100", "larger"]),
+    "bad override": (lambda f: ["eval", "--override", "head", *_inputs(f)], ["override", "PATTERN="]),
+    "bad override kind": (lambda f: ["inspect", "--override", "head=bogus"], ["unknown quantizer kind"]),
+    "unknown option": (lambda f: ["eval", "--method", "minmax", "--option", "foo=1", *_inputs(f)], ["no option"]),
+    "missing quantized dir": (lambda f: ["eval", "--quantized", f["root"] / "nope", *_inputs(f)],
+                              ["nope", "does not exist"]),
+    "bad limit": (lambda f: ["eval", "--limit", "0", *_inputs(f)], ["--limit"]),
+    "negative seed": (lambda f: ["eval", *_inputs(f), "--seed", "-1"], ["--seed", "non-negative"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(cli, files, case):
+    make_args, keywords = BAD_INPUTS[case]
+    code, _, err = cli(*make_args(files))
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vitq: error: ")
+    for word in keywords:
+        assert word in lines[0]
+
+
+def test_quantized_conflicting_method_is_an_error(cli, files, tmp_path):
+    out_dir = tmp_path / "q"
+    assert cli("quantize", "--method", "float", *_inputs(files), "--output", out_dir)[0] == 0
+    code, _, err = cli("eval", "--quantized", out_dir, "--method", "minmax", "--data", files["data"])
+    assert code == 2 and "--method minmax (saved: float)" in err
+
+
+def test_help_and_version(cli):
+    code, out, _ = cli("--help")
+    assert code == 0 and "inspect" in out and "compare" in out
+    code, out, _ = cli("eval", "--help")
+    assert code == 0 and "--quantized" in out and "--sqnr" in out
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("vitq ")
+
+
+# ---------------------------------------------------------------- real assets
+
+
+def _real_assets_present() -> bool:
+    return (assets_dir() / DEIT_TINY_CHECKPOINT).is_file() and (assets_dir() / IMAGENET_SAMPLE).is_dir()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not _real_assets_present(), reason="real assets ($VITQ_ASSETS) not available")
+def test_real_deit_tiny_float_accuracy(cli, tmp_path):
+    path = tmp_path / "float.json"
+    code, out, err = cli("eval", "--method", "float", "--limit", "100", "--no-progress", "--json", path)
+    assert code == 0, err
+    result = json.loads(path.read_text())
+    assert result["n_images"] == 100
+    assert result["top1"] > 70
+    assert result["top5"] >= result["top1"]
+    assert abs(result["float_size_mb"] - 22.87) < 0.1

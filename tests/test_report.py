@@ -1,0 +1,113 @@
+"""Tests of vitq.report: table and CSV writers, statistics, provenance, the compare report and plot."""
+
+import math
+
+import pytest
+
+from vitq.report import (
+    CompareRun,
+    format_mean_std,
+    format_value,
+    machine_summary,
+    markdown_table,
+    mean_std,
+    peak_rss_mb,
+    plot_compare,
+    sha256_prefix,
+    text_table,
+    write_compare_report,
+    write_csv,
+)
+from vitq.report.compare import summary_rows
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COLUMNS = ["name", "top-1", "n"]
+ROWS = [["a|b", 79.125, 3], ["c", None, 10]]
+
+
+def test_format_value():
+    assert format_value(None) == ""
+    assert format_value(1.23456) == "1.23"
+    assert format_value(1.23456, precision=3) == "1.235"
+    assert format_value(7) == "7"
+    assert format_value(True) == "True"
+    assert format_value(math.inf) == "inf"
+    assert format_value("x") == "x"
+
+
+def test_markdown_table():
+    expected = ("| name | top-1 | n |\n"
+                "| --- | ---: | ---: |\n"
+                "| a\\|b | 79.12 | 3 |\n"
+                "| c |  | 10 |\n")
+    assert markdown_table(COLUMNS, ROWS) == expected
+
+
+def test_markdown_table_rejects_ragged_rows():
+    with pytest.raises(ValueError, match="2 cells, expected 3"):
+        markdown_table(COLUMNS, [["a", 1]])
+
+
+def test_text_table():
+    expected = ("name  top-1   n\n"
+                "----  -----  --\n"
+                "a|b   79.12   3\n"
+                "c            10\n")
+    assert text_table(COLUMNS, ROWS) == expected
+
+
+def test_write_csv(tmp_path):
+    path = write_csv(tmp_path / "sub" / "t.csv", COLUMNS, [["a,b", 79.125, 3], ["c", None, 10]])
+    assert path.read_text() == 'name,top-1,n\n"a,b",79.125,3\nc,,10\n'
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert format_mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_runinfo(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abc")
+    assert sha256_prefix(path) == "ba7816bf8f01"  # sha256("abc")
+    assert peak_rss_mb() > 1
+    assert "CPUs, torch " in machine_summary()
+
+
+def test_plot_compare_writes_png(tmp_path):
+    path = plot_compare(tmp_path / "p.png", ["W8A8", "W4A4"],
+                        {"minmax": ([70.0, 40.0], [1.0, 2.0]), "percentile": ([71.0, math.nan], [0.5, 0.0])},
+                        float_level=72.0, title="t")
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+
+
+def _runs():
+    runs = []
+    for seed, (f, m) in enumerate([(80.0, 70.0), (82.0, 70.0)]):
+        runs.append(CompareRun("float", "float", seed, 10, f, 95.0, f, 0.0, 1.0, 22.9))
+        runs.append(CompareRun("minmax", "W8A8", seed, 10, m, 90.0, f, 2.0, 1.0, 6.0))
+    return runs
+
+
+def test_summary_rows_pair_the_drop_by_seed():
+    rows = summary_rows(_runs())
+    assert rows[0][:4] == ["float", "float", 2, "81.00 ± 1.41"]
+    assert rows[1] == ["minmax", "W8A8", 2, "70.00 ± 0.00", 90.0, "11.00 ± 1.41", 2.0]
+
+
+def test_write_compare_report(tmp_path):
+    paths = write_compare_report(tmp_path, "vitq compare: m", [("seeds", "0, 1")], _runs(), ["W8A8"])
+    md = paths["markdown"].read_text()
+    assert md.startswith("# vitq compare: m\n")
+    assert "- seeds: 0, 1" in md
+    assert "| minmax | W8A8 | 2 | 70.00 ± 0.00 | 90.00 | 11.00 ± 1.41 | 2.00 |" in md
+    assert "![top-1 vs bit setting](compare.png)" in md
+    lines = paths["csv"].read_text().splitlines()
+    assert lines[0] == ("method,setting,seed,n_images,top1,top5,float_top1,calib_seconds,eval_seconds,size_mb,drop")
+    assert lines[2] == "minmax,W8A8,0,10,70.0,90.0,80.0,2.0,1.0,6.0,10.0"
+    assert len(lines) == 5
+    assert paths["plot"].read_bytes().startswith(PNG_MAGIC)
