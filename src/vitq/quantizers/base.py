@@ -74,6 +74,22 @@ class Quantizer(nn.Module):
         """Set the quantization parameters from sample data ``x``."""
         raise NotImplementedError
 
+    def search_candidates(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Candidate parameter sets for a search driven by a downstream error (e.g. the attention
+        output ``Q(A)·V`` instead of ``Q(A)`` itself). Empty when the kind has nothing to search."""
+        return []
+
+    def set_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Install calibrated parameters (one of :meth:`search_candidates`, or computed elsewhere)."""
+        unknown = set(params) - set(self.param_names)
+        if unknown:
+            raise KeyError(f"{type(self).__name__} has no parameter(s) {sorted(unknown)}")
+        for name, value in params.items():
+            setattr(self, name, value.detach().clone())
+
+    def get_params(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).clone() for name in self.param_names}
+
     def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quant of ``x`` with the calibrated parameters."""
         raise NotImplementedError
