@@ -131,7 +131,7 @@ def test_override_is_frozen_and_strict():
     with pytest.raises(ValidationError):
         override.bits = 4
     with pytest.raises(VitqError, match="kind"):
-        make(PointOverride, pattern="head", kind="log2")
+        make(PointOverride, pattern="head", kind="no_such_kind")
 
 
 # ------------------------------------------------------------------ spec_for

@@ -11,7 +11,7 @@ from torch import nn
 
 from vitq.config import QuantConfig
 from vitq.models import Stage, adapter_by_family
-from vitq.nn import QuantPoint
+from vitq.nn import QuantAttentionBase, QuantPoint
 from vitq.quantizers import Quantizer
 
 
@@ -68,10 +68,18 @@ class QuantizedModel(nn.Module):
     def stages(self) -> list[Stage]:
         return adapter_by_family(self.family).stages(self.model)
 
+    def norm_linear_pairs(self) -> list[tuple[str, str]]:
+        """``(layernorm, linear)`` paths whose pair takes RepQ-ViT's fold (see the adapter's method)."""
+        return adapter_by_family(self.family).norm_linear_pairs(self.model)
+
     def stage_quantizers(self, stage: Stage) -> list[Quantizer]:
         """Quantizers of the points that belong to ``stage``, in module order."""
-        return [q for name, q in self.quantizers().items()
-                if any(name == m or name.startswith(m + ".") for m in stage.modules)]
+        return [q for name, q in self.quantizers().items() if stage.contains(name)]
+
+    def attention_modules(self, stage: Stage | None = None) -> list[QuantAttentionBase]:
+        """The quantized attention modules (of ``stage``, or all), in module order."""
+        return [m for name, m in self.model.named_modules()
+                if isinstance(m, QuantAttentionBase) and (stage is None or stage.contains(name))]
 
     # ------------------------------------------------------------------ modes
     @contextmanager

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from vitq import __version__
 from vitq.config import QuantConfig, make
 from vitq.errors import VitqError
@@ -108,5 +111,22 @@ def load(path: str | Path) -> QuantizedModel:
             slot.quantizer = quantizers[slot.name]
     except VitqError as err:
         raise VitqError(f"{path}: {err}") from None
+    _add_folded_biases(qmodel, path)
     load_state_dict_file(qmodel.model, path, what=f"quantized {name}")
     return qmodel.eval()
+
+
+def _add_folded_biases(qmodel: QuantizedModel, path: Path) -> None:
+    """Give a bias to every point that has none in timm but one in the file.
+
+    Reparameterizations fold a shift into the next layer's bias (RepQ-ViT, NOTES §2.1), which creates
+    one where timm has none (Swin's ``downsample.reduction``).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    for name, point in qmodel.points().items():
+        weight = getattr(point, "weight", None)
+        if weight is not None and getattr(point, "bias", "absent") is None and f"{name}.bias" in keys:
+            point.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))

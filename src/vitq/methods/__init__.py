@@ -1,8 +1,10 @@
 """Quantization methods, one file each, registered by name. Importing this package registers them all."""
 
+from vitq.methods import dopq_vit as _dopq_vit  # noqa: F401
 from vitq.methods import float as _float  # noqa: F401
 from vitq.methods import minmax as _minmax  # noqa: F401
 from vitq.methods import percentile as _percentile  # noqa: F401
+from vitq.methods import repq_vit as _repq_vit  # noqa: F401
 from vitq.methods.base import Method, method_class, method_names, register_method
 
 __all__ = ["Method", "method_class", "method_names", "register_method"]

@@ -34,6 +34,10 @@ class Stage:
     modules: tuple[str, ...]
     run: Callable[[torch.Tensor], torch.Tensor]
 
+    def contains(self, path: str) -> bool:
+        """Whether the module at dotted ``path`` belongs to this stage."""
+        return any(path == m or path.startswith(m + ".") for m in self.modules)
+
 
 class ModelAdapter:
     """Base class of model-family adapters (see module docstring)."""
@@ -50,6 +54,14 @@ class ModelAdapter:
 
     @classmethod
     def stages(cls, model: nn.Module) -> list[Stage]:
+        raise NotImplementedError
+
+    @classmethod
+    def norm_linear_pairs(cls, model: nn.Module) -> list[tuple[str, str]]:
+        """``(layernorm, linear)`` module paths where the LayerNorm's output is the Linear's whole
+        input, up to a permutation of tokens (the targets of RepQ-ViT's scale reparameterization,
+        NOTES §2.1(a)). A per-channel affine map of the LayerNorm output can then be folded into
+        the LayerNorm's affine parameters and the Linear's weight columns and bias. Forward order."""
         raise NotImplementedError
 
 

@@ -56,3 +56,41 @@ class SwinAdapter(ModelAdapter):
                           for j, block in enumerate(layer.blocks))
         stages.append(Stage("head", ("norm", "head"), head))
         return stages
+
+    @classmethod
+    def norm_linear_pairs(cls, model: nn.Module) -> list[tuple[str, str]]:
+        """Per stage ``layers.{i}.downsample.norm`` → ``.downsample.reduction`` (PatchMerging: the 2×2
+        concatenation happens *before* the norm, so the norm output is the reduction's input as is),
+        then per block ``.norm1`` → ``.attn.qkv`` and ``.norm2`` → ``.mlp.fc1``.
+
+        norm1 → qkv: between them timm only rolls (cyclic shift) and partitions the tokens into
+        windows. Both only permute tokens and never mix channels, so a per-channel affine map of the
+        norm1 output commutes with them and can be folded into qkv exactly. The exception is the
+        zero padding of a resolution not divisible by the window: padded tokens are 0 *after* norm1,
+        and would become ``W·0 + bias'`` ≠ ``bias`` once a shift is folded into qkv's bias; such
+        blocks are left out.
+        """
+        pairs = []
+        for i, layer in enumerate(model.layers):
+            downsample = layer.downsample
+            if not isinstance(downsample, nn.Identity) and _affine_layernorm(getattr(downsample, "norm", None)):
+                pairs.append((f"layers.{i}.downsample.norm", f"layers.{i}.downsample.reduction"))
+            for j, block in enumerate(layer.blocks):
+                prefix = f"layers.{i}.blocks.{j}"
+                if _affine_layernorm(block.norm1) and not _pads_windows(block):
+                    pairs.append((f"{prefix}.norm1", f"{prefix}.attn.qkv"))
+                if _affine_layernorm(block.norm2):
+                    pairs.append((f"{prefix}.norm2", f"{prefix}.mlp.fc1"))
+        return pairs
+
+
+def _affine_layernorm(module) -> bool:
+    return isinstance(module, nn.LayerNorm) and module.weight is not None and module.bias is not None
+
+
+def _pads_windows(block: nn.Module) -> bool:
+    """Whether the block zero-pads its (fixed) input resolution up to a multiple of the window."""
+    if getattr(block, "dynamic_mask", False):
+        return True  # resolution only known at run time: assume it may pad
+    resolution, window = tuple(block.input_resolution), tuple(block.window_size)
+    return any(r % w for r, w in zip(resolution, window, strict=True))

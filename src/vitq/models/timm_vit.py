@@ -46,3 +46,19 @@ class VitAdapter(ModelAdapter):
             *(Stage(f"blocks.{i}", (f"blocks.{i}",), block) for i, block in enumerate(model.blocks)),
             Stage("head", ("norm", "fc_norm", "head"), head),
         ]
+
+    @classmethod
+    def norm_linear_pairs(cls, model: nn.Module) -> list[tuple[str, str]]:
+        """``blocks.{i}.norm1`` → ``blocks.{i}.attn.qkv`` and ``blocks.{i}.norm2`` → ``blocks.{i}.mlp.fc1``.
+
+        Only affine ``nn.LayerNorm`` norms are listed (other norms cannot take the fold)."""
+        pairs = []
+        for i, block in enumerate(model.blocks):
+            for norm, linear in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")):
+                if _affine_layernorm(getattr(block, norm, None)):
+                    pairs.append((f"blocks.{i}.{norm}", f"blocks.{i}.{linear}"))
+        return pairs
+
+
+def _affine_layernorm(module) -> bool:
+    return isinstance(module, nn.LayerNorm) and module.weight is not None and module.bias is not None

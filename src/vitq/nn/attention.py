@@ -16,7 +16,7 @@ from torch import nn
 from vitq.nn.modules import QAct, QLinear
 
 
-class _QuantAttentionCore(nn.Module):
+class QuantAttentionBase(nn.Module):
     """Shared q/k/v/softmax quantization points and the explicit attention product."""
 
     def _init_points(self) -> None:
@@ -37,11 +37,14 @@ class _QuantAttentionCore(nn.Module):
             attn = bias(attn)
         elif bias is not None:
             attn = attn + bias
+        # v is quantized before the attention map so that, during forward-order calibration, the
+        # softmax quantizer can be chosen by the error of its real consumer Q(A)·Q(v)
+        v = self.v(v)
         attn = self.softmax(attn.softmax(dim=-1))
-        return attn_drop(attn) @ self.v(v)
+        return attn_drop(attn) @ v
 
 
-class QuantAttention(_QuantAttentionCore):
+class QuantAttention(QuantAttentionBase):
     """Replacement for ``timm.layers.Attention`` (ViT, DeiT, ...)."""
 
     def __init__(self, attn: nn.Module) -> None:
@@ -69,7 +72,7 @@ class QuantAttention(_QuantAttentionCore):
         return self.proj_drop(self.proj(x))
 
 
-class QuantWindowAttention(_QuantAttentionCore):
+class QuantWindowAttention(QuantAttentionBase):
     """Replacement for timm Swin's ``WindowAttention`` (relative position bias, shifted-window mask).
 
     Keeps timm's attribute names, so the ``state_dict`` keys are unchanged:

@@ -17,6 +17,7 @@ Life cycle:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +47,9 @@ class Quantizer(nn.Module):
         self.bits = check_bits(bits)
         self.enabled = True
         self.calibrating = False
+        #: optional replacement for :meth:`calibrate` in forward-order calibration, set by methods that
+        #: choose parameters by a downstream error (e.g. the attention output); never saved
+        self.calibrator: Callable[[torch.Tensor], None] | None = None
         self._spec_kwargs = dict(spec_kwargs)
         for name in self.param_names:
             self.register_buffer(name, torch.empty(0))
@@ -107,7 +111,7 @@ class Quantizer(nn.Module):
             return x
         if self.calibrating:
             with torch.no_grad():
-                self.calibrate(x.detach())
+                (self.calibrator or self.calibrate)(x.detach())
             self.calibrating = False
         if not self.is_calibrated:
             raise VitqError(f"{type(self).__name__} used before calibration")

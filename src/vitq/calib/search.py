@@ -1,0 +1,129 @@
+"""Method-agnostic parameter search driven by a downstream error.
+
+A quantizer offers candidate parameter sets (:meth:`vitq.quantizers.Quantizer.search_candidates`);
+:func:`search_by_output_error` installs each in turn and keeps the one whose fake-quant input gives the
+consumer output closest to the float reference, e.g. for the attention map ``A`` the consumer
+``lambda a: a @ v`` and the error ‖A·V − Q(A)·V‖² (AdaLog / NOTES §2.2 and §5).
+:func:`attention_output_mse` is the matching relative error, for per-layer reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from vitq.errors import VitqError
+from vitq.quantizers.base import Quantizer
+
+Consumer = Callable[..., torch.Tensor]
+
+
+def _chunks(n: int, chunk: int | None) -> Iterator[slice]:
+    if chunk is None:
+        yield slice(None)
+        return
+    for start in range(0, n, chunk):
+        yield slice(start, min(start + chunk, n))
+
+
+@torch.no_grad()
+def search_by_output_error(
+    quantizer: Quantizer,
+    x: torch.Tensor,
+    consumer: Consumer,
+    reference: torch.Tensor | None = None,
+    *,
+    chunk: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Install and return the candidate of ``quantizer.search_candidates(x)`` with the smallest
+    ‖consumer(x_ref) − consumer(Q(x))‖² (sum of squared error, accumulated in float64).
+
+    - ``reference``: the float consumer output (default ``consumer(x)``, computed once).
+    - ``chunk=None``: ``consumer(a)`` is called on the whole (fake-quantized) ``x``.
+      ``chunk=k``: ``x`` is processed in slices of ``k`` along dim 0 to bound memory, and the consumer is
+      called as ``consumer(a_chunk, s)`` with ``s`` the ``slice`` of dim 0, so it can slice its other
+      operands (``lambda a, s: a @ v[s]``); a given ``reference`` is sliced along dim 0 likewise.
+    - Candidates are evaluated one at a time; ties keep the first candidate in the quantizer's order.
+    - No candidates (a kind with nothing to search): falls back to ``quantizer.calibrate(x)``.
+    """
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise VitqError(f"chunk must be a positive integer or None, got {chunk!r}")
+    candidates = quantizer.search_candidates(x)
+    if not candidates:
+        quantizer.calibrate(x)
+        return quantizer.get_params()
+    n = x.shape[0] if x.ndim else 1
+    slices = list(_chunks(n, chunk))
+
+    def run(a: torch.Tensor, s: slice) -> torch.Tensor:
+        return consumer(a) if chunk is None else consumer(a, s)
+
+    def part(t: torch.Tensor, s: slice) -> torch.Tensor:
+        return t if chunk is None else t[s]
+
+    references = [run(part(x, s), s) if reference is None else part(reference, s) for s in slices]
+
+    best: dict[str, torch.Tensor] | None = None
+    best_err = math.inf
+    for params in candidates:
+        quantizer.set_params(params)
+        err = 0.0
+        for s, ref in zip(slices, references, strict=True):
+            out = run(quantizer.quantize_dequantize(part(x, s)), s)
+            err += float((out - ref).double().square().sum())
+        if best is None or err < best_err:
+            best, best_err = params, err
+    assert best is not None
+    quantizer.set_params(best)
+    return quantizer.get_params()
+
+
+@torch.no_grad()
+def attention_output_mse(quantizer: Quantizer, attn: torch.Tensor, v: torch.Tensor) -> float:
+    """Relative attention-output error ‖A·V − Q(A)·V‖² / ‖A·V‖² of a calibrated quantizer
+    (0 when both are 0, inf when only the reference is 0)."""
+    ref = attn @ v
+    num = float((quantizer.quantize_dequantize(attn) @ v - ref).double().square().sum())
+    den = float(ref.double().square().sum())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+@contextmanager
+def attention_output_calibration(attention_modules: Iterable[nn.Module], *, chunk: int = 8) -> Iterator[None]:
+    """During forward-order calibration, choose each softmax quantizer by its attention-output error.
+
+    For every attention module (with ``v`` and ``softmax`` quantization points, see
+    :mod:`vitq.nn.attention`), the quantized values ``Q(v)`` are captured as the module computes them
+    (``v`` is quantized before the attention map) and the softmax quantizer's parameters are searched
+    by ‖A·Q(v) − Q(A)·Q(v)‖², the error its real consumer sees, instead of ‖A − Q(A)‖².
+    """
+    hooks, touched = [], []
+    for module in attention_modules:
+        quantizer = module.softmax.quantizer
+        if quantizer is None:
+            continue
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_v(_module, _inputs, output, captured=captured):
+            captured["v"] = output.detach()
+
+        def calibrate(attn, quantizer=quantizer, captured=captured):
+            v = captured["v"]
+            search_by_output_error(quantizer, attn, lambda a, s: a @ v[s], chunk=chunk)
+
+        hooks.append(module.v.register_forward_hook(keep_v))
+        quantizer.calibrator = calibrate
+        touched.append(quantizer)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for quantizer in touched:
+            quantizer.calibrator = None

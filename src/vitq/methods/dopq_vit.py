@@ -1,0 +1,114 @@
+"""``dopq-vit``: DopQ-ViT (arXiv 2408.03291), the calibration-only part (NOTES §2.2, §5, §6).
+
+DopQ-ViT keeps RepQ-ViT's pipeline (:mod:`vitq.methods.repq_vit`) and changes its two weak points:
+
+- **TanQ** on the post-Softmax attention map (:mod:`vitq.quantizers.tan`, *reconstructed*: the paper's
+  exact map is not public), with levels dense near 0 *and* near 1, its parameters chosen per layer by
+  the attention-output error ‖A·Q(v) − Q(A)·Q(v)‖² (:func:`vitq.calib.search.attention_output_calibration`).
+- **MOSF / SOSF**: the per-tensor target of the post-LayerNorm reparameterization is the *median* of the
+  channel scales and zero points (MOSF, "MAD-guided": the median minimises the mean absolute deviation)
+  instead of RepQ-ViT's mean, or is *searched* (SOSF) with an optional bound on the folded ratios, by the
+  next Linear's output error on the calibration data (NOTES §6: without a bound, the target scale
+  cancels and only the zero point matters).
+
+Options (``QuantConfig.options`` / ``--option KEY=VALUE``), also used for the ablation:
+
+- ``softmax``: ``"tanq"`` (default), ``"log_sqrt2"``, ``"log2"`` or ``"uniform"``;
+- ``tan_variant``: ``"tan_log"`` (default) or ``"tan"`` (see :mod:`vitq.quantizers.tan`);
+- ``target``: ``"median"`` (MOSF, default), ``"mean"`` (RepQ-ViT), ``"search"`` (SOSF) or ``"none"``
+  (keep the post-LayerNorm activations per channel: more accurate, **not hardware-friendly**, the
+  RepQ-ViT issue #11 trap; reported only as a reference);
+- ``ratio_bound``: fold only ``clamp(s_c/s̃, 1/ρ, ρ)`` (``None``: unbounded, as RepQ-ViT).
+
+The paper's reported numbers also include block reconstruction (a separate stage, issue 7); this file
+is the calibration-only method, and a reconstruction pass can run after :meth:`DopQViT.calibrate`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from vitq.calib.reparam import PairContext, reparameterize_stage
+from vitq.calib.runner import calibrating, run_stagewise
+from vitq.calib.search import attention_output_calibration
+from vitq.errors import VitqError
+from vitq.methods.base import register_method
+from vitq.methods.repq_vit import RepQViT
+from vitq.models import Stage
+
+SOFTMAX_KINDS = ("tanq", "log_sqrt2", "log2", "uniform")
+TARGETS = ("median", "mean", "search", "none")
+#: SOSF candidates: target-scale quantiles of the channel scales and ratio bounds (None = unbounded)
+SOSF_SCALE_QUANTILES = (0.25, 0.5, 0.75)
+SOSF_RATIO_BOUNDS = (None, 8.0, 4.0, 2.0)
+
+
+@register_method("dopq-vit")
+class DopQViT(RepQViT):
+    DEFAULTS: dict[str, Any] = {"softmax": "tanq", "tan_variant": "tan_log", "target": "median", "ratio_bound": None}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.options = {**self.DEFAULTS, **config.options}
+        if self.options["softmax"] not in SOFTMAX_KINDS:
+            raise VitqError(f"dopq-vit option softmax must be one of {SOFTMAX_KINDS}, got {self.options['softmax']!r}")
+        if self.options["target"] not in TARGETS:
+            raise VitqError(f"dopq-vit option target must be one of {TARGETS}, got {self.options['target']!r}")
+        bound = self.options["ratio_bound"]
+        if bound is not None and not (isinstance(bound, int | float) and bound > 1):
+            raise VitqError(f"dopq-vit option ratio_bound must be a number > 1 or null, got {bound!r}")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(cls.DEFAULTS)
+
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        bits = self.config.a_bits
+        if role == "softmax":
+            kind = self.options["softmax"]
+            if kind == "tanq":
+                return {"kind": "tanq", "bits": bits, "variant": self.options["tan_variant"]}
+            if kind == "uniform":
+                return {"kind": "uniform", "bits": bits, "granularity": "tensor", "init": self.init}
+            return {"kind": kind, "bits": bits}
+        if role == "post_ln" and self.options["target"] == "none":
+            return {"kind": "uniform", "bits": bits, "granularity": "channel", "axis": -1, "init": self.init}
+        return super().quantizer_spec(role)
+
+    def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
+        target = self.options["target"]
+
+        def visit(stage: Stage, x: torch.Tensor) -> None:
+            with attention_output_calibration(qmodel.attention_modules(stage)):
+                if target == "none":
+                    with calibrating(qmodel.stage_quantizers(stage)):
+                        stage.run(x)
+                else:
+                    reparameterize_stage(qmodel, stage, x, target="median" if target == "search" else target,
+                                         ratio_bound=self.options["ratio_bound"],
+                                         target_search=sosf_search if target == "search" else None)
+
+        run_stagewise(qmodel, images, visit, progress=progress)
+
+
+def sosf_search(ctx: PairContext) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """SOSF: the (s̃, z̃, ρ) with the smallest output error of the next Linear on the calibration data.
+
+    Candidates: s̃ at the {0.25, 0.5, 0.75} quantiles of the (non-degenerate) channel scales, z̃ the
+    median zero point, and ρ in {unbounded, 8, 4, 2}. The median-unbounded candidate is MOSF, so SOSF
+    is never worse than MOSF on this criterion.
+    """
+    valid = ~ctx.degenerate
+    scales = ctx.scale.detach().double()[valid]
+    zero_point = ctx.zero_point.detach().double()[valid].median()
+    best, best_err = None, math.inf
+    for q in SOSF_SCALE_QUANTILES:
+        target = (torch.quantile(scales, q), zero_point)
+        for bound in SOSF_RATIO_BOUNDS:
+            err = ctx.output_error(target, ratio_bound=bound)
+            if err < best_err:
+                best, best_err = (*target, bound), err
+    return best

@@ -1,0 +1,32 @@
+"""``repq-vit``: RepQ-ViT (Li et al., ICCV 2023), calibration only, 32 images (NOTES §2.0-2.1).
+
+- Structure: the papers' convention (per-output-channel weights, per-tensor activations) with every
+  uniform range chosen by the MSE percentile search, and the **log√2** quantizer on the post-Softmax
+  attention map (its Δ searched over the {0.999, 0.9999, 0.99999} quantiles by ‖A − Q(A)‖²).
+- Calibration, block by block in forward order: the post-LayerNorm inputs of ``qkv``/``fc1`` (Swin:
+  ``reduction``) are calibrated per channel, then their scales are folded into the LayerNorm affine
+  and the next Linear so that inference is per tensor with target ``(mean(s), mean(z))``, and the
+  folded Linear's weight quantizer is re-calibrated (:mod:`vitq.calib.reparam`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitq.calib.reparam import reparameterize_model
+from vitq.methods.base import Method, register_method
+
+
+@register_method("repq-vit")
+class RepQViT(Method):
+    init = "mse"
+    #: the post-Softmax quantizer kind
+    softmax_kind = "log_sqrt2"
+
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        if role == "softmax":
+            return {"kind": self.softmax_kind, "bits": self.config.a_bits}
+        return super().quantizer_spec(role)
+
+    def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
+        reparameterize_model(qmodel, images, progress=progress, target="mean")
