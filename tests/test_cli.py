@@ -3,6 +3,7 @@
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import imagenet_wnids
-from vitq.cli import main
+from vitq.cli import _compare_grid, _parse_variants, build_parser, main
 
 MODEL = "deit_tiny_patch16_224"
 TEST_MODEL = "test_vit"
@@ -172,6 +173,52 @@ def test_compare_writes_markdown_csv_and_plot(cli, files, tmp_path):
     assert "wrote" in out
 
 
+UNIFORM, LOG2 = "dopq-vit[softmax=uniform;target=mean]", "dopq-vit[softmax=log2;target=mean]"
+
+
+def _paired_cell(deltas: list[float]) -> str:
+    """The summary cell recomputed independently: mean ± sample std over seeds, 2 decimals."""
+    std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+    return f"{statistics.fmean(deltas):.2f} ± {std:.2f}"
+
+
+def test_compare_method_variants_with_paired_reference(cli, files, tmp_path):
+    out_dir = tmp_path / "variants"
+    code, out, err = cli("compare", "--methods", f"minmax, {UNIFORM.replace(';', '; ')},{LOG2}", "--bits", "W8A8",
+                         "--seeds", "0,1", "--reference", LOG2, *_inputs(files), "--out-dir", out_dir)
+    assert code == 0, err
+    assert f"seed 1: {UNIFORM} W8A8:" in out
+    with (out_dir / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        (m, seed) for seed in "01" for m in ("float", "minmax", UNIFORM, LOG2)]
+    assert {r["reference"] for r in rows} == {LOG2}
+    top1 = {(r["method"], r["seed"]): float(r["top1"]) for r in rows}
+    md = (out_dir / "compare.md").read_text()
+    assert f"Δ top-1 vs {LOG2} (paired) |" in md and f"- paired reference: {LOG2}" in md
+    for method in ("minmax", UNIFORM):
+        deltas = [top1[(method, seed)] - top1[(LOG2, seed)] for seed in "01"]
+        assert [float(r["delta_top1_vs_reference"]) for r in rows if r["method"] == method] == pytest.approx(deltas)
+        assert f"| {method} | W8A8 | 2 | " in md
+        assert md.split(f"| {method} | W8A8 | 2 | ")[1].splitlines()[0].endswith(f" | {_paired_cell(deltas)} |")
+    assert md.split(f"| {LOG2} | W8A8 | 2 | ")[1].splitlines()[0].endswith(" | — |")
+    assert [r["delta_top1_vs_reference"] for r in rows if r["method"] in ("float", LOG2)] == ["", "0.0", "", "0.0"]
+
+
+def test_compare_variant_options_merge_over_global_options():
+    args = build_parser().parse_args(["compare", "--option", "softmax=tanq", "--option", "ratio_bound=4",
+                                      "--out-dir", "x"])
+    variants = _parse_variants(f"{LOG2},dopq-vit, dopq-vit[ratio_bound=null;tan_variant=tan] ,dopq-vit[]")
+    assert [v.label for v in variants] == [LOG2, "dopq-vit", "dopq-vit[ratio_bound=null;tan_variant=tan]"]
+    grid = _compare_grid(args, variants, [(8, 8), (4, 4)], [0, 1])
+    assert [(label, c.w_bits, c.seed) for label, c in grid[1]][:3] == [(LOG2, 8, 1), (LOG2, 4, 1), ("dopq-vit", 8, 1)]
+    options = {label: c.options for label, c in grid[0]}
+    assert options[LOG2] == {"softmax": "log2", "target": "mean", "ratio_bound": 4}
+    assert options["dopq-vit"] == {"softmax": "tanq", "ratio_bound": 4}
+    assert options["dopq-vit[ratio_bound=null;tan_variant=tan]"] == {"softmax": "tanq", "ratio_bound": None,
+                                                                     "tan_variant": "tan"}
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -201,6 +248,20 @@ BAD_INPUTS = {
     "a bits too low": (lambda f: ["quantize", "--a-bits", "1", *_inputs(f), "--output", "x"], ["a_bits", "2"]),
     "compare bits": (lambda f: ["compare", "--bits", "W9A8", *_inputs(f), "--out-dir", "x"], ["w_bits"]),
     "compare bit syntax": (lambda f: ["compare", "--bits", "8bit", *_inputs(f), "--out-dir", "x"], ["W8A8"]),
+    "compare variant without value": (lambda f: ["compare", "--methods", "minmax,dopq-vit[softmax]", *_inputs(f),
+                                                  "--out-dir", "x"], ["dopq-vit[softmax]", "KEY=VALUE"]),
+    "compare unclosed bracket": (lambda f: ["compare", "--methods", "dopq-vit[softmax=log2,minmax", *_inputs(f),
+                                             "--out-dir", "x"], ["'dopq-vit[softmax=log2,minmax'", "METHOD["]),
+    "compare stray bracket": (lambda f: ["compare", "--methods", "minmax]", *_inputs(f), "--out-dir", "x"],
+                              ["'minmax]'"]),
+    "compare variant unknown option": (lambda f: ["compare", "--methods", "minmax,dopq-vit[foo=1]", *_inputs(f),
+                                                   "--out-dir", "x"], ["'dopq-vit[foo=1]'", "no option", "foo"]),
+    "compare variant bad value": (lambda f: ["compare", "--methods", "dopq-vit[ratio_bound=0.5]", *_inputs(f),
+                                              "--out-dir", "x"], ["ratio_bound", "0.5"]),
+    "compare variant unknown method": (lambda f: ["compare", "--methods", "nope[a=1]", *_inputs(f), "--out-dir", "x"],
+                                       ["unknown method 'nope'"]),
+    "compare bad reference": (lambda f: ["compare", "--methods", "minmax,percentile", "--reference", "repq-vit",
+                                         *_inputs(f), "--out-dir", "x"], ["--reference", "repq-vit", "minmax"]),
     "checkpoint mismatch": (lambda f: ["eval", *_inputs(f, checkpoint=_bad_checkpoint(f))], ["does not match"]),
     "checkpoint of another model": (lambda f: ["eval", *_inputs(f, model="test_vit2")], ["does not match"]),
     "missing checkpoint": (lambda f: ["eval", *_inputs(f, checkpoint=f["root"] / "nope.safetensors")],

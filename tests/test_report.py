@@ -18,7 +18,7 @@ from vitq.report import (
     write_compare_report,
     write_csv,
 )
-from vitq.report.compare import summary_rows
+from vitq.report.compare import paired_deltas, plot_series, summary_columns, summary_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["name", "top-1", "n"]
@@ -111,3 +111,62 @@ def test_write_compare_report(tmp_path):
     assert lines[2] == "minmax,W8A8,0,10,70.0,90.0,80.0,2.0,1.0,6.0,10.0"
     assert len(lines) == 5
     assert paths["plot"].read_bytes().startswith(PNG_MAGIC)
+
+
+VARIANT = "dopq-vit[softmax=log2;target=mean]"
+
+
+def _variant_runs():
+    """Two seeds x two settings: float, minmax and a labelled dopq-vit variant (the reference)."""
+    runs = []
+    for seed, (f, m8, v8, m4, v4) in enumerate([(80.0, 70.0, 75.0, 40.0, 60.0), (82.0, 72.0, 73.0, 44.0, 58.0)]):
+        runs.append(CompareRun("float", "float", seed, 10, f, 95.0, f, 0.0, 1.0, 22.9))
+        runs += [CompareRun("minmax", "W8A8", seed, 10, m8, 90.0, f, 2.0, 1.0, 6.0),
+                 CompareRun(VARIANT, "W8A8", seed, 10, v8, 91.0, f, 3.0, 1.0, 6.0),
+                 CompareRun("minmax", "W4A4", seed, 10, m4, 60.0, f, 2.0, 1.0, 3.0),
+                 CompareRun(VARIANT, "W4A4", seed, 10, v4, 80.0, f, 3.0, 1.0, 3.0)]
+    return runs
+
+
+def test_paired_deltas_match_setting_and_seed():
+    deltas = paired_deltas(_variant_runs(), VARIANT)
+    assert deltas == {("minmax", "W8A8", 0): -5.0, (VARIANT, "W8A8", 0): 0.0,
+                      ("minmax", "W4A4", 0): -20.0, (VARIANT, "W4A4", 0): 0.0,
+                      ("minmax", "W8A8", 1): -1.0, (VARIANT, "W8A8", 1): 0.0,
+                      ("minmax", "W4A4", 1): -14.0, (VARIANT, "W4A4", 1): 0.0}
+    with pytest.raises(ValueError, match="no runs"):
+        paired_deltas(_variant_runs(), "percentile")
+    mismatched = [*_variant_runs()[:2], CompareRun(VARIANT, "W8A8", 0, 9, 75.0, 91.0, 80.0, 3.0, 1.0, 6.0)]
+    with pytest.raises(ValueError, match="different images"):
+        paired_deltas(mismatched, VARIANT)
+
+
+def test_summary_rows_with_paired_reference():
+    rows = summary_rows(_variant_runs(), VARIANT)
+    assert summary_columns(VARIANT)[-1] == f"Δ top-1 vs {VARIANT} (paired)"
+    assert [row[:2] + row[-1:] for row in rows] == [
+        ["float", "float", None],
+        ["minmax", "W8A8", "-3.00 ± 2.83"],  # mean of -5, -1; sample std sqrt(8)
+        [VARIANT, "W8A8", "—"],
+        ["minmax", "W4A4", "-17.00 ± 4.24"],  # mean of -20, -14; sample std sqrt(18)
+        [VARIANT, "W4A4", "—"]]
+    assert [row[:-1] for row in rows] == summary_rows(_variant_runs())  # the other columns are unchanged
+
+
+def test_write_compare_report_with_reference(tmp_path):
+    paths = write_compare_report(tmp_path, "t", [], _variant_runs(), ["W8A8", "W4A4"], reference=VARIANT)
+    md = paths["markdown"].read_text()
+    assert f"| {VARIANT} | W4A4 | 2 | 59.00 ± 1.41 | 80.00 | 22.00 ± 2.83 | 3.00 | — |" in md
+    assert "| minmax | W4A4 | 2 | 42.00 ± 2.83 | 60.00 | 39.00 ± 1.41 | 2.00 | -17.00 ± 4.24 |" in md
+    assert "| minmax | W4A4 | 1 | 10 | 44.00 | 60.00 | 82.00 | 38.00 | 2.00 | 1.00 | 3.00 | -14.00 |" in md
+    lines = paths["csv"].read_text().splitlines()
+    assert lines[0].endswith(",size_mb,drop,reference,delta_top1_vs_reference")
+    assert lines[1] == f"float,float,0,10,80.0,95.0,80.0,0.0,1.0,22.9,0.0,{VARIANT},"
+    assert lines[4] == f"minmax,W4A4,0,10,40.0,60.0,80.0,2.0,1.0,3.0,40.0,{VARIANT},-20.0"
+    assert lines[5] == f"{VARIANT},W4A4,0,10,60.0,80.0,80.0,3.0,1.0,3.0,20.0,{VARIANT},0.0"
+
+
+def test_plot_series_are_keyed_by_label():
+    series = plot_series(_variant_runs(), ["W8A8", "W4A4"])
+    assert list(series) == ["minmax", VARIANT]
+    assert series[VARIANT][0] == [74.0, 59.0]

@@ -5,6 +5,8 @@
     vitq eval --quantized runs/minmax_w8a8 --json runs/minmax_w8a8/eval.json
     vitq eval --method float --limit 100
     vitq compare --methods minmax,percentile --bits W8A8,W6A6,W4A4 --seeds 0,1,2 --out-dir runs/compare
+    vitq compare --methods "dopq-vit[softmax=log2],dopq-vit[softmax=tanq]" --reference "dopq-vit[softmax=log2]" \
+        --out-dir runs/softmax
 
 Calibration and evaluation images come from one folder, split by ``--calib-size`` and ``--seed``
 (:func:`vitq.calib.data.split_calib_eval`), so a run is reproducible from its seed. Every problem a
@@ -37,11 +39,11 @@ from vitq.errors import VitqError
 from vitq.eval.accuracy import EvalResult
 from vitq.eval.errors import PointError, point_sqnr
 from vitq.eval.size import SizeReport, model_size
-from vitq.methods import method_names
+from vitq.methods import method_class, method_names
 from vitq.models.registry import create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import CompareRun, machine_summary, peak_rss_mb, sha256_prefix, text_table, write_compare_report
-from vitq.report.compare import SUMMARY_COLUMNS, summary_rows
+from vitq.report.compare import FLOAT, summary_columns, summary_rows
 
 DEFAULT_MODEL = "deit_tiny_patch16_224"
 EXIT_USER_ERROR = 2
@@ -154,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", parents=[common, tuning, _data_options(seed=False), _eval_options()],
                        help="methods x bit settings x seeds against float: markdown, CSV and a plot")
-    p.add_argument("--methods", default="minmax,percentile", help="comma-separated methods (default %(default)s)")
+    p.add_argument("--methods", default="minmax,percentile",
+                   help="comma-separated methods, each optionally with its own options in brackets, e.g. "
+                        "'dopq-vit[softmax=log2;target=mean]' (merged over --option; the text is the report "
+                        "label) (default %(default)s)")
+    p.add_argument("--reference", metavar="LABEL",
+                   help="one of the --methods labels: add the paired top-1 difference to it (per seed, same images)")
     p.add_argument("--bits", default="W8A8,W6A6,W4A4", help="comma-separated WxAy settings (default %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
@@ -197,14 +204,15 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _config(args: argparse.Namespace, **given: Any) -> QuantConfig:
-    """The validated config from the command line; ``given`` (e.g. ``method=``) takes precedence."""
+def _config(args: argparse.Namespace, options: dict[str, Any] | None = None, **given: Any) -> QuantConfig:
+    """The validated config from the command line; ``given`` (e.g. ``method=``) takes precedence and
+    ``options`` are merged over the ``--option`` values."""
     values = {"method": getattr(args, "method", None), "w_bits": getattr(args, "w_bits", None),
               "a_bits": getattr(args, "a_bits", None), "calib_size": getattr(args, "calib_size", None),
               "seed": getattr(args, "seed", None), **given}
     return make(QuantConfig, **{k: v for k, v in values.items() if v is not None},
                 overrides=[PointOverride.parse(text) for text in args.override],
-                options=dict(_parse_option(text) for text in args.option))
+                options={**dict(_parse_option(text) for text in args.option), **(options or {})})
 
 
 def _load_float_model(args: argparse.Namespace) -> nn.Module:
@@ -442,11 +450,90 @@ def cmd_eval(args: argparse.Namespace) -> int:
 _BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 
 
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """``text`` split on ``sep`` outside square brackets: ``a[x=1,y=2],b`` -> ``["a[x=1,y=2]", "b"]``."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth = max(depth - 1, 0)
+        elif char == sep and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
+
+
 def _parse_list(text: str, what: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
+    """The non-empty comma-separated items of ``--what`` (commas inside brackets do not split), deduplicated."""
+    items = [item.strip() for item in _split_top_level(text, ",") if item.strip()]
     if not items:
         raise VitqError(f"--{what} is empty")
     return list(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ``--methods`` item: a method with its own options, shown in the report as ``label``."""
+
+    label: str
+    method: str
+    options: dict[str, Any]
+
+
+_VARIANT = re.compile(r"^([^\[\]]+)(?:\[(.*)\])?$", re.DOTALL)
+
+
+def _balanced(text: str) -> bool:
+    """Whether every ``[`` in ``text`` is closed by a later ``]`` and no ``]`` comes unopened."""
+    depth = 0
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _parse_variant(item: str) -> Variant:
+    """``dopq-vit[softmax=log2;target=mean]`` -> ``dopq-vit`` with those options (parsed like ``--option``).
+
+    The label is the item without whitespace (``percentile[]`` is just ``percentile``).
+    """
+    text = "".join(item.split())
+    match = _VARIANT.match(text)
+    if match is None or not _balanced(match.group(2) or ""):
+        raise VitqError(f"--methods item {item!r} must look like METHOD or METHOD[KEY=VALUE;KEY=VALUE...]")
+    method, body = match.groups()
+    if not body:
+        return Variant(method, method, {})
+    try:
+        pairs = [_parse_option(part) for part in _split_top_level(body, ";")]
+    except VitqError as err:
+        raise VitqError(f"--methods item {item!r}: {err}") from None
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise VitqError(f"--methods item {item!r} gives an option twice")
+    return Variant(text, method, dict(pairs))
+
+
+def _parse_variants(text: str) -> list[Variant]:
+    """The ``--methods`` variants, one per distinct label, in order; ``float`` is not allowed."""
+    variants: dict[str, Variant] = {}
+    for item in _parse_list(text, "methods"):
+        variant = _parse_variant(item)
+        variants.setdefault(variant.label, variant)
+    if any(v.method == FLOAT for v in variants.values()):
+        raise VitqError("--methods must not list float: the float model is always evaluated as the baseline")
+    return list(variants.values())
+
+
+def _reference(text: str | None, variants: Sequence[Variant]) -> str | None:
+    """The ``--reference`` label (whitespace removed), which must be one of the variants' labels."""
+    if text is None:
+        return None
+    label, labels = "".join(text.split()), [v.label for v in variants]
+    if label not in labels:
+        raise VitqError(f"--reference {text!r} is not one of the --methods labels: {', '.join(labels)}")
+    return label
 
 
 def _parse_bits(text: str) -> tuple[int, int]:
@@ -463,56 +550,79 @@ def _parse_seed(text: str) -> int:
     return int(text)
 
 
-def _compare_run(model: nn.Module, name: str, config: QuantConfig, cache: ImageCache, split: Split,
+Grid = dict[int, list[tuple[str, QuantConfig]]]
+
+
+def _compare_grid(args: argparse.Namespace, variants: Sequence[Variant], bits: Sequence[tuple[int, int]],
+                  seeds: Sequence[int]) -> Grid:
+    """Per seed, the (label, config) of every variant x bit setting, all validated (methods and their
+    options included) before any model or image is loaded."""
+    grid = {seed: [(v.label, _config(args, v.options, method=v.method, w_bits=w, a_bits=a, seed=seed))
+                   for v in variants for w, a in bits] for seed in seeds}
+    for label, config in grid[seeds[0]]:
+        try:
+            method_class(config.method)(config)
+        except VitqError as err:
+            raise VitqError(f"--methods item {label!r}: {err}") from None
+    return grid
+
+
+def _compare_run(model: nn.Module, name: str, label: str, config: QuantConfig, cache: ImageCache, split: Split,
                  args: argparse.Namespace, float_top1: float | None) -> CompareRun:
-    """Quantize (a copy of) ``model`` and evaluate it on ``split``; ``float_top1=None`` for the float run."""
+    """Quantize (a copy of) ``model`` and evaluate it on ``split`` as the report's ``label``;
+    ``float_top1=None`` for the float run."""
     qmodel, calib_seconds = _quantize(model, name, config, cache, split, progress=_progress(args), inplace=False)
     result = _evaluate(qmodel, cache, split, args)
-    setting = "float" if config.method == "float" else f"W{config.w_bits}A{config.a_bits}"
-    print(f"seed {split.seed}: {config.label}: {result.summary()}, calibration {calib_seconds:.1f} s")
-    return CompareRun(method=config.method, setting=setting, seed=split.seed, n_images=result.n_images,
+    setting = FLOAT if config.method == FLOAT else f"W{config.w_bits}A{config.a_bits}"
+    print(f"seed {split.seed}: {label} {setting}: {result.summary()}, calibration {calib_seconds:.1f} s")
+    return CompareRun(method=label, setting=setting, seed=split.seed, n_images=result.n_images,
                       top1=result.top1, top5=result.top5,
                       float_top1=result.top1 if float_top1 is None else float_top1,
                       calib_seconds=calib_seconds, eval_seconds=result.seconds,
                       size_mb=model_size(qmodel).quantized_bytes / MB)
 
 
+def _compare_meta(args: argparse.Namespace, cache: ImageCache, splits: Sequence[Split],
+                  reference: str | None) -> list[tuple[str, str]]:
+    """The provenance lines at the top of the compare report."""
+    checkpoint = _checkpoint(args)
+    meta = [
+        ("date", datetime.now().astimezone().isoformat(timespec="seconds")),
+        ("command", f"`vitq {shlex.join(args.argv)}`"),
+        ("model", _model_name(args)),
+        ("checkpoint", "timm pretrained weights" if checkpoint is None
+         else f"{checkpoint} (sha256 {sha256_prefix(checkpoint)}…)"),
+        ("data", str(cache.dataset.root)),
+        ("evaluation images", f"{len(splits[0].eval)} per seed (calibration: {len(splits[0].calib)}, disjoint)"),
+        ("seeds", ", ".join(str(s.seed) for s in splits)),
+        ("machine", machine_summary()),
+    ]
+    return meta + ([("paired reference", reference)] if reference else [])
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Every method x bit setting against float, per seed on the same images; writes md, csv and png."""
-    methods = _parse_list(args.methods, "methods")
-    if "float" in methods:
-        raise VitqError("--methods must not list float: the float model is always evaluated as the baseline")
+    """Every method variant x bit setting against float, per seed on the same images; writes md, csv and png."""
+    variants = _parse_variants(args.methods)
+    reference = _reference(args.reference, variants)
     bits = {text.upper(): _parse_bits(text) for text in _parse_list(args.bits, "bits")}
     seeds = [_parse_seed(text) for text in _parse_list(args.seeds, "seeds")]
-    # validate every config before any model or image is loaded
-    grids = {seed: [_config(args, method=m, w_bits=w, a_bits=a, seed=seed) for m in methods for w, a in bits.values()]
-             for seed in seeds}
-    calib_size = grids[seeds[0]][0].calib_size
-    name, checkpoint = _model_name(args), _checkpoint(args)
+    grid = _compare_grid(args, variants, list(bits.values()), seeds)
+    calib_size = grid[seeds[0]][0][1].calib_size
+    name = _model_name(args)
     model = _load_float_model(args)
     cache = ImageCache(_data_dir(args), model, progress=_progress(args))
     splits = [cache.split(calib_size, seed, args.limit) for seed in seeds]
     cache.tensors(sorted({i for s in splits for i in s.calib + s.eval}))  # decode the whole grid's images once
     runs = []
     for split in splits:
-        float_config = make(QuantConfig, method="float", calib_size=calib_size, seed=split.seed)
-        baseline = _compare_run(model, name, float_config, cache, split, args, float_top1=None)
+        float_config = make(QuantConfig, method=FLOAT, calib_size=calib_size, seed=split.seed)
+        baseline = _compare_run(model, name, FLOAT, float_config, cache, split, args, float_top1=None)
         runs.append(baseline)
-        runs += [_compare_run(model, name, config, cache, split, args, float_top1=baseline.top1)
-                 for config in grids[split.seed]]
-    meta = [
-        ("date", datetime.now().astimezone().isoformat(timespec="seconds")),
-        ("command", f"`vitq {shlex.join(args.argv)}`"),
-        ("model", name),
-        ("checkpoint", "timm pretrained weights" if checkpoint is None
-         else f"{checkpoint} (sha256 {sha256_prefix(checkpoint)}…)"),
-        ("data", str(cache.dataset.root)),
-        ("evaluation images", f"{len(splits[0].eval)} per seed (calibration: {calib_size}, disjoint)"),
-        ("seeds", ", ".join(map(str, seeds))),
-        ("machine", machine_summary()),
-    ]
-    paths = write_compare_report(args.out_dir, f"vitq compare: {name}", meta, runs, list(bits))
-    print(text_table(SUMMARY_COLUMNS, summary_rows(runs)), end="")
+        runs += [_compare_run(model, name, label, config, cache, split, args, float_top1=baseline.top1)
+                 for label, config in grid[split.seed]]
+    paths = write_compare_report(args.out_dir, f"vitq compare: {name}", _compare_meta(args, cache, splits, reference),
+                                 runs, list(bits), reference=reference)
+    print(text_table(summary_columns(reference), summary_rows(runs, reference)), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

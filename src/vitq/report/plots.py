@@ -14,8 +14,9 @@ def plot_compare(path: str | Path, settings: Sequence[str],
                  float_level: float | None = None, *, title: str = "", ylabel: str = "top-1 (%)") -> Path:
     """Accuracy vs bit setting: one line per method with std error bars, float as a dashed line.
 
-    ``settings`` are the x labels (e.g. ``["W8A8", "W4A4"]``); ``series`` maps a method to
-    ``(means, stds)``, one value per setting (``nan`` where it was not run).
+    ``settings`` are the x labels (e.g. ``["W8A8", "W4A4"]``); ``series`` maps a method label (the legend
+    entry, shown verbatim, e.g. ``dopq-vit[softmax=log2]``) to ``(means, stds)``, one value per setting
+    (``nan`` where it was not run).
     """
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)
@@ -31,7 +32,7 @@ def plot_compare(path: str | Path, settings: Sequence[str],
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
