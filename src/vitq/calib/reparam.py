@@ -255,6 +255,9 @@ class PairContext:
     code_range: tuple[int, int]
     options: dict[str, Any] = field(default_factory=dict)
     _reference: torch.Tensor | None = field(default=None, init=False, repr=False)
+    #: output_error by fold parameters: different targets often give the very same fold (e.g. a ratio
+    #: bound that clamps no channel), whose error is then not recomputed
+    _errors: dict[tuple, float] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def degenerate(self) -> torch.Tensor:
@@ -278,7 +281,9 @@ class PairContext:
     def quantized_output(self, target: Target, **overrides: Any) -> torch.Tensor:
         """``Q(W') Q(X') + β'`` after a trial fold with ``target``: per-tensor ``(s̃, z̃)`` on ``X' = X/r − b``
         and the linear's weight quantizer kind re-calibrated on ``W' = W·diag(r)``."""
-        result = self.fold(target, **overrides)
+        return self._quantized_output(self.fold(target, **overrides))
+
+    def _quantized_output(self, result: FoldResult) -> torch.Tensor:
         dtype = self.inputs.dtype
         r, b = result.ratio.to(dtype), result.shift.to(dtype)
         weight = self.linear.weight.detach() * r
@@ -286,7 +291,7 @@ class PairContext:
         act = build_quantizer(self.input_spec)
         act.set_params({"scale": result.scale.to(dtype).reshape(1),
                         "zero_point": result.zero_point.to(dtype).reshape(1)})
-        x = act(self.inputs / r - b)
+        x = act((self.inputs / r).sub_(b))  # X' = X/r − b, in place on the one fresh tensor
         wq = self.linear.weight_quantizer
         if wq is not None and wq.enabled:
             trial = build_quantizer(wq.spec())
@@ -296,7 +301,14 @@ class PairContext:
 
     def output_error(self, target: Target, **overrides: Any) -> float:
         """Mean squared error of :meth:`quantized_output` against the float output: the SOSF criterion."""
-        return float((self.quantized_output(target, **overrides) - self.reference_output()).square().mean())
+        result = self.fold(target, **overrides)
+        # everything the quantized output depends on (the fold's other fields only describe it)
+        key = tuple(t.detach().cpu().numpy().tobytes() for t in (result.scale, result.zero_point, result.ratio,
+                                                                  result.shift))
+        if key not in self._errors:
+            # in place on the fresh quantized output: same values as (q − ref).square().mean()
+            self._errors[key] = float(self._quantized_output(result).sub_(self.reference_output()).square_().mean())
+        return self._errors[key]
 
 
 #: ``target_search(ctx)`` returns ``(s̃, z̃)``, or ``(s̃, z̃, ratio_bound)`` to also choose the bound

@@ -103,7 +103,7 @@ def sosf_search(ctx: PairContext) -> tuple[torch.Tensor, torch.Tensor, float | N
     """
     valid = ~ctx.degenerate
     scales = ctx.scale.detach().double()[valid]
-    zero_point = ctx.zero_point.detach().double()[valid].median()
+    zero_point = torch.quantile(ctx.zero_point.detach().double()[valid], 0.5)  # midpoint median, as MOSF
     best, best_err = None, math.inf
     for q in SOSF_SCALE_QUANTILES:
         target = (torch.quantile(scales, q), zero_point)

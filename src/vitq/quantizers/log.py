@@ -64,18 +64,19 @@ def log_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_octave:
     n = 2**bits
     ratio = x / scale
     positive = ratio > 0
-    # log2 only of positive values: no -inf/NaN (and no warning) for x == 0 or x < 0
-    exponent = torch.round(torch.log2(torch.where(positive, ratio, torch.ones_like(ratio))) * -steps_per_octave)
-    zero = ~positive | (exponent >= n)
-    return torch.where(zero, n, exponent.clamp(0, n - 1)).to(torch.int32)
+    # log2 only of positive values: no -inf/NaN (and no warning) for x == 0 or x < 0 (in place on the
+    # fresh ``ratio``: activations are large)
+    exponent = ratio.masked_fill_(~positive, 1.0).log2_().mul_(-steps_per_octave).round_()
+    zero = (exponent >= n).logical_or_(~positive)
+    return exponent.clamp_(0, n - 1).masked_fill_(zero, n).to(torch.int32)
 
 
 def log2_levels(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """x̂ = Δ·2^(−q) for codes q < n, 0 for codes ≥ n."""
     n = 2**bits
     q = codes.clamp(0, n - 1).float()
-    out = torch.exp2(-q) * scale
-    return torch.where(codes >= n, torch.zeros_like(out), out)
+    out = q.neg_().exp2_() * scale
+    return out.masked_fill_(codes >= n, 0.0)
 
 
 def log_sqrt2_levels(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -83,8 +84,8 @@ def log_sqrt2_levels(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> tor
     n = 2**bits
     q = codes.clamp(0, n - 1).float()
     odd_factor = (q % 2) * (SQRT2 - 1) + 1
-    out = torch.exp2(-torch.ceil(q / 2)) * odd_factor * scale
-    return torch.where(codes >= n, torch.zeros_like(out), out)
+    out = (q / 2).ceil_().neg_().exp2_().mul_(odd_factor) * scale
+    return out.masked_fill_(codes >= n, 0.0)
 
 
 # ------------------------------------------------------------------ integer (shift) kernels for Q(A)·V
@@ -214,7 +215,7 @@ class LogQuantizer(Quantizer):
         x = x.detach().float()
         best, best_err = None, math.inf
         for params in self.search_candidates(x):
-            err = float((self._fake_quant(x, params["scale"].reshape(())) - x).square().sum())
+            err = float(self._fake_quant(x, params["scale"].reshape(())).sub_(x).square_().sum())
             if best is None or err < best_err:
                 best, best_err = params, err
         self.set_params(best)

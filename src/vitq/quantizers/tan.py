@@ -47,7 +47,8 @@ harness, the LUT and the state dict do not change.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -78,6 +79,15 @@ class TanMap:
         """Float codes (integers in [0, n − 1]) of normalised inputs ``t`` ∈ [0, 1]."""
         raise NotImplementedError
 
+    def prepare(self, t: torch.Tensor) -> torch.Tensor:
+        """The shape-independent part of :meth:`codes` (default: ``t`` itself), computed once per clip and
+        shared by every shape of a search (:meth:`codes_from`)."""
+        return t
+
+    def codes_from(self, prepared: torch.Tensor, s: float, n: int) -> torch.Tensor:
+        """``codes(t, s, n)`` from ``prepared = prepare(t)``; must not modify ``prepared``."""
+        return self.codes(prepared, s, n)
+
     def levels(self, s: float, n: int) -> torch.Tensor:
         """The n normalised dequantized values in [0, 1], indexed by code (float64)."""
         raise NotImplementedError
@@ -94,8 +104,12 @@ class TanMapSymmetric(TanMap):
         return 0.0 < s < 1.0
 
     def codes(self, t: torch.Tensor, s: float, n: int) -> torch.Tensor:
-        f = torch.tan((t - 0.5) * (s * math.pi)) / math.tan(s * math.pi / 2)
-        return torch.round((f + 1.0) * ((n - 1) / 2)).clamp_(0, n - 1)
+        return self.codes_from(t, s, n)
+
+    def codes_from(self, prepared: torch.Tensor, s: float, n: int) -> torch.Tensor:
+        # f = tan((t − 0.5)·απ) / tan(απ/2); q = round((f + 1)·(n − 1)/2): in place on one fresh tensor
+        f = (prepared - 0.5).mul_(s * math.pi).tan_().div_(math.tan(s * math.pi / 2))
+        return f.add_(1.0).mul_((n - 1) / 2).round_().clamp_(0, n - 1)
 
     def levels(self, s: float, n: int) -> torch.Tensor:
         grid = torch.arange(n, dtype=torch.float64) * (2.0 / (n - 1)) - 1.0
@@ -116,8 +130,14 @@ class TanMapLog(TanMap):
         return 0.0 < s < math.inf
 
     def codes(self, t: torch.Tensor, s: float, n: int) -> torch.Tensor:
-        u = torch.log2(t).neg_()  # +inf at t = 0 → atan = π/2 → top code
-        return torch.round(torch.atan(u / s) * ((n - 1) * 2 / math.pi)).clamp_(0, n - 1)
+        return self.codes_from(self.prepare(t), s, n)
+
+    def prepare(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log2(t).neg_()  # u = −log2(t): +inf at t = 0 → atan = π/2 → top code
+
+    def codes_from(self, prepared: torch.Tensor, s: float, n: int) -> torch.Tensor:
+        # k = round(atan(u/c)·(n − 1)·2/π): in place on the one fresh tensor u/c
+        return (prepared / s).atan_().mul_((n - 1) * 2 / math.pi).round_().clamp_(0, n - 1)
 
     def levels(self, s: float, n: int) -> torch.Tensor:
         k = torch.arange(n, dtype=torch.float64)
@@ -128,6 +148,13 @@ class TanMapLog(TanMap):
 
 #: the selectable maps, by ``variant`` name
 TAN_MAPS: dict[str, TanMap] = {m.name: m for m in (TanMapSymmetric(), TanMapLog())}
+
+
+@lru_cache(maxsize=1024)
+def _level_table(tan_map: TanMap, n: int, clip: float, s: float) -> torch.Tensor:
+    """The n dequantized values ``levels(s, n)·clip`` (float32, CPU); cached per (map, n, clip, shape),
+    so a search does not rebuild it for every call. Shared: never modify the result."""
+    return (tan_map.levels(s, n) * clip).float()
 
 
 @register_quantizer("tanq")
@@ -173,24 +200,47 @@ class TanQuantizer(Quantizer):
 
     # --------------------------------------------------------------- table
     def _table(self, clip: float, s: float) -> torch.Tensor:
-        """The n dequantized values for (clip, shape), float32 on the CPU."""
-        return (self.map.levels(s, self.n) * clip).float()
+        """The n dequantized values for (clip, shape), float32 on the CPU (cached: do not modify)."""
+        return _level_table(self.map, self.n, clip, s)
 
     def levels(self) -> torch.Tensor:
         """The n dequantized values, indexed (sorted) by code: increasing for "tan", decreasing for "tan_log"."""
         if not self.is_calibrated:
             raise VitqError(f"{type(self).__name__} used before calibration")
-        return self._table(float(self.clip), float(self.shape)).to(self.clip.device)
+        return self._table(float(self.clip), float(self.shape)).to(self.clip.device, copy=True)
 
     # --------------------------------------------------------------- quantization
+    def _prepared(self, x: torch.Tensor, clip: float) -> torch.Tensor:
+        """The shape-independent part of the codes of ``x`` for ``clip`` (float32 arithmetic)."""
+        return self.map.prepare(x.detach().float().clamp(0.0, clip).div_(clip))
+
     def _codes(self, x: torch.Tensor, clip: float, s: float) -> torch.Tensor:
         """Integer-valued float codes of ``x`` (float32 arithmetic)."""
-        t = x.detach().float().clamp(0.0, clip).div_(clip)
-        return self.map.codes(t, s, self.n)
+        return self.map.codes_from(self._prepared(x, clip), s, self.n)
+
+    def _lookup(self, codes: torch.Tensor, clip: float, s: float, like: torch.Tensor) -> torch.Tensor:
+        table = self._table(clip, s).to(device=like.device, dtype=like.dtype)
+        return torch.take(table, codes.long())  # = table[codes.long()], without advanced indexing
 
     def _fake_quant(self, x: torch.Tensor, clip: float, s: float) -> torch.Tensor:
-        table = self._table(clip, s).to(device=x.device, dtype=x.dtype)
-        return table[self._codes(x, clip, s).long()]
+        return self._lookup(self._codes(x, clip, s), clip, s, x)
+
+    def _fake_quant_grid(self, x: torch.Tensor, grid: Sequence[tuple[float, float]]) -> Iterator[torch.Tensor]:
+        """``_fake_quant(x, clip, s)`` for each ``(clip, s)`` of ``grid`` in turn; the clip-dependent part
+        is computed once for consecutive entries with the same clip (the grid is clip-major)."""
+        prepared, prepared_clip = None, None
+        for clip, s in grid:
+            if prepared is None or clip != prepared_clip:
+                prepared, prepared_clip = None, clip  # free the previous one first
+                prepared = self._prepared(x, clip)
+            yield self._lookup(self.map.codes_from(prepared, s, self.n), clip, s, x)
+
+    def fake_quant_candidates(self, x: torch.Tensor,
+                              candidates: Sequence[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """Q(x) under each candidate in turn, exactly as ``set_params(c)`` then ``quantize_dequantize(x)``
+        would give (without installing anything), sharing the work between candidates of the same clip.
+        Used by :func:`vitq.calib.search.search_by_output_error`."""
+        return self._fake_quant_grid(x, [(float(c["clip"]), float(c["shape"])) for c in candidates])
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         return self._codes(x, float(self.clip), float(self.shape)).to(torch.int32)
@@ -231,12 +281,13 @@ class TanQuantizer(Quantizer):
         """Pick (clip, shape) on the grid by ‖x − Q(x)‖² (first minimum in grid order)."""
         x = x.detach().float()
         best, best_err = None, math.inf
-        for clip, s in self._grid(x):
-            # round-trip through float32 like the buffers, so the error is the one forward() will give
-            clip32, s32 = float(torch.tensor(clip, dtype=torch.float32)), float(torch.tensor(s, dtype=torch.float32))
-            err = float(self._fake_quant(x, clip32, s32).sub_(x).square_().sum(dtype=torch.float64))
+        # round-trip through float32 like the buffers, so the error is the one forward() will give
+        grid = [(float(torch.tensor(clip, dtype=torch.float32)), float(torch.tensor(s, dtype=torch.float32)))
+                for clip, s in self._grid(x)]
+        for params, fq in zip(grid, self._fake_quant_grid(x, grid), strict=True):
+            err = float(fq.sub_(x).square_().sum(dtype=torch.float64))
             if best is None or err < best_err:
-                best, best_err = (clip32, s32), err
+                best, best_err = params, err
         assert best is not None  # the grid always holds clip = 1.0
         self.set_params({"clip": torch.tensor(best[0], device=x.device),
                          "shape": torch.tensor(best[1], device=x.device)})
