@@ -14,22 +14,17 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import deit_tiny_split
 
 import vitq
-from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
-from vitq.calib import ImageNetImages, load_tensors, split_calib_eval, transform_for_model
+from vitq.report.runinfo import peak_rss_mb
 from vitq.report.tables import markdown_table
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def main() -> None:
@@ -44,12 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_speed.md"))
     args = parser.parse_args()
 
-    assets = assets_dir()
-    model = vitq.create_model("deit_tiny_patch16_224", checkpoint=assets / DEIT_TINY_CHECKPOINT)
-    dataset = ImageNetImages(assets / IMAGENET_SAMPLE, transform_for_model(model))
-    calib_idx, eval_idx = split_calib_eval(len(dataset), args.calib_size, args.seed)
-    calib, _ = load_tensors(dataset, calib_idx, progress=False)
-    images, labels = load_tensors(dataset, eval_idx[: args.eval_images], progress=False)
+    model, calib, (images, labels) = deit_tiny_split(args.calib_size, args.seed, args.eval_images)
     load_rss = peak_rss_mb()
 
     config = vitq.QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,

@@ -23,10 +23,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from common import deit_tiny_split  # noqa: E402
 
 import vitq  # noqa: E402
-from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir  # noqa: E402
-from vitq.calib import ImageNetImages, load_tensors, split_calib_eval, transform_for_model  # noqa: E402
 from vitq.calib.search import attention_output_mse, search_by_output_error  # noqa: E402
 from vitq.quantizers import build_quantizer  # noqa: E402
 from vitq.report.runinfo import machine_summary  # noqa: E402
@@ -67,12 +66,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/softmax_mse"))
     args = parser.parse_args()
 
-    assets = assets_dir()
-    model = vitq.create_model("deit_tiny_patch16_224", checkpoint=assets / DEIT_TINY_CHECKPOINT)
-    dataset = ImageNetImages(assets / IMAGENET_SAMPLE, transform_for_model(model))
-    calib_idx, eval_idx = split_calib_eval(len(dataset), args.calib_size, args.seed)
-    calib, _ = load_tensors(dataset, calib_idx, progress=False)
-    heldout, _ = load_tensors(dataset, eval_idx[: args.heldout], progress=False)
+    model, calib, (heldout, _) = deit_tiny_split(args.calib_size, args.seed, args.heldout)
     qmodel = vitq.prepare(model, vitq.QuantConfig(method="float"))
     fit_data, test_data = capture_attention(qmodel, calib), capture_attention(qmodel, heldout)
 

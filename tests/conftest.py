@@ -40,3 +40,12 @@ def split_seed0(sample_tensors):
     images, labels = sample_tensors
     calib_idx, eval_idx = split_calib_eval(len(images), 32, seed=0)
     return images[calib_idx], (images[eval_idx], labels[eval_idx])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

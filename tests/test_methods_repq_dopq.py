@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize_norms
 from torch import nn
 
 import vitq
@@ -32,33 +33,14 @@ RUNS = [
 ]
 EXPECTED_SOFTMAX = {"repq-vit": "log_sqrt2", "dopq-vit": "tanq"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Spread the LayerNorm gains over ~2 decades so the per-channel scales really differ (and the fold
-    really rescales), as in test_reparam.py."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen).mul(1.2).exp())
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    vit = _randomize_norms(timm.create_model(VIT, pretrained=False).eval())
-    swin = _randomize_norms(timm.create_model(SWIN, pretrained=False, **SWIN_KWARGS).eval())
+    vit = randomize_norms(timm.create_model(VIT, pretrained=False).eval())
+    swin = randomize_norms(timm.create_model(SWIN, pretrained=False, **SWIN_KWARGS).eval())
     return {"vit": vit, "swin": swin}
 
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -27,28 +28,17 @@ timm = pytest.importorskip("timm")
 SWIN_KWARGS = {"embed_dim": 24, "depths": (2, 2), "num_heads": (3, 6), "img_size": 112}
 
 
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Spread the LayerNorm gains over ~2 decades so the per-channel scales really differ."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen).mul(1.2).exp())
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
-    return model
-
-
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return _randomize_norms(timm.create_model("test_vit", pretrained=False).eval())
+    return randomize_norms(timm.create_model("test_vit", pretrained=False).eval())
 
 
 @pytest.fixture(scope="module")
 def swin():
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **SWIN_KWARGS)
-    return _randomize_norms(model.eval())
+    return randomize_norms(model.eval())
 
 
 def _qmodel(model, name, bits=8):

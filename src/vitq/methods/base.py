@@ -13,17 +13,14 @@ Register a method with ``@register_method("name")``; one method per file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 
 from vitq.calib.runner import calibrate_in_forward_order
 from vitq.config import QuantConfig
 from vitq.errors import VitqError
-
-_METHODS: dict[str, type[Method]] = {}
-M = TypeVar("M", bound="type[Method]")
+from vitq.registry import Registry
 
 
 class Method:
@@ -63,25 +60,8 @@ class Method:
         calibrate_in_forward_order(qmodel, images, progress=progress)
 
 
-def register_method(name: str) -> Callable[[M], M]:
-    """Class decorator: make a method available by ``name`` (config, CLI, compare)."""
-
-    def decorator(cls: M) -> M:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return decorator
-
-
-def method_names() -> list[str]:
-    return sorted(_METHODS)
-
-
-def method_class(name: str) -> type[Method]:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise VitqError(f"unknown method {name!r}; known: {', '.join(method_names())}") from None
+METHODS: Registry[type[Method]] = Registry("method", attribute="name")
+#: class decorator: make a method available by name (config, CLI, compare)
+register_method = METHODS.register
+method_names = METHODS.names
+method_class = METHODS.get

@@ -3,44 +3,27 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from torch import nn
 
 from vitq.errors import VitqError
 from vitq.models.base import ModelAdapter
+from vitq.registry import Registry
 
-_ADAPTERS: dict[str, type[ModelAdapter]] = {}
-A = TypeVar("A", bound=type[ModelAdapter])
-
-
-def register_adapter(family: str) -> Callable[[A], A]:
-    """Class decorator: register a model-family adapter."""
-
-    def decorator(cls: A) -> A:
-        cls.family = family
-        _ADAPTERS[family] = cls
-        return cls
-
-    return decorator
+ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", attribute="family")
+#: class decorator: register a model-family adapter
+register_adapter = ADAPTERS.register
+adapter_by_family = ADAPTERS.get
 
 
 def adapter_for(model: nn.Module) -> type[ModelAdapter]:
     """The adapter of the family ``model`` belongs to."""
-    for adapter in _ADAPTERS.values():
+    for adapter in ADAPTERS.classes():
         if adapter.matches(model):
             return adapter
     raise VitqError(f"no vitq adapter for model class {type(model).__name__}; "
-                    f"supported families: {', '.join(sorted(_ADAPTERS))}")
-
-
-def adapter_by_family(family: str) -> type[ModelAdapter]:
-    try:
-        return _ADAPTERS[family]
-    except KeyError:
-        raise VitqError(f"unknown model family {family!r}") from None
+                    f"supported families: {', '.join(ADAPTERS.names())}")
 
 
 def create_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from vitq.errors import VitqError
 from vitq.quantizers.base import Quantizer
+from vitq.registry import Registry
 
-_QUANTIZERS: dict[str, type[Quantizer]] = {}
-Q = TypeVar("Q", bound=type[Quantizer])
-
-
-def register_quantizer(kind: str) -> Callable[[Q], Q]:
-    """Class decorator: make a quantizer buildable by ``kind``."""
-
-    def decorator(cls: Q) -> Q:
-        if kind in _QUANTIZERS:
-            raise ValueError(f"quantizer kind {kind!r} registered twice")
-        cls.kind = kind
-        _QUANTIZERS[kind] = cls
-        return cls
-
-    return decorator
-
-
-def quantizer_kinds() -> list[str]:
-    return sorted(_QUANTIZERS)
-
-
-def quantizer_class(kind: str) -> type[Quantizer]:
-    try:
-        return _QUANTIZERS[kind]
-    except KeyError:
-        raise VitqError(f"unknown quantizer kind {kind!r}; known: {', '.join(quantizer_kinds())}") from None
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer kind", attribute="kind")
+#: class decorator: make a quantizer buildable by its kind name
+register_quantizer = QUANTIZERS.register
+quantizer_kinds = QUANTIZERS.names
+quantizer_class = QUANTIZERS.get
 
 
 def build_quantizer(spec: dict[str, Any]) -> Quantizer:

@@ -1,0 +1,21 @@
+"""Shared set-up of the benchmark scripts: the real DeiT-tiny and its seeded calibration/evaluation split."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import vitq
+from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
+from vitq.calib import ImageNetImages, load_tensors, split_calib_eval, transform_for_model
+
+
+def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module, torch.Tensor, tuple]:
+    """The float DeiT-tiny, its calibration images, and the first ``n_eval`` (images, labels) of the
+    evaluation split drawn with ``seed`` (the same split as ``vitq eval --calib-size --seed``)."""
+    assets = assets_dir()
+    model = vitq.create_model("deit_tiny_patch16_224", checkpoint=assets / DEIT_TINY_CHECKPOINT)
+    dataset = ImageNetImages(assets / IMAGENET_SAMPLE, transform_for_model(model))
+    calib_idx, eval_idx = split_calib_eval(len(dataset), calib_size, seed)
+    calib, _ = load_tensors(dataset, calib_idx, progress=False)
+    return model, calib, load_tensors(dataset, eval_idx[:n_eval], progress=False)
