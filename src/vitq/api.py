@@ -15,7 +15,7 @@ from torch import nn
 
 from vitq.calib.data import load_tensors
 from vitq.config import QuantConfig
-from vitq.methods import method_class
+from vitq.methods import Method, method_class
 from vitq.models import adapter_for
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import build_quantizer
@@ -33,13 +33,17 @@ def model_name_of(model: nn.Module) -> str:
 def prepare(model: nn.Module, config: QuantConfig, *, model_name: str | None = None,
             inplace: bool = False) -> QuantizedModel:
     """Wrap ``model`` and build (uncalibrated) quantizers as the method and overrides say."""
+    return _prepare(model, config, method_class(config.method)(config), model_name, inplace)
+
+
+def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: str | None,
+             inplace: bool) -> QuantizedModel:
     model_name = model_name or model_name_of(model)
     if not inplace:
         model = copy.deepcopy(model)
     adapter = adapter_for(model)
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), model_name, adapter.family, config)
-    method = method_class(config.method)(config)
     for slot in qmodel.slots():
         spec = config.spec_for(slot.point, slot.name, method.quantizer_spec(slot.role))
         slot.quantizer = None if spec is None else build_quantizer(spec)
@@ -53,9 +57,10 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, *, model_name: s
     ``calib_data`` is an image tensor ``[N, 3, H, W]`` (already preprocessed) or a dataset of
     ``(image, label)`` pairs. The input model is left untouched unless ``inplace``.
     """
-    qmodel = prepare(model, config, model_name=model_name, inplace=inplace)
+    method = method_class(config.method)(config)
+    qmodel = _prepare(model, config, method, model_name, inplace)
     if not isinstance(calib_data, torch.Tensor):
         calib_data, _ = load_tensors(calib_data, progress=progress, desc="loading calibration images")
     torch.manual_seed(config.seed)
-    method_class(config.method)(config).calibrate(qmodel, calib_data, progress=progress)
+    method.calibrate(qmodel, calib_data, progress=progress)
     return qmodel.eval()
