@@ -67,24 +67,14 @@ def search_by_output_error(
 
     # Slices outer, candidates inner: each reference is computed once and each slice's quantizer-side work
     # can be shared between candidates (``fake_quant_candidates``, e.g. TanQ's per-clip part). Every
-    # candidate's error is still the float64 sum over the slices in slice order, so nothing changes.
-    fake_quant_candidates = getattr(quantizer, "fake_quant_candidates", None)
-
-    def quantized(xs: torch.Tensor) -> Iterator[torch.Tensor]:
-        if fake_quant_candidates is not None:
-            yield from fake_quant_candidates(xs, candidates)
-            return
-        for params in candidates:
-            quantizer.set_params(params)
-            yield quantizer.quantize_dequantize(xs)
-
+    # candidate's error is still the float64 sum over the slices in slice order.
     errors = [0.0] * len(candidates)
     scratch = _Scratch()
     for s in slices:
         xs = part(x, s)
         ref = run(xs, s) if reference is None else part(reference, s)
         count = 0
-        for i, q in enumerate(quantized(xs)):
+        for i, q in enumerate(quantizer.fake_quant_candidates(xs, candidates)):
             errors[i] += scratch.squared_error(run(q, s), ref)
             count += 1
         if count != len(candidates):

@@ -17,7 +17,7 @@ Life cycle:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -93,6 +93,14 @@ class Quantizer(nn.Module):
 
     def get_params(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).clone() for name in self.param_names}
+
+    def fake_quant_candidates(self, x: torch.Tensor,
+                              candidates: Sequence[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """Q(x) under each candidate in turn (a search's inner loop). Installs each candidate; kinds that
+        can share work between candidates override this without installing anything."""
+        for params in candidates:
+            self.set_params(params)
+            yield self.quantize_dequantize(x)
 
     def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quant of ``x`` with the calibrated parameters."""
