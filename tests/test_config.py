@@ -40,8 +40,8 @@ def test_bits_at_the_limits(bits):
 
 
 def test_unknown_method():
-    with pytest.raises(VitqError, match="unknown method 'gptq'; known: .*minmax"):
-        make(QuantConfig, method="gptq")
+    with pytest.raises(VitqError, match="unknown method 'gptq4'; known: .*minmax"):
+        make(QuantConfig, method="gptq4")
 
 
 @pytest.mark.parametrize("kwargs, where", [

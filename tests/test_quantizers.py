@@ -31,11 +31,15 @@ def tensors(draw, min_ndim: int = 1, max_ndim: int = 3, max_side: int = 5) -> to
 
 @st.composite
 def layouts(draw, min_ndim: int = 1):
-    """(x, granularity kwargs): tensor / channel on any axis (negative too) / head with dividing groups."""
+    """(x, granularity kwargs): tensor / channel on any axis (negative too) / head with dividing groups /
+    row groups of a dividing size."""
     x = draw(tensors(min_ndim=min_ndim))
-    granularity = draw(st.sampled_from(["tensor", "channel", "head"]))
+    granularity = draw(st.sampled_from(["tensor", "channel", "head", "group"]))
     kwargs = {"granularity": granularity}
-    if granularity != "tensor":
+    if granularity == "group":
+        row = math.prod(x.shape[1:])
+        kwargs["group_size"] = draw(st.sampled_from([g for g in range(1, row + 1) if row % g == 0]))
+    elif granularity != "tensor":
         axis = draw(st.integers(-x.ndim, x.ndim - 1))
         kwargs["axis"] = axis
         if granularity == "head":
@@ -60,6 +64,8 @@ def _groups(q: UniformQuantizer, t: torch.Tensor) -> torch.Tensor:
     """``t`` as [groups, elements], computed independently of the quantizer's own layout code."""
     if q.granularity == "tensor":
         return t.reshape(1, -1)
+    if q.granularity == "group":
+        return t.reshape(t.shape[0], -1).reshape(-1, q.group_size)
     moved = t.movedim(q.axis, 0)
     n = moved.shape[0] if q.granularity == "channel" else q.groups
     return moved.reshape(n, -1)
@@ -79,6 +85,8 @@ def _expand(q: UniformQuantizer, param: torch.Tensor, x: torch.Tensor) -> torch.
     """A per-group parameter as a tensor of ``x``'s shape (independent of ``_broadcast``)."""
     if q.granularity == "tensor":
         return param.reshape(()).expand(x.shape)
+    if q.granularity == "group":
+        return param.reshape(x.shape[0], -1).repeat_interleave(q.group_size, dim=1).reshape(x.shape)
     moved = x.movedim(q.axis, 0)
     per_channel = param.repeat_interleave(moved.shape[0] // param.numel())
     full = per_channel.reshape(-1, *[1] * (moved.ndim - 1)).expand(moved.shape)
@@ -220,6 +228,26 @@ def test_per_head_equals_per_tensor_on_each_head(layout, options, data):
         _assert_same_group_result(xs, outs, _calibrated(xs, granularity="tensor", **options)(xs), options["init"])
 
 
+@FAST
+@given(tensors(min_ndim=2), quantizer_options(), st.data())
+def test_per_group_equals_per_tensor_on_each_row_group(x, options, data):
+    row = math.prod(x.shape[1:])
+    size = data.draw(st.sampled_from([g for g in range(1, row + 1) if row % g == 0]))
+    q = _calibrated(x, granularity="group", group_size=size, **options)
+    out = q(x).reshape(x.shape[0], -1)
+    for r, row_values in enumerate(x.reshape(x.shape[0], -1)):
+        for start in range(0, row, size):
+            xs = row_values[start:start + size]
+            _assert_same_group_result(xs, out[r, start:start + size],
+                                      _calibrated(xs, granularity="tensor", **options)(xs), options["init"])
+
+
+def test_group_needs_a_dividing_size():
+    q = UniformQuantizer(4, granularity="group", group_size=4)
+    with pytest.raises(VitqError, match="groups of 4"):
+        q.calibrate(torch.randn(2, 6))
+
+
 def test_head_needs_divisible_channels():
     q = UniformQuantizer(4, granularity="head", axis=1, groups=4)
     with pytest.raises(VitqError, match="heads"):
@@ -326,6 +354,9 @@ def test_bad_bits(bits):
     ({"init": "mse", "search_percentiles": [1.5]}, "percentile"),
     ({"init": "mse", "search_percentiles": []}, "percentile"),
     ({"axis": 1.0}, "axis"),
+    ({"granularity": "group"}, "group_size"),
+    ({"granularity": "group", "group_size": 0}, "group_size"),
+    ({"group_size": 8}, "group_size"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(VitqError, match=match):

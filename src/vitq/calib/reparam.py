@@ -435,12 +435,12 @@ def reparameterize_stage(qmodel, stage: Stage, x: torch.Tensor, *, target: Targe
                                   "zero_point": result.zero_point.to(pc.zero_point.dtype).reshape(1)})
         plan.inputs.clear()
         plan.linear.input_quantizer = quantizer
-        _recalibrate_weight(plan.linear)
+        recalibrate_weight(plan.linear)
         folds.append(PairFold(plan.norm_name, plan.linear_name, result, pair_bound))
     return folds
 
 
-def _recalibrate_weight(linear: QLinear) -> None:
+def recalibrate_weight(linear: QLinear) -> None:
     """RepQ-ViT's ``weight_quantizer.inited = False`` + one forward: weights calibrate on themselves."""
     quantizer: Quantizer | None = linear.weight_quantizer
     if quantizer is not None and quantizer.enabled:

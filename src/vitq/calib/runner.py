@@ -35,6 +35,22 @@ def run_stagewise(qmodel, images: torch.Tensor, visit: StageVisitor, *, batch_si
         x = run_batched(stage.run, x, batch_size)
 
 
+@torch.no_grad()
+def run_stagewise_with_float(qmodel, images: torch.Tensor,
+                             visit: Callable[[Stage, torch.Tensor, torch.Tensor], torch.Tensor], *,
+                             batch_size: int = 32, progress: bool = True, desc: str = "calibrating") -> None:
+    """:func:`run_stagewise` with a second stream: the calibration set through the *float* model.
+
+    ``visit(stage, x, x_float)`` gets the stage's input in the quantized model and in the float model,
+    calibrates the stage and returns the stage's float output (computed before it changes any weight,
+    so that the float stream stays the original model's, as ERQ's stored float activations are).
+    """
+    x, x_float = images, images
+    for stage in tqdm(qmodel.stages(), desc=desc, unit="stage", disable=not progress):
+        x_float = visit(stage, x, x_float)
+        x = run_batched(stage.run, x, batch_size)
+
+
 @contextmanager
 def calibrating(quantizers: Iterable[Quantizer]) -> Iterator[None]:
     """Make each quantizer calibrate on the next input it sees (then quantize it)."""

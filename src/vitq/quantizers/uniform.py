@@ -5,8 +5,9 @@ Options:
 - ``symmetric``: zero point 0 and Δ = max(|lo|, |hi|) / q_max (signed) or hi / q_max (unsigned);
   asymmetric: Δ = (hi − lo)/(q_max − q_min), z = q_min − round(lo/Δ);
 - ``granularity``: ``"tensor"`` (one Δ), ``"channel"`` (one Δ per index of ``axis``; for weights
-  axis 0 = per output channel) or ``"head"`` (``axis`` split into ``groups`` contiguous groups,
-  e.g. the heads of a q/k/v channel dimension);
+  axis 0 = per output channel), ``"head"`` (``axis`` split into ``groups`` contiguous groups,
+  e.g. the heads of a q/k/v channel dimension) or ``"group"`` (weights: each output row, i.e. index of
+  axis 0, split into contiguous groups of ``group_size`` of its flattened elements, as GPTQ's group size);
 - ``init``: the range initialiser (``"minmax"``, ``"percentile"`` at ``percentile``, or
   ``"mse"``: RepQ-ViT's search over ``search_percentiles``, see :mod:`vitq.quantizers.ranges`).
 
@@ -26,7 +27,7 @@ from vitq.quantizers.base import Quantizer
 from vitq.quantizers.ranges import REPQ_PERCENTILES, minmax_range, mse_range_search, percentile_range
 from vitq.quantizers.registry import register_quantizer
 
-GRANULARITIES = ("tensor", "channel", "head")
+GRANULARITIES = ("tensor", "channel", "head", "group")
 INITS = ("minmax", "percentile", "mse")
 #: smallest step; keeps Δ > 0 for all-zero groups
 MIN_SCALE = 1e-8
@@ -85,6 +86,7 @@ class UniformQuantizer(Quantizer):
         init: str = "minmax",
         percentile: float = 0.9999,
         search_percentiles: Sequence[float] = REPQ_PERCENTILES,
+        group_size: int | None = None,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise VitqError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -92,6 +94,11 @@ class UniformQuantizer(Quantizer):
             raise VitqError(f"init must be one of {INITS}, got {init!r}")
         if granularity == "head" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
             raise VitqError(f"per-head quantization needs an integer groups >= 1, got {groups!r}")
+        if (granularity == "group") != (group_size is not None):
+            raise VitqError("group_size is required by, and only used with, granularity='group'")
+        if granularity == "group" and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1):
+            raise VitqError(f"group_size must be an integer >= 1, got {group_size!r}")
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise VitqError(f"axis must be an integer, got {axis!r}")
         search_percentiles = tuple(float(p) for p in search_percentiles)
@@ -100,11 +107,12 @@ class UniformQuantizer(Quantizer):
                 raise VitqError(f"percentiles must be in (0.5, 1], got {p!r}")
         if init == "mse" and not search_percentiles:
             raise VitqError("init='mse' needs at least one search percentile")
+        extra = {} if group_size is None else {"group_size": group_size}
         super().__init__(bits, signed=signed, symmetric=symmetric, granularity=granularity, axis=axis,
                          groups=groups, init=init, percentile=percentile,
-                         search_percentiles=list(search_percentiles))
+                         search_percentiles=list(search_percentiles), **extra)
         self.signed, self.symmetric = signed, symmetric
-        self.granularity, self.axis, self.groups = granularity, axis, groups
+        self.granularity, self.axis, self.groups, self.group_size = granularity, axis, groups, group_size
         self.init, self.percentile, self.search_percentiles = init, percentile, search_percentiles
         self.q_min, self.q_max = code_range(bits, signed)
 
@@ -113,6 +121,8 @@ class UniformQuantizer(Quantizer):
         """``x`` as a [groups, elements] matrix, one row per quantization group."""
         if self.granularity == "tensor":
             return x.reshape(1, -1)
+        if self.granularity == "group":
+            return self._row_groups(x).reshape(-1, self.group_size)
         if not -x.ndim <= self.axis < x.ndim:
             raise VitqError(f"axis {self.axis} is out of range for a {x.ndim}-d tensor")
         channels_first = x.movedim(self.axis, 0)
@@ -121,10 +131,20 @@ class UniformQuantizer(Quantizer):
             raise VitqError(f"cannot split {channels_first.shape[0]} channels into {n_rows} heads")
         return channels_first.reshape(n_rows, -1)
 
+    def _row_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as [rows, groups per row, group_size] (granularity ``"group"``)."""
+        rows = x.reshape(x.shape[0], -1)
+        if rows.shape[1] % self.group_size:
+            raise VitqError(f"cannot split rows of {rows.shape[1]} elements into groups of {self.group_size}")
+        return rows.reshape(x.shape[0], -1, self.group_size)
+
     def _broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-group parameter reshaped to broadcast against ``x``."""
         if self.granularity == "tensor":
             return param.reshape(())
+        if self.granularity == "group":
+            shape = self._row_groups(x).shape
+            return param.reshape(shape[0], shape[1], 1).expand(shape).reshape(x.shape)
         axis = self.axis % x.ndim
         channels = x.shape[axis]
         if self.granularity == "head":

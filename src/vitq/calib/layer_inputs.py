@@ -1,0 +1,174 @@
+"""Second moments of the inputs of weight layers, gathered stage by stage (GPTQ, ERQ).
+
+Weight-rounding methods see a layer ``y = W x + b`` as a product of matrices: the rows of its input
+``X`` (N × C) are a Linear's tokens, or a Conv2d's im2col patches (so the patch embedding is a Linear
+on 16×16×3 patches), and ``W`` is the weight reshaped to ``out × C``. Everything those methods need of
+the calibration data is in second moments over the rows, accumulated in float64 batch by batch, so
+no layer's activations are ever kept (ERQ's reference code pickles all of them to disk):
+
+- ``AᵀA`` with ``A = [X̃, 1]``, ``X̃`` the input *after* the layer's input quantizer (GPTQ's Hessian
+  ``2·X̃ᵀX̃/N``, ERQ's ridge systems; the ones column carries the bias);
+- with ``float_inputs``: also ``AᵀB`` and ``BᵀB`` with ``B = [X, 1]`` the input *before* it (ERQ's
+  Aqer target ``Y = B·[W, b]ᵀ``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitq.calib.runner import run_batched
+from vitq.errors import VitqError
+from vitq.models import Stage
+from vitq.nn import QConv2d, QLinear
+from vitq.quantizers import Quantizer, UniformQuantizer
+
+WeightLayer = QLinear | QConv2d
+
+
+@dataclass
+class InputMoments:
+    """Sums over the ``rows`` input rows of one layer (float64, shape ``(C+1) × (C+1)``)."""
+
+    quantized: torch.Tensor  # AᵀA, A = [X̃, 1]
+    cross: torch.Tensor | None  # AᵀB, B = [X, 1]
+    float: torch.Tensor | None  # BᵀB
+    rows: int
+
+    @property
+    def channels(self) -> int:
+        return self.quantized.shape[0] - 1
+
+
+def weight_layers(qmodel, stage: Stage) -> list[tuple[str, WeightLayer]]:
+    """The stage's Linear/Conv2d points whose weight is quantized (enabled), in module order."""
+    return [(name, point) for name, point in qmodel.points().items()
+            if stage.contains(name) and isinstance(point, QLinear | QConv2d)
+            and point.weight_quantizer is not None and point.weight_quantizer.enabled]
+
+
+def input_rows(layer: WeightLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows ``(N, C)`` matching the columns of :func:`weight_matrix`."""
+    if isinstance(layer, QLinear):
+        return x.reshape(-1, x.shape[-1])
+    if layer.groups != 1:
+        raise VitqError("grouped convolutions are not supported by weight-rounding methods")
+    kernel = layer.weight.shape[2:]
+    patches = F.unfold(x, kernel, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·L, C_in·kh·kw), weight's order
+
+
+def weight_matrix(layer: WeightLayer) -> torch.Tensor:
+    """The weight as ``out × C`` (a view of the parameter)."""
+    return layer.weight.reshape(layer.weight.shape[0], -1)
+
+
+@torch.no_grad()
+def set_weight_and_bias(layer: WeightLayer, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Write an ``out × C`` weight (and a bias, created if the layer has none) back into ``layer``."""
+    layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
+    if bias is None:
+        return
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(layer.weight.dtype).clone(), requires_grad=layer.weight.requires_grad)
+    else:
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+
+
+def row_grid(quantizer: Quantizer | None, out_features: int, what: str = "weight",
+             group: int | None = None) -> RowGrid:
+    """The per-output-row uniform grid of a weight quantizer: per-tensor, per-channel along axis 0, or
+    (granularity ``"group"``) the grid of column group ``group``."""
+    if not isinstance(quantizer, UniformQuantizer) or not quantizer.is_calibrated:
+        raise VitqError(f"{what}: weight rounding needs a calibrated uniform weight quantizer, got "
+                        f"{None if quantizer is None else quantizer.spec()}")
+    if quantizer.granularity == "channel" and quantizer.axis != 0:
+        raise VitqError(f"{what}: weight rounding needs per-output-channel (axis 0) scales, got axis {quantizer.axis}")
+    if quantizer.granularity == "head":
+        raise VitqError(f"{what}: weight rounding does not support per-head weight scales")
+    scale, zero_point = quantizer.scale.double(), quantizer.zero_point.double()
+    if quantizer.granularity == "group":
+        if group is None:
+            raise VitqError(f"{what}: a group-wise weight quantizer needs the column group")
+        scale = scale.reshape(out_features, -1)[:, group]
+        zero_point = zero_point.reshape(out_features, -1)[:, group]
+    return RowGrid(scale.reshape(-1, 1).expand(out_features, 1), zero_point.reshape(-1, 1).expand(out_features, 1),
+                   quantizer.q_min, quantizer.q_max)
+
+
+@dataclass(frozen=True)
+class RowGrid:
+    """A uniform grid per weight row: values ``(c − z_r)·Δ_r`` for integer codes ``c`` in ``[q_min, q_max]``."""
+
+    scale: torch.Tensor  # (out, 1)
+    zero_point: torch.Tensor  # (out, 1)
+    q_min: int
+    q_max: int
+
+    def _values(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes.add(self.zero_point).clamp(self.q_min, self.q_max) - self.zero_point) * self.scale
+
+    def nearest(self, w: torch.Tensor) -> torch.Tensor:
+        """Round to nearest on the grid (the weight quantizer's fake-quant); ``w`` is ``out × k``."""
+        return self._values(torch.round(w / self.scale))
+
+    def floor_ceil(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid values just below and just above each weight (equal where clamped or on the grid)."""
+        codes = w / self.scale
+        return self._values(torch.floor(codes)), self._values(torch.ceil(codes))
+
+
+@torch.no_grad()
+def gather_input_moments(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                         layers: Sequence[WeightLayer], *, float_inputs: bool = False,
+                         input_quantizers: Sequence[Quantizer | None] | None = None,
+                         batch_size: int = 32) -> tuple[list[InputMoments], torch.Tensor]:
+    """Run ``run`` on ``x`` (batched) and accumulate every layer's :class:`InputMoments`.
+
+    ``input_quantizers`` (default: each layer's ``input_quantizer`` if enabled) give ``X̃``; they are
+    applied even if the run itself has quantization disabled (ERQ takes ``X̃ = Q(X_float)``).
+    Returns the moments and ``run``'s output.
+    """
+    if input_quantizers is None:
+        input_quantizers = [q if q is not None and q.enabled else None for q in (lay.input_quantizer for lay in layers)]
+    moments: list[InputMoments | None] = [None] * len(layers)
+
+    def hook_for(index: int, layer: WeightLayer, quantizer: Quantizer | None):
+        def hook(module, args):
+            x_in = args[0].detach()
+            x_q = x_in if quantizer is None else quantizer.quantize_dequantize(x_in)
+            quantized = _with_ones(input_rows(layer, x_q))
+            new = InputMoments(quantized.T @ quantized, None, None, quantized.shape[0])
+            if float_inputs:
+                plain = _with_ones(input_rows(layer, x_in))
+                new.cross, new.float = quantized.T @ plain, plain.T @ plain
+            moments[index] = new if moments[index] is None else _add(moments[index], new)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i, layer, q))
+               for i, (layer, q) in enumerate(zip(layers, input_quantizers, strict=True))]
+    try:
+        out = run_batched(run, x, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, m in enumerate(moments) if m is None]
+    if missing:
+        raise VitqError(f"{len(missing)} layer(s) were not reached by the calibration run")
+    return moments, out
+
+
+def _with_ones(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.double()
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+def _add(a: InputMoments, b: InputMoments) -> InputMoments:
+    def plus(u, v):
+        return None if u is None else u + v
+
+    return InputMoments(a.quantized + b.quantized, plus(a.cross, b.cross), plus(a.float, b.float), a.rows + b.rows)

@@ -1,0 +1,224 @@
+"""``erq``: ERQ (Zhong et al., ICML 2024), error reduction for ViT PTQ, on the RepQ-ViT activations (NOTES §2.3).
+
+Activations are quantized exactly as ``repq-vit``. Then, stage by stage, every quantized Linear (and the
+patch-embedding Conv2d on its im2col patches) goes through two closed-form steps, both on the layer's
+float input rows ``X`` from the *float* model and their quantized version ``X̃ = Q(X)`` (the reference
+code's convention), with ``A = [X̃, 1]``, ``B = [X, 1]`` and ``W̄ = [W, b]``:
+
+**Aqer** (activation quantization error reduction): the float weights absorb the activation error::
+
+    δW̄ = argmin ‖A (W̄ + δW̄)ᵀ − B W̄ᵀ‖² + λ‖δW̄‖²   ⇒   δW̄ᵀ = (AᵀA + λI)⁻¹ (AᵀB − AᵀA) W̄ᵀ
+
+(the paper's ``δWᵀ = −(E[x̃x̃ᵀ] + λI)⁻¹ E[x̃ δxᵀ] Wᵀ`` with ``δx = x̃ − x``, bias included).
+
+**Wqer** (weight quantization error reduction), after the weight quantizer is re-calibrated on the
+Aqer weights: iterative halving over the input columns in natural order. Each step takes the first half
+``S1`` of the columns still in float, rounds them to the nearest grid value, refines the rounding
+directions on the proxy ``E‖δW x‖² = δW (μμᵀ + Σ) δWᵀ = δW E[xxᵀ] δWᵀ`` (greedy floor/ceil flips, at
+most ``refine_iters`` per row and step), then compensates on the remaining columns ``S2`` by ridge
+regression::
+
+    δW_S2ᵀ = −(A_S2ᵀA_S2 + λI)⁻¹ A_S2ᵀA_S1 δW_S1ᵀ
+
+The bias column is last, so it is never rounded and absorbs the final compensation.
+
+Conventions (document for reproducibility):
+
+- ``lam`` is λ for 32 calibration images on the *un-normalized* sums over all rows (tokens), as in the
+  reference code (λ = 0.1·coe, coe = 20000); it is scaled by ``calib images / 32`` for other set sizes.
+  ``lam_head`` (0.1) is Aqer's λ for inputs with one row per image (the classifier head), as in the code.
+- The greedy flip picks, per row, the flip with the largest exact decrease of the proxy (the code picks
+  the largest gradient entry then snaps); either way a flip is kept only if the proxy decreases.
+- Safeguard: a layer whose calibration error ``‖A Ŵᵀ − B W̄ᵀ‖²`` after ERQ exceeds that of plain
+  rounding of its original weights keeps the plain rounding (and its original grid); the per-layer
+  errors are in :attr:`ERQ.layer_errors`.
+- The journal version's dual-uniform weight quantizer (NOTES §2.3.4) is not implemented.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vitq.calib.layer_inputs import (
+    InputMoments,
+    RowGrid,
+    gather_input_moments,
+    row_grid,
+    set_weight_and_bias,
+    weight_layers,
+    weight_matrix,
+)
+from vitq.calib.reparam import recalibrate_weight, reparameterize_stage
+from vitq.calib.runner import run_stagewise_with_float
+from vitq.errors import VitqError
+from vitq.methods.base import register_method
+from vitq.methods.repq_vit import RepQViT
+from vitq.models import Stage
+
+log = logging.getLogger(__name__)
+
+#: the reference calibration set size that ``lam`` is given for
+REFERENCE_IMAGES = 32
+
+
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+    """``(gram + λI)⁻¹ rhs`` for a symmetric positive semi-definite ``gram`` (float64)."""
+    system = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise VitqError(f"ridge system is singular (λ = {lam}); use a larger lam")
+    return torch.cholesky_solve(rhs, factor)
+
+
+def aqer_update(weight: torch.Tensor, moments: InputMoments, lam: float) -> torch.Tensor:
+    """Aqer: ``W̄ + δW̄`` for ``W̄ = [W, b]`` (``out × (C+1)``), ``δW̄ᵀ = (AᵀA + λI)⁻¹ (AᵀB − AᵀA) W̄ᵀ``."""
+    if moments.cross is None:
+        raise VitqError("Aqer needs the float input moments (gather them with float_inputs=True)")
+    w = weight.double()
+    delta = _ridge_solve(moments.quantized, (moments.cross - moments.quantized) @ w.T, lam)
+    return w + delta.T
+
+
+def refine_rounding(delta: torch.Tensor, other: torch.Tensor, proxy: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Greedy floor/ceil flips lowering each row's ``δ H δᵀ`` (``H = proxy``, ``k × k``).
+
+    ``delta`` (``out × k``) is the rounding error of each weight, ``other`` the error of its other
+    rounding direction. Each iteration flips, in every row, the entry whose flip lowers the row's proxy
+    most, if any does (``f(δ + d·e_j) = f + d·g_j + d²·H_jj`` with ``g = 2δH``). Returns the new ``δ``.
+    """
+    delta, other = delta.clone(), other.clone()
+    diag = torch.diagonal(proxy)
+    grad = 2.0 * delta @ proxy
+    rows = torch.arange(delta.shape[0], device=delta.device)
+    for _ in range(iterations):
+        step = other - delta
+        gain = step * grad + step.square() * diag
+        best, column = gain.min(dim=1)
+        better = best < 0
+        if not bool(better.any()):
+            break
+        r, j = rows[better], column[better]
+        d = step[r, j]
+        other[r, j] = delta[r, j]
+        delta[r, j] += d
+        grad[r] += 2.0 * d[:, None] * proxy[j]
+    return delta
+
+
+def wqer_round(weight: torch.Tensor, gram: torch.Tensor, grid: RowGrid, *, lam: float,
+               refine_iters: int = 100) -> torch.Tensor:
+    """Wqer: round ``W̄ = [W, b]`` (``out × (C+1)``; the last column, the bias, stays float).
+
+    ``gram`` is ``AᵀA`` (``(C+1) × (C+1)``). Returns the new ``W̄`` (float64) with ``W`` on ``grid``.
+    """
+    current = weight.double().clone()
+    remaining = torch.arange(current.shape[1], device=current.device)
+    while remaining.numel() > 1:
+        half = remaining.numel() // 2
+        first, rest = remaining[:half], remaining[half:]
+        w = current[:, first]
+        nearest = grid.nearest(w)
+        floor, ceil = grid.floor_ceil(w)
+        delta = nearest - w
+        if refine_iters > 0:
+            other = torch.where(nearest == floor, ceil, floor) - w
+            delta = refine_rounding(delta, other, gram[first][:, first], refine_iters)
+        compensation = -_ridge_solve(gram[rest][:, rest], gram[rest][:, first] @ delta.T, lam)
+        current[:, first] = grid.nearest(w + delta)  # exactly on the grid (w + δ may be off by an ulp)
+        current[:, rest] += compensation.T
+        remaining = rest
+    return current
+
+
+def calibration_error(weight: torch.Tensor, reference: torch.Tensor, moments: InputMoments) -> float:
+    """``‖A Ŵᵀ − B W̄ᵀ‖²`` summed over rows, from the moments (``weight`` = Ŵ, ``reference`` = W̄, both aug.)."""
+    w, ref = weight.double(), reference.double()
+    return float(((w @ moments.quantized) * w).sum() - 2.0 * ((w @ moments.cross) * ref).sum()
+                 + ((ref @ moments.float) * ref).sum())
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Calibration error of one layer: plain rounding of its original weights vs ERQ."""
+
+    name: str
+    plain: float
+    erq: float
+    kept_plain: bool
+
+
+@register_method("erq")
+class ERQ(RepQViT):
+    DEFAULTS: dict[str, Any] = {"aqer": True, "wqer": True, "lam": 2000.0, "lam_head": 0.1, "refine_iters": 100}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.options = {**self.DEFAULTS, **config.options}
+        for key in ("aqer", "wqer"):
+            if not isinstance(self.options[key], bool):
+                raise VitqError(f"erq option {key} must be true or false, got {self.options[key]!r}")
+        for key in ("lam", "lam_head"):
+            value = self.options[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise VitqError(f"erq option {key} must be a number >= 0, got {value!r}")
+        iters = self.options["refine_iters"]
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+            raise VitqError(f"erq option refine_iters must be an integer >= 0, got {iters!r}")
+        self.layer_errors: list[LayerError] = []
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(cls.DEFAULTS)
+
+    def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
+        self.layer_errors = []
+        size = images.shape[0] / REFERENCE_IMAGES
+
+        def visit(stage: Stage, x: torch.Tensor, x_float: torch.Tensor) -> torch.Tensor:
+            reparameterize_stage(qmodel, stage, x, target="mean")  # the RepQ-ViT activations
+            layers = weight_layers(qmodel, stage)
+            input_quantizers = [q if q is not None and q.enabled else None
+                                for q in (layer.input_quantizer for _, layer in layers)]
+            with qmodel.quantization_disabled():
+                moments, out_float = gather_input_moments(stage.run, x_float, [layer for _, layer in layers],
+                                                          float_inputs=True, input_quantizers=input_quantizers)
+            for (name, layer), m in zip(layers, moments, strict=True):
+                one_row_per_image = m.rows == x_float.shape[0]
+                self._reduce_errors(name, layer, m, lam=size * self.options["lam"],
+                                    lam_aqer=size * self.options["lam_head" if one_row_per_image else "lam"])
+            return out_float
+
+        run_stagewise_with_float(qmodel, images, visit, progress=progress, desc="erq")
+        kept = sum(e.kept_plain for e in self.layer_errors)
+        if kept:
+            log.info("erq: %d of %d layers kept plain rounding (lower calibration error)", kept, len(self.layer_errors))
+
+    def _reduce_errors(self, name: str, layer, moments: InputMoments, *, lam: float, lam_aqer: float) -> None:
+        weight = weight_matrix(layer).detach().double()
+        bias = layer.bias.detach().double() if layer.bias is not None else weight.new_zeros(weight.shape[0])
+        original = torch.cat([weight, bias[:, None]], dim=1)
+        quantizer = layer.weight_quantizer
+        original_params = quantizer.get_params()
+        plain_grid = row_grid(quantizer, weight.shape[0], name)
+        current = original
+        if self.options["aqer"]:
+            current = aqer_update(current, moments, lam_aqer)
+            set_weight_and_bias(layer, current[:, :-1], current[:, -1])
+            recalibrate_weight(layer)
+        grid = row_grid(quantizer, weight.shape[0], name)
+        if self.options["wqer"]:
+            current = wqer_round(current, moments.quantized, grid, lam=lam, refine_iters=self.options["refine_iters"])
+        else:
+            current = torch.cat([grid.nearest(current[:, :-1]), current[:, -1:]], dim=1)
+        plain = torch.cat([plain_grid.nearest(weight), bias[:, None]], dim=1)
+        errors = (calibration_error(plain, original, moments), calibration_error(current, original, moments))
+        kept_plain = errors[1] > errors[0]
+        if kept_plain:
+            current = plain
+            quantizer.set_params(original_params)
+        self.layer_errors.append(LayerError(name, *errors, kept_plain))
+        set_weight_and_bias(layer, current[:, :-1], current[:, -1])

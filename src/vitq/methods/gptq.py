@@ -1,0 +1,181 @@
+"""``gptq``: GPTQ (Frantar et al., 2022) weight rounding on the RepQ-ViT activation pipeline (NOTES §2.5).
+
+ERQ's "GPTQ*" baseline: activations exactly as ``repq-vit`` (same quantizers, same forward-order
+calibration and post-LayerNorm fold), then, stage by stage, the weights of every quantized Linear
+(and the patch-embedding Conv2d, as a Linear on its im2col patches) are rounded column by column,
+each rounding error being compensated on the columns not yet rounded (Optimal Brain Surgeon).
+
+For a layer with input rows ``X̃`` (after its input quantizer, with everything upstream already
+quantized) the objective is ``‖X̃ Wᵀ − X̃ Ŵᵀ‖²`` whose Hessian is ``H = 2 X̃ᵀX̃ / N``. Rounding
+column ``i`` to ``q_i`` and updating the remaining columns ``F`` optimally gives::
+
+    err = (w_i − q_i) / [H_F⁻¹]_ii           (one value per output row)
+    w_F ← w_F − err ⊗ [H_F⁻¹]_{i,F}
+
+GPTQ gets every ``H_F⁻¹`` row at once from the upper Cholesky factor of ``H⁻¹`` and applies the
+updates lazily in blocks of ``block_size`` columns. Options: ``damp`` (λ = damp·mean diag(H) added to
+the diagonal, default 0.01), ``block_size`` (128), ``act_order`` (columns in order of decreasing
+``diag(H)``, default off). The grid (per-output-row scale and zero point) is the weight quantizer's,
+calibrated on the weights before rounding as in the reference code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vitq.calib.layer_inputs import (
+    RowGrid,
+    gather_input_moments,
+    row_grid,
+    set_weight_and_bias,
+    weight_layers,
+    weight_matrix,
+)
+from vitq.calib.reparam import reparameterize_stage
+from vitq.calib.runner import run_stagewise
+from vitq.errors import VitqError
+from vitq.methods.base import register_method
+from vitq.methods.repq_vit import RepQViT
+from vitq.models import Stage
+from vitq.quantizers import build_quantizer
+
+#: ``group_grid(k, columns)``: the grid of column group ``k``; ``columns`` are its current weights
+GroupGrid = Callable[[int, torch.Tensor], RowGrid]
+
+
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None, *, damp: float = 0.01,
+               block_size: int = 128, act_order: bool = False, group_size: int | None = None,
+               group_grid: GroupGrid | None = None) -> torch.Tensor:
+    """GPTQ's rounding of ``weight`` (``out × C``) for the quadratic error with ``hessian`` (``C × C``).
+
+    One ``grid`` for every column, or with ``group_size`` a grid per group of ``group_size`` columns
+    (natural order) from ``group_grid(k, current columns of group k)``, asked when the group's first
+    column is reached (GPTQ's ``find_params`` on the updated weights; with ``act_order`` the callback
+    should return fixed grids, since groups then are not reached in order).
+
+    Returns the rounded weight (float64, every entry on its grid). Dead inputs (``H_ii = 0``) are
+    rounded without compensation, as in the reference code.
+    """
+    if (group_size is None) != (group_grid is None) or (group_size is None and grid is None):
+        raise VitqError("gptq_round needs either a grid, or a group_size with a group_grid")
+    w = weight.detach().double().clone()
+    h = hessian.detach().double().clone()
+    columns = w.shape[1]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(columns)
+    w, h = w[:, order], h[order][:, order]
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    # upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U, divided by U_ii, is [H_F⁻¹]_{i,F} / [H_F⁻¹]_ii
+    # for F = columns i.. (the inverse Hessian of the columns still free when column i is rounded)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    group_grids: dict[int, RowGrid] = {}
+    position = torch.argsort(order)  # position[c] = where natural column c sits in the processing order
+
+    def grid_of(natural: int, current: Callable[[], torch.Tensor]) -> RowGrid:
+        if group_size is None:
+            return grid
+        k = natural // group_size
+        if k not in group_grids:
+            group_grids[k] = group_grid(k, current()[:, position[k * group_size:(k + 1) * group_size]])
+        return group_grids[k]
+
+    for start in range(0, columns, block_size):
+        stop = min(start + block_size, columns)
+        block = w[:, start:stop].clone()
+        errors = torch.zeros_like(block)
+        u = h_inv[start:stop, start:stop]
+        for j in range(stop - start):
+            def current(start=start, stop=stop, block=block):
+                return torch.cat([w[:, :start], block, w[:, stop:]], dim=1)
+
+            q = grid_of(int(order[start + j]), current).nearest(block[:, j:j + 1])[:, 0]
+            err = (block[:, j] - q) / u[j, j]
+            block[:, j:] -= err[:, None] * u[j, j:][None, :]
+            block[:, j] = q
+            errors[:, j] = err
+        w[:, start:stop] = block
+        w[:, stop:] -= errors @ h_inv[start:stop, stop:]  # lazy update of the later columns
+    return w[:, position]
+
+
+@register_method("gptq")
+class GPTQ(RepQViT):
+    DEFAULTS: dict[str, Any] = {"damp": 0.01, "block_size": 128, "act_order": False, "group_size": None}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.options = {**self.DEFAULTS, **config.options}
+        damp, block_size, act_order = (self.options[k] for k in ("damp", "block_size", "act_order"))
+        if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp >= 0:
+            raise VitqError(f"gptq option damp must be a number >= 0, got {damp!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise VitqError(f"gptq option block_size must be an integer >= 1, got {block_size!r}")
+        if not isinstance(act_order, bool):
+            raise VitqError(f"gptq option act_order must be true or false, got {act_order!r}")
+        group_size = self.options["group_size"]
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1):
+            raise VitqError(f"gptq option group_size must be an integer >= 1 or null, got {group_size!r}")
+
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        group_size = self.options["group_size"]
+        if role == "weight" and group_size is not None:
+            return {"kind": "uniform", "bits": self.config.w_bits, "granularity": "group", "group_size": group_size,
+                    "init": self.init}
+        return super().quantizer_spec(role)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(cls.DEFAULTS)
+
+    def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
+        def visit(stage: Stage, x: torch.Tensor) -> None:
+            reparameterize_stage(qmodel, stage, x, target="mean")  # the RepQ-ViT activations
+            layers = weight_layers(qmodel, stage)
+            if not layers:
+                return
+            moments, _ = gather_input_moments(stage.run, x, [layer for _, layer in layers])
+            for (name, layer), m in zip(layers, moments, strict=True):
+                c = m.channels
+                self._round_layer(name, layer, 2.0 * m.quantized[:c, :c] / m.rows)
+
+        run_stagewise(qmodel, images, visit, progress=progress, desc="gptq")
+
+    def _round_layer(self, name: str, layer, hessian: torch.Tensor) -> None:
+        weight = weight_matrix(layer)
+        quantizer = layer.weight_quantizer
+        options = {"damp": float(self.options["damp"]), "block_size": self.options["block_size"],
+                   "act_order": self.options["act_order"]}
+        if quantizer.granularity != "group":
+            grid = row_grid(quantizer, weight.shape[0], name)
+            set_weight_and_bias(layer, gptq_round(weight, hessian, grid, **options))
+            return
+        # group-wise grids: GPTQ's find_params on each group's updated weights when it is reached; with
+        # act_order the groups are not reached in order, so they keep the grids calibrated on the weights
+        twin_spec = {k: v for k, v in quantizer.spec().items() if k != "group_size"}
+        twin_spec.update(granularity="channel", axis=0)
+        grids: dict[int, RowGrid] = {}
+
+        def group_grid(k: int, columns: torch.Tensor) -> RowGrid:
+            if self.options["act_order"]:
+                grids[k] = row_grid(quantizer, weight.shape[0], name, group=k)
+            else:
+                twin = build_quantizer(twin_spec)
+                twin.calibrate(columns.to(weight.dtype))
+                grids[k] = row_grid(twin, weight.shape[0], name)
+            return grids[k]
+
+        if weight.shape[1] % quantizer.group_size:
+            raise VitqError(f"{name}: {weight.shape[1]} input columns do not split into groups of "
+                            f"{quantizer.group_size}")
+        rounded = gptq_round(weight, hessian, None, group_size=quantizer.group_size, group_grid=group_grid, **options)
+        quantizer.set_params({
+            param: torch.stack([getattr(grids[k], param)[:, 0] for k in range(len(grids))], dim=1)
+            .reshape(-1).to(getattr(quantizer, param).dtype)
+            for param in ("scale", "zero_point")
+        })
+        set_weight_and_bias(layer, rounded)
