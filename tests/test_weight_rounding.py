@@ -261,6 +261,7 @@ def _model(arch: str):
 
 @pytest.mark.parametrize(("method", "options"), [
     ("gptq", {}), ("erq", {}), ("gptq", {"group_size": 8}), ("gptq", {"group_size": 8, "act_order": True}),
+    ("erq", {"dual_uniform": True}),
 ])
 @pytest.mark.parametrize("arch", ["vit", "swin"])
 def test_weights_end_on_their_grid(arch, method, options):
@@ -277,6 +278,9 @@ def test_weights_end_on_their_grid(arch, method, options):
                                    msg=f"{point_name} is not on its grid")
     out = qmodel(images)
     assert torch.isfinite(out).all() and out.shape == reference.shape
+    dual = {n for n, p in weights.items() if p.weight_quantizer.kind == "dual_uniform"}
+    fed_by_norm = {lin for _, lin in qmodel.norm_linear_pairs()}
+    assert dual == (fed_by_norm if options.get("dual_uniform") else set())
 
 
 def test_erq_never_keeps_a_layer_worse_than_plain_rounding_and_improves_most():
@@ -316,7 +320,8 @@ def test_results_are_deterministic(method):
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(("method", "options"), [("erq", {}), ("gptq", {"group_size": 16})])
+@pytest.mark.parametrize(("method", "options"), [("erq", {}), ("gptq", {"group_size": 16}),
+                                                 ("erq", {"dual_uniform": True})])
 def test_save_and_load_reproduce_the_rounded_model(tmp_path, method, options):
     name, model = _model("vit")
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))

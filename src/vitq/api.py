@@ -45,7 +45,7 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), model_name, adapter.family, config)
     for slot in qmodel.slots():
-        spec = config.spec_for(slot.point, slot.name, method.quantizer_spec(slot.role))
+        spec = config.spec_for(slot.point, slot.name, method.slot_spec(slot))
         slot.quantizer = None if spec is None else build_quantizer(spec)
     return qmodel
 

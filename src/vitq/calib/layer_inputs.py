@@ -25,7 +25,7 @@ from vitq.calib.runner import run_batched
 from vitq.errors import VitqError
 from vitq.models import Stage
 from vitq.nn import QConv2d, QLinear
-from vitq.quantizers import Quantizer, UniformQuantizer
+from vitq.quantizers import DualUniformQuantizer, Quantizer, UniformQuantizer
 
 WeightLayer = QLinear | QConv2d
 
@@ -81,8 +81,11 @@ def set_weight_and_bias(layer: WeightLayer, weight: torch.Tensor, bias: torch.Te
 
 def row_grid(quantizer: Quantizer | None, out_features: int, what: str = "weight",
              group: int | None = None) -> RowGrid:
-    """The per-output-row uniform grid of a weight quantizer: per-tensor, per-channel along axis 0, or
-    (granularity ``"group"``) the grid of column group ``group``."""
+    """The uniform grid of a weight quantizer, row by row: per-tensor, per-channel along axis 0, (granularity
+    ``"group"``) the grid of column group ``group``, or per entry (:class:`DualUniformQuantizer`)."""
+    if isinstance(quantizer, DualUniformQuantizer) and quantizer.is_calibrated:
+        scale, zero_point = quantizer.entry_params()
+        return RowGrid(scale.double(), zero_point.double(), quantizer.q_min, quantizer.q_max)
     if not isinstance(quantizer, UniformQuantizer) or not quantizer.is_calibrated:
         raise VitqError(f"{what}: weight rounding needs a calibrated uniform weight quantizer, got "
                         f"{None if quantizer is None else quantizer.spec()}")
@@ -102,24 +105,34 @@ def row_grid(quantizer: Quantizer | None, out_features: int, what: str = "weight
 
 @dataclass(frozen=True)
 class RowGrid:
-    """A uniform grid per weight row: values ``(c − z_r)·Δ_r`` for integer codes ``c`` in ``[q_min, q_max]``."""
+    """A uniform grid per weight row (``scale``/``zero_point`` of shape ``out × 1``) or per entry (``out × C``):
+    values ``(c − z)·Δ`` for integer codes ``c`` in ``[q_min, q_max]``. ``columns`` selects the entries'
+    columns of a per-entry grid (ignored by a per-row one)."""
 
-    scale: torch.Tensor  # (out, 1)
-    zero_point: torch.Tensor  # (out, 1)
+    scale: torch.Tensor
+    zero_point: torch.Tensor
     q_min: int
     q_max: int
 
-    def _values(self, codes: torch.Tensor) -> torch.Tensor:
-        return (codes.add(self.zero_point).clamp(self.q_min, self.q_max) - self.zero_point) * self.scale
+    def _params(self, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale.shape[1] == 1:
+            return self.scale, self.zero_point
+        if columns is None:
+            raise VitqError("a per-entry weight grid needs the columns being rounded")
+        return self.scale[:, columns], self.zero_point[:, columns]
 
-    def nearest(self, w: torch.Tensor) -> torch.Tensor:
+    def _values(self, codes: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        scale, zero_point = self._params(columns)
+        return (codes.add(zero_point).clamp(self.q_min, self.q_max) - zero_point) * scale
+
+    def nearest(self, w: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Round to nearest on the grid (the weight quantizer's fake-quant); ``w`` is ``out × k``."""
-        return self._values(torch.round(w / self.scale))
+        return self._values(torch.round(w / self._params(columns)[0]), columns)
 
-    def floor_ceil(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def floor_ceil(self, w: torch.Tensor, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid values just below and just above each weight (equal where clamped or on the grid)."""
-        codes = w / self.scale
-        return self._values(torch.floor(codes)), self._values(torch.ceil(codes))
+        codes = w / self._params(columns)[0]
+        return self._values(torch.floor(codes), columns), self._values(torch.ceil(codes), columns)
 
 
 @torch.no_grad()

@@ -52,6 +52,11 @@ class Method:
         bits = cfg.image_bits if role == "image" else cfg.a_bits
         return {"kind": "uniform", "bits": bits, "granularity": "tensor", "init": self.init}
 
+    def slot_spec(self, slot) -> dict[str, Any] | None:
+        """The quantizer of ``slot`` (a :class:`~vitq.quantized_model.Slot`). Default: by its role alone;
+        a method that treats some layers apart (e.g. by the role of their input) overrides this."""
+        return self.quantizer_spec(slot.role)
+
     def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
         """Calibrate ``qmodel`` (whose quantizers are built but uncalibrated) on ``images``.
 

@@ -32,7 +32,8 @@ Conventions (document for reproducibility):
 - Safeguard: a layer whose calibration error ``‖A Ŵᵀ − B W̄ᵀ‖²`` after ERQ exceeds that of plain
   rounding of its original weights keeps the plain rounding (and its original grid); the per-layer
   errors are in :attr:`ERQ.layer_errors`.
-- The journal version's dual-uniform weight quantizer (NOTES §2.3.4) is not implemented.
+- ``dual_uniform`` (off by default): the journal version's extended variant (TPAMI 2025, NOTES §2.3.4), two
+  scales per weight row for the layers fed by a LayerNorm (:mod:`vitq.quantizers.dual_uniform`).
 """
 
 from __future__ import annotations
@@ -121,14 +122,14 @@ def wqer_round(weight: torch.Tensor, gram: torch.Tensor, grid: RowGrid, *, lam: 
         half = remaining.numel() // 2
         first, rest = remaining[:half], remaining[half:]
         w = current[:, first]
-        nearest = grid.nearest(w)
-        floor, ceil = grid.floor_ceil(w)
+        nearest = grid.nearest(w, first)
+        floor, ceil = grid.floor_ceil(w, first)
         delta = nearest - w
         if refine_iters > 0:
             other = torch.where(nearest == floor, ceil, floor) - w
             delta = refine_rounding(delta, other, gram[first][:, first], refine_iters)
         compensation = -_ridge_solve(gram[rest][:, rest], gram[rest][:, first] @ delta.T, lam)
-        current[:, first] = grid.nearest(w + delta)  # exactly on the grid (w + δ may be off by an ulp)
+        current[:, first] = grid.nearest(w + delta, first)  # exactly on the grid (w + δ may be off by an ulp)
         current[:, rest] += compensation.T
         remaining = rest
     return current
@@ -153,12 +154,13 @@ class LayerError:
 
 @register_method("erq")
 class ERQ(RepQViT):
-    DEFAULTS: dict[str, Any] = {"aqer": True, "wqer": True, "lam": 2000.0, "lam_head": 0.1, "refine_iters": 100}
+    DEFAULTS: dict[str, Any] = {"aqer": True, "wqer": True, "lam": 2000.0, "lam_head": 0.1, "refine_iters": 100,
+                                "dual_uniform": False}
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self.options = {**self.DEFAULTS, **config.options}
-        for key in ("aqer", "wqer"):
+        for key in ("aqer", "wqer", "dual_uniform"):
             if not isinstance(self.options[key], bool):
                 raise VitqError(f"erq option {key} must be true or false, got {self.options[key]!r}")
         for key in ("lam", "lam_head"):
@@ -173,6 +175,13 @@ class ERQ(RepQViT):
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         return tuple(cls.DEFAULTS)
+
+    def slot_spec(self, slot) -> dict[str, Any] | None:
+        # the extended variant: two scales per row for the layers fed by a LayerNorm (qkv, fc1; Swin reduction)
+        if self.options["dual_uniform"] and slot.role == "weight" and \
+                slot.module.slot_roles.get("input_quantizer") == "post_ln":
+            return {"kind": "dual_uniform", "bits": self.config.w_bits, "init": self.init}
+        return super().slot_spec(slot)
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
         self.layer_errors = []
@@ -213,8 +222,8 @@ class ERQ(RepQViT):
         if self.options["wqer"]:
             current = wqer_round(current, moments.quantized, grid, lam=lam, refine_iters=self.options["refine_iters"])
         else:
-            current = torch.cat([grid.nearest(current[:, :-1]), current[:, -1:]], dim=1)
-        plain = torch.cat([plain_grid.nearest(weight), bias[:, None]], dim=1)
+            current = torch.cat([grid.nearest(current[:, :-1], torch.arange(weight.shape[1])), current[:, -1:]], dim=1)
+        plain = torch.cat([plain_grid.nearest(weight, torch.arange(weight.shape[1])), bias[:, None]], dim=1)
         errors = (calibration_error(plain, original, moments), calibration_error(current, original, moments))
         kept_plain = errors[1] > errors[0]
         if kept_plain:

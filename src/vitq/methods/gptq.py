@@ -92,7 +92,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
             def current(start=start, stop=stop, block=block):
                 return torch.cat([w[:, :start], block, w[:, stop:]], dim=1)
 
-            q = grid_of(int(order[start + j]), current).nearest(block[:, j:j + 1])[:, 0]
+            natural = order[start + j:start + j + 1]
+            q = grid_of(int(natural), current).nearest(block[:, j:j + 1], natural)[:, 0]
             err = (block[:, j] - q) / u[j, j]
             block[:, j:] -= err[:, None] * u[j, j:][None, :]
             block[:, j] = q
