@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -36,17 +37,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-images", type=int, default=256, help="images timed for evaluation speed")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="method option")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_speed.md"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {key: json.loads(value) for key, value in (text.split("=", 1) for text in args.option)}
 
     model, calib, (images, labels) = deit_tiny_split(args.calib_size, args.seed, args.eval_images)
     load_rss = peak_rss_mb()
 
     config = vitq.QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
-                              calib_size=args.calib_size, seed=args.seed)
+                              calib_size=args.calib_size, seed=args.seed, options=options)
     start = time.perf_counter()
     qmodel = vitq.quantize(model, config, calib, progress=False)
     calib_seconds = time.perf_counter() - start
+    calib_rss = peak_rss_mb()
 
     # warm up both once, then time them back to back on the same images
     vitq.evaluate(model, (images[:8], labels[:8]), progress=False)
@@ -60,6 +67,7 @@ def main() -> None:
         ["fake-quant eval (images/s)", f"{quant_result.images_per_s:.1f}"],
         ["fake-quant / float speed", f"{quant_result.images_per_s / float_result.images_per_s:.2f}x"],
         ["peak RSS after loading images (MB)", f"{load_rss:.0f}"],
+        ["peak RSS after calibration (MB)", f"{calib_rss:.0f}"],
         ["peak RSS overall (MB)", f"{peak_rss_mb():.0f}"],
         [f"top-1 float / {config.label} on the timed images", f"{float_result.top1:.2f} / {quant_result.top1:.2f}"],
     ]
@@ -71,7 +79,8 @@ def main() -> None:
         f"- calibration: {args.calib_size} images, seed {args.seed}; timing: {len(images)} evaluation images, "
         f"batch {args.batch_size}",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)",
+        f"({torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.1f} at the end "
+        "(other jobs on the machine slow the timings)",
         "",
         markdown_table(["measure", "value"], rows),
         "",

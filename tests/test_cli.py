@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import imagenet_wnids
-from vitq.cli import _compare_grid, _parse_variants, build_parser, main
+from vitq.cli import _compare_grid, build_parser, main, parse_variants
 
 MODEL = "deit_tiny_patch16_224"
 TEST_MODEL = "test_vit"
@@ -208,7 +208,7 @@ def test_compare_method_variants_with_paired_reference(cli, files, tmp_path):
 def test_compare_variant_options_merge_over_global_options():
     args = build_parser().parse_args(["compare", "--option", "softmax=tanq", "--option", "ratio_bound=4",
                                       "--out-dir", "x"])
-    variants = _parse_variants(f"{LOG2},dopq-vit, dopq-vit[ratio_bound=null;tan_variant=tan] ,dopq-vit[]")
+    variants = parse_variants(f"{LOG2},dopq-vit, dopq-vit[ratio_bound=null;tan_variant=tan] ,dopq-vit[]")
     assert [v.label for v in variants] == [LOG2, "dopq-vit", "dopq-vit[ratio_bound=null;tan_variant=tan]"]
     grid = _compare_grid(args, variants, [(8, 8), (4, 4)], [0, 1])
     assert [(label, c.w_bits, c.seed) for label, c in grid[1]][:3] == [(LOG2, 8, 1), (LOG2, 4, 1), ("dopq-vit", 8, 1)]

@@ -515,7 +515,7 @@ def _parse_variant(item: str) -> Variant:
     return Variant(text, method, dict(pairs))
 
 
-def _parse_variants(text: str) -> list[Variant]:
+def parse_variants(text: str) -> list[Variant]:
     """The ``--methods`` variants, one per distinct label, in order; ``float`` is not allowed."""
     variants: dict[str, Variant] = {}
     for item in _parse_list(text, "methods"):
@@ -602,7 +602,7 @@ def _compare_meta(args: argparse.Namespace, cache: ImageCache, splits: Sequence[
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method variant x bit setting against float, per seed on the same images; writes md, csv and png."""
-    variants = _parse_variants(args.methods)
+    variants = parse_variants(args.methods)
     reference = _reference(args.reference, variants)
     bits = {text.upper(): _parse_bits(text) for text in _parse_list(args.bits, "bits")}
     seeds = [_parse_seed(text) for text in _parse_list(args.seeds, "seeds")]

@@ -1,0 +1,101 @@
+"""Choose between method variants without evaluation images: 2-fold cross-fit on the calibration images.
+
+For each seed, that seed's calibration images (the ones ``vitq eval --calib-size N --seed S`` uses) are cut
+into two halves. Each variant is calibrated on one half and scored on the other, then the halves swap. The
+score is the mean KL divergence of the quantized model's class distribution from the float model's (and the
+top-1 agreement with float). The evaluation images are never loaded, so a default chosen by this table is
+not tuned on them. Calibrating on half the images makes every variant a little worse; only the ranking is used.
+
+    python benchmarks/crossfit_select.py --methods "repq-vit,dopq-vit[target=mean],dopq-vit" --bits W4A4 \\
+        --seeds 0,1,2 --out benchmarks/results/dopq_default_selection.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import deit_tiny_split
+
+import vitq
+from vitq.cli import parse_variants
+from vitq.report.tables import markdown_table
+
+
+def _score(model, qmodel, images: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(float ‖ quantized), top-1 agreement %) on ``images``."""
+    with torch.no_grad():
+        ref, out = model(images).log_softmax(-1), qmodel(images).log_softmax(-1)
+    kl = F.kl_div(out, ref, log_target=True, reduction="batchmean")
+    agree = (ref.argmax(-1) == out.argmax(-1)).double().mean() * 100
+    return float(kl), float(agree)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", required=True, help="variants, as for vitq compare --methods")
+    parser.add_argument("--bits", default="W4A4")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = parse_variants(args.methods)
+    w_bits, a_bits = (int(part) for part in args.bits.upper().lstrip("W").split("A"))
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    scores: dict[str, list[tuple[float, float]]] = {v.label: [] for v in variants}
+    for seed in seeds:
+        model, calib, _ = deit_tiny_split(args.calib_size, seed, 1)
+        half = len(calib) // 2
+        folds = [(calib[:half], calib[half:]), (calib[half:], calib[:half])]
+        for v in variants:
+            fold_scores = []
+            for fit, held_out in folds:
+                config = vitq.QuantConfig(method=v.method, w_bits=w_bits, a_bits=a_bits, calib_size=len(fit),
+                                          seed=seed, options=v.options)
+                qmodel = vitq.quantize(model, config, fit, progress=False)
+                fold_scores.append(_score(model, qmodel, held_out))
+            kl, agree = (statistics.mean(s[i] for s in fold_scores) for i in (0, 1))
+            scores[v.label].append((kl, agree))
+            print(f"seed {seed} {v.label}: held-out KL {kl:.4f}, top-1 agreement {agree:.1f} %", flush=True)
+
+    def spread(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+    ranked = sorted(variants, key=lambda v: statistics.mean(s[0] for s in scores[v.label]))
+    rows = [[rank, v.label, spread([s[0] for s in scores[v.label]]),
+             f"{statistics.mean(s[1] for s in scores[v.label]):.1f}"] for rank, v in enumerate(ranked, 1)]
+    text = "\n".join([
+        f"# Cross-fit selection on calibration images: DeiT-tiny W{w_bits}A{a_bits}",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- command: `python {shlex.join(sys.argv)}`",
+        f"- seeds: {', '.join(map(str, seeds))}; per seed the {args.calib_size} calibration images, 2 folds of "
+        f"{args.calib_size // 2} (calibrate on one half, score on the other); no evaluation image is used",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)",
+        "",
+        "Held-out KL(float ‖ quantized) of the class distribution, mean ± std over seeds (lower is better):",
+        "",
+        markdown_table(["rank", "variant", "held-out KL", "top-1 agreement with float %"], rows),
+        "",
+    ])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
