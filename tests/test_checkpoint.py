@@ -89,9 +89,19 @@ def test_save_load_round_trip_is_bit_identical(qmodel, saved, images):
         assert torch.equal(other.scale, q.scale) and torch.equal(other.zero_point, q.zero_point)
 
 
+def test_version_1_files_without_packing_still_load(qmodel, tmp_path, images):
+    plain = vitq.save(qmodel, tmp_path / "plain.safetensors", packed=False)
+    header = read_header(plain)
+    del header["packed"]
+    header["format_version"] = 1
+    old = _rewrite(plain, tmp_path / "v1.safetensors", header=header)
+    with torch.no_grad():
+        assert torch.equal(vitq.load(old)(images), qmodel(images))
+
+
 def test_header_contents(qmodel, saved):
     header = read_header(saved)
-    assert header["format"] == "vitq-fakequant" and header["format_version"] == 1
+    assert header["format"] == "vitq-fakequant" and header["format_version"] == 2
     assert header["vitq_version"] == vitq.__version__
     assert header["model_name"] == MODEL and header["family"] == "vit"
     assert header["config"]["overrides"][0] == {"pattern": "head", "bits": 8, "kind": None, "keep_float": False}

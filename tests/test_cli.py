@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import imagenet_wnids
 from vitq.cli import _compare_grid, build_parser, main, parse_variants
+from vitq.export.checkpoint import read_header
 
 MODEL = "deit_tiny_patch16_224"
 TEST_MODEL = "test_vit"
@@ -129,6 +130,8 @@ def test_quantize_then_eval_quantized_matches_direct_eval(cli, files, minmax_jso
     assert len(info["calibration_images"]) == CALIB
     assert all(item["file"].endswith("_x.JPEG") for item in info["calibration_images"])
     assert info["calib_seconds"] > 0 and info["peak_mem_mb"] > 0 and len(info["worst_points"]) == 5
+    assert info["file_bytes"] == (out_dir / "model.safetensors").stat().st_size
+    assert read_header(out_dir / "model.safetensors")["packed"]  # packed by default
 
     result_path = tmp_path / "eval.json"
     code, out, err = cli("eval", "--quantized", out_dir, "--data", files["data"], "--no-progress", "--sqnr",
@@ -328,3 +331,9 @@ def test_real_deit_tiny_float_accuracy(cli, tmp_path):
     assert result["top1"] > 70
     assert result["top5"] >= result["top1"]
     assert abs(result["float_size_mb"] - 22.87) < 0.1
+
+
+def test_quantize_no_pack_keeps_float_weights(cli, files, tmp_path):
+    code, out, err = cli("quantize", "--method", "minmax", *_inputs(files), "--output", tmp_path / "u", "--no-pack")
+    assert code == 0, err
+    assert read_header(tmp_path / "u" / "model.safetensors")["packed"] == {}

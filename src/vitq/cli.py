@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, metavar="DIR",
                    help=f"folder for {MODEL_FILE} and {QUANTIZE_FILE}")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--no-pack", action="store_true",
+                   help="keep the float weights in the file (default: quantized weights as bit-packed codes)")
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("eval", parents=[common, method, tuning, _data_options(seed=True), _eval_options()],
@@ -356,7 +358,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cache = ImageCache(_data_dir(args), model, progress=_progress(args))
     split = cache.split(config.calib_size, config.seed)
     qmodel, calib_seconds = _quantize(model, name, config, cache, split, progress=_progress(args), inplace=True)
-    model_path = vitq.save(qmodel, args.output / MODEL_FILE)
+    model_path = vitq.save(qmodel, args.output / MODEL_FILE, packed=not args.no_pack)
     size = model_size(qmodel)
     worst = sorted(_sqnr(qmodel, cache, split), key=lambda e: e.sqnr_db)[:WORST_POINTS]
     record = {
@@ -369,6 +371,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "calib_seconds": calib_seconds,
         "peak_mem_mb": peak_rss_mb(),
         **_size_fields(size),
+        "file_bytes": model_path.stat().st_size,
         "worst_points": _sqnr_json(worst),
     }
     _write_json(args.output / QUANTIZE_FILE, record)
@@ -378,7 +381,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"size: {size.summary()}")
     print(f"worst {len(worst)} points by SQNR (on {min(len(split.calib), SQNR_IMAGES)} calibration images):")
     print(_sqnr_table(worst), end="")
-    print(f"saved {model_path} and {args.output / QUANTIZE_FILE}")
+    print(f"saved {model_path} ({model_path.stat().st_size / 1e6:.2f} MB) and {args.output / QUANTIZE_FILE}")
     return 0
 
 

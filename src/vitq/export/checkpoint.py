@@ -5,6 +5,14 @@ in the safetensors metadata, a JSON header with the format version, vitq version
 family, the ``QuantConfig`` and the spec of every quantizer slot. Loading rebuilds the
 architecture from timm (no download), rebuilds each quantizer from its spec and loads the tensors
 strictly, so the reloaded model's logits are bit-identical. Nothing is ever unpickled.
+
+Packed (the default): every quantized weight is stored as its integer codes at the real bit width
+(:mod:`vitq.export.packing`, key ``<name>.weight.packed``, the header's ``packed`` entry gives bits,
+``q_min``, shape and dtype) instead of a float tensor; its quantizer's scales and zero points stay in the
+file as float32 (fp16 would change the dequantized values, and they are a few kB). Loading dequantizes
+the codes with the weight's own quantizer; since fake-quant is idempotent on grid values, the reloaded
+model computes exactly what the fake-quant model computed. The original float weights are not kept
+(``packed=False`` keeps them, e.g. to re-calibrate later).
 """
 
 from __future__ import annotations
@@ -18,22 +26,26 @@ from torch import nn
 from vitq import __version__
 from vitq.config import QuantConfig, make
 from vitq.errors import VitqError
+from vitq.export.packing import pack_codes, unpack_codes
 from vitq.models import adapter_by_family
-from vitq.models.registry import load_state_dict_file
+from vitq.models.registry import load_state, read_state_file
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import build_quantizer
 
 FORMAT = "vitq-fakequant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed weights
 HEADER_KEY = "vitq"
+PACKED_SUFFIX = ".packed"
 
 
-def save(qmodel: QuantizedModel, path: str | Path) -> Path:
-    """Write ``qmodel`` to ``path`` (``.safetensors``)."""
+def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Path:
+    """Write ``qmodel`` to ``path`` (``.safetensors``); ``packed``: quantized weights as bit-packed codes."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
+    packed_entries = _pack_weights(qmodel, state) if packed else {}
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -42,10 +54,33 @@ def save(qmodel: QuantizedModel, path: str | Path) -> Path:
         "family": qmodel.family,
         "config": qmodel.config.model_dump(mode="json"),
         "quantizers": qmodel.quant_specs(),
+        "packed": packed_entries,
     }
-    state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
     save_file(state, str(path), metadata={HEADER_KEY: json.dumps(header)})
     return path
+
+
+def _packable(point) -> bool:
+    quantizer = getattr(point, "weight_quantizer", None)
+    return quantizer is not None and quantizer.is_calibrated and hasattr(quantizer, "q_min")
+
+
+@torch.no_grad()
+def _pack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Replace each quantized weight in ``state`` by its packed codes; return the header entries."""
+    entries = {}
+    for name, point in qmodel.points().items():
+        if not _packable(point):
+            continue
+        quantizer, weight = point.weight_quantizer, point.weight.detach()
+        bits = max(1, (quantizer.q_max - quantizer.q_min).bit_length())
+        codes = quantizer.int_repr(weight) - quantizer.q_min
+        key = f"{name}.weight"
+        del state[key]
+        state[key + PACKED_SUFFIX] = pack_codes(codes, bits)
+        entries[key] = {"bits": bits, "q_min": quantizer.q_min, "shape": list(weight.shape),
+                        "dtype": str(weight.dtype).removeprefix("torch.")}
+    return entries
 
 
 def read_header(path: str | Path) -> dict:
@@ -112,8 +147,42 @@ def load(path: str | Path) -> QuantizedModel:
     except VitqError as err:
         raise VitqError(f"{path}: {err}") from None
     _add_folded_biases(qmodel, path)
-    load_state_dict_file(qmodel.model, path, what=f"quantized {name}")
+    state = read_state_file(path)
+    _unpack_weights(qmodel, state, header.get("packed", {}), path)
+    load_state(qmodel.model, state, path, what=f"quantized {name}")
     return qmodel.eval()
+
+
+@torch.no_grad()
+def _unpack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor], entries: object, path: Path) -> None:
+    """Turn the packed codes in ``state`` back into float weights, dequantized by their own quantizers."""
+    if not isinstance(entries, dict):
+        raise VitqError(f"{path} has a broken vitq header: 'packed' is not an object")
+    points = qmodel.points()
+    for key, entry in entries.items():
+        point = points.get(key.removesuffix(".weight"))
+        try:
+            bits, q_min, shape = int(entry["bits"]), int(entry["q_min"]), [int(n) for n in entry["shape"]]
+            dtype = getattr(torch, str(entry["dtype"]))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise VitqError(f"{path} has a broken 'packed' entry for {key}: {entry!r}") from None
+        if point is None or not key.endswith(".weight") or getattr(point, "weight_quantizer", None) is None:
+            raise VitqError(f"{path} does not match {qmodel.model_name}: packed weight {key} is not the weight of a "
+                            "quantized layer")
+        if key + PACKED_SUFFIX not in state or key in state:
+            raise VitqError(f"{path} does not match its header: packed weight {key} needs its codes and no float "
+                            "tensor")
+        quantizer = point.weight_quantizer
+        prefix = key.removesuffix("weight") + "weight_quantizer."
+        try:
+            quantizer.set_params({p: state[prefix + p] for p in quantizer.param_names})
+        except KeyError as err:
+            raise VitqError(f"{path} does not match its header: missing {err} for packed weight {key}") from None
+        count = 1
+        for n in shape:
+            count *= n
+        codes = unpack_codes(state.pop(key + PACKED_SUFFIX), bits, count) + q_min
+        state[key] = quantizer.dequantize(codes.reshape(shape)).to(dtype)
 
 
 def _add_folded_biases(qmodel: QuantizedModel, path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vitq.errors import VitqError
@@ -50,8 +51,8 @@ def create_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
     return model.eval()
 
 
-def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> None:
-    """Load a safetensors state dict into ``model`` strictly, with readable errors."""
+def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, with readable errors (never unpickles)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -61,9 +62,13 @@ def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> None:
     if path.suffix != ".safetensors":
         raise VitqError(f"checkpoint {path} is not a .safetensors file (vitq never unpickles files)")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise VitqError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
+    """Load ``state`` (read from ``path``) into ``model`` strictly, with readable errors."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -76,3 +81,8 @@ def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> None:
         problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[0]})")
     if problems:
         raise VitqError(f"checkpoint {path} does not match {what}: {'; '.join(problems)}")
+
+
+def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> None:
+    """Load a safetensors state dict into ``model`` strictly, with readable errors."""
+    load_state(model, read_state_file(path), path, what)
