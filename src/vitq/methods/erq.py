@@ -24,6 +24,9 @@ The bias column is last, so it is never rounded and absorbs the final compensati
 
 Conventions (document for reproducibility):
 
+- Weight ranges: per row, ERQ's wider percentile search (0.97 … 1, :data:`WEIGHT_PERCENTILES`), on the
+  weights before rounding (after Aqer).
+
 - ``lam`` is λ for 32 calibration images on the *un-normalized* sums over all rows (tokens), as in the
   reference code (λ = 0.1·coe, coe = 20000); it is scaled by ``calib images / 32`` for other set sizes.
   ``lam_head`` (0.1) is Aqer's λ for inputs with one row per image (the classifier head), as in the code.
@@ -64,6 +67,9 @@ log = logging.getLogger(__name__)
 
 #: the reference calibration set size that ``lam`` is given for
 REFERENCE_IMAGES = 32
+#: ERQ's weight range search: per row, the percentile clip with the lowest ‖w − Q(w)‖² (NOTES §2.0), wider
+#: than RepQ-ViT's {0.999, 0.9999, 0.99999}
+WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0)
 
 
 def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
@@ -176,11 +182,18 @@ class ERQ(RepQViT):
     def option_names(cls) -> tuple[str, ...]:
         return tuple(cls.DEFAULTS)
 
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        spec = super().quantizer_spec(role)
+        if role == "weight":
+            spec["search_percentiles"] = list(WEIGHT_PERCENTILES)
+        return spec
+
     def slot_spec(self, slot) -> dict[str, Any] | None:
         # the extended variant: two scales per row for the layers fed by a LayerNorm (qkv, fc1; Swin reduction)
         if self.options["dual_uniform"] and slot.role == "weight" and \
                 slot.module.slot_roles.get("input_quantizer") == "post_ln":
-            return {"kind": "dual_uniform", "bits": self.config.w_bits, "init": self.init}
+            return {"kind": "dual_uniform", "bits": self.config.w_bits, "init": self.init,
+                    "search_percentiles": list(WEIGHT_PERCENTILES)}
         return super().slot_spec(slot)
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
