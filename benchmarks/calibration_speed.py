@@ -11,17 +11,13 @@ ratio, and the peak resident memory of the process. Writes a markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import deit_tiny_split
+from common import deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.report.runinfo import peak_rss_mb
@@ -71,23 +67,15 @@ def main() -> None:
         ["peak RSS overall (MB)", f"{peak_rss_mb():.0f}"],
         [f"top-1 float / {config.label} on the timed images", f"{float_result.top1:.2f} / {quant_result.top1:.2f}"],
     ]
-    text = "\n".join([
-        f"# Calibration and evaluation speed: DeiT-tiny {config.label}",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- command: `python {shlex.join(sys.argv)}`",
-        f"- calibration: {args.calib_size} images, seed {args.seed}; timing: {len(images)} evaluation images, "
-        f"batch {args.batch_size}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.1f} at the end "
-        "(other jobs on the machine slow the timings)",
-        "",
+    write_report(args.out, [
+        *report_header(
+            f"Calibration and evaluation speed: DeiT-tiny {config.label}",
+            f"- calibration: {args.calib_size} images, seed {args.seed}; timing: {len(images)} evaluation images, "
+            f"batch {args.batch_size}",
+            f"- load average {os.getloadavg()[0]:.1f} at the end (other jobs on the machine slow the timings)"),
         markdown_table(["measure", "value"], rows),
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ Also checks that every packed file reloads to bit-identical logits on a few eval
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import deit_tiny_split
+from common import deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, assets_dir
@@ -42,21 +39,15 @@ def main() -> None:
             size = packed.stat().st_size
             rows.append([f"W{bits}", f"{size / 1e6:.2f}", f"{size / float_bytes:.3f}",
                          f"{plain.stat().st_size / 1e6:.2f}", "yes" if exact else "NO"])
-    text = "\n".join([
-        "# Packed checkpoint size: DeiT-tiny",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- command: `python {shlex.join(sys.argv)}`",
-        f"- method {args.method}, 32 calibration images (seed 0); float file: {DEIT_TINY_CHECKPOINT} "
-        f"({float_bytes / 1e6:.2f} MB); reload checked on 8 evaluation images",
-        "",
+    write_report(args.out, [
+        *report_header(
+            "Packed checkpoint size: DeiT-tiny",
+            f"- method {args.method}, 32 calibration images (seed 0); float file: {DEIT_TINY_CHECKPOINT} "
+            f"({float_bytes / 1e6:.2f} MB); reload checked on 8 evaluation images"),
         markdown_table(["weights", "packed MB", "ratio to float file", "unpacked (--no-pack) MB",
                         "bit-identical reload"], rows),
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import ImageNetImages, load_tensors, split_calib_eval, transform_for_model
+from vitq.report.runinfo import machine_summary
 
 
 def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module, torch.Tensor, tuple]:
@@ -19,3 +25,19 @@ def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module,
     calib_idx, eval_idx = split_calib_eval(len(dataset), calib_size, seed)
     calib, _ = load_tensors(dataset, calib_idx, progress=False)
     return model, calib, load_tensors(dataset, eval_idx[:n_eval], progress=False)
+
+
+def report_header(title: str, *details: str) -> list[str]:
+    """The first lines of a result file: title, date, the exact command, then ``details`` (markdown bullets)
+    and the machine, so anyone can rerun it."""
+    return [f"# {title}", "", f"- date: {datetime.date.today().isoformat()}",
+            f"- command: `python {shlex.join(sys.argv)}`", *details,
+            f"- machine: {machine_summary()} ({torch.get_num_threads()} threads)", ""]
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """Write the markdown ``lines`` to ``path`` (creating its folder) and print them."""
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)

@@ -13,17 +13,12 @@ not tuned on them. Calibrating on half the images makes every variant a little w
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import deit_tiny_split
+from common import deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.cli import parse_variants
@@ -77,24 +72,16 @@ def main() -> None:
     ranked = sorted(variants, key=lambda v: statistics.mean(s[0] for s in scores[v.label]))
     rows = [[rank, v.label, spread([s[0] for s in scores[v.label]]),
              f"{statistics.mean(s[1] for s in scores[v.label]):.1f}"] for rank, v in enumerate(ranked, 1)]
-    text = "\n".join([
-        f"# Cross-fit selection on calibration images: DeiT-tiny W{w_bits}A{a_bits}",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- command: `python {shlex.join(sys.argv)}`",
-        f"- seeds: {', '.join(map(str, seeds))}; per seed the {args.calib_size} calibration images, 2 folds of "
-        f"{args.calib_size // 2} (calibrate on one half, score on the other); no evaluation image is used",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)",
-        "",
+    write_report(args.out, [
+        *report_header(
+            f"Cross-fit selection on calibration images: DeiT-tiny W{w_bits}A{a_bits}",
+            f"- seeds: {', '.join(map(str, seeds))}; per seed the {args.calib_size} calibration images, 2 folds of "
+            f"{args.calib_size // 2} (calibrate on one half, score on the other); no evaluation image is used"),
         "Held-out KL(float ‖ quantized) of the class distribution, mean ± std over seeds (lower is better):",
         "",
         markdown_table(["rank", "variant", "held-out KL", "top-1 agreement with float %"], rows),
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

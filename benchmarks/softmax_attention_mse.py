@@ -13,9 +13,6 @@ table and a per-layer plot.
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -23,12 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import deit_tiny_split  # noqa: E402
+from common import deit_tiny_split, report_header, write_report  # noqa: E402
 
 import vitq  # noqa: E402
 from vitq.calib.search import attention_output_mse, search_by_output_error  # noqa: E402
 from vitq.quantizers import build_quantizer  # noqa: E402
-from vitq.report.runinfo import machine_summary  # noqa: E402
 from vitq.report.tables import markdown_table  # noqa: E402
 
 #: label -> (spec without bits, fit criterion: "output" = attention-output error, "self" = ‖A − Q(A)‖²)
@@ -71,17 +67,11 @@ def main() -> None:
     fit_data, test_data = capture_attention(qmodel, calib), capture_attention(qmodel, heldout)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    sections = [
-        "# Post-Softmax quantizers: per-layer attention-output error, DeiT-tiny",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- command: `python {shlex.join(sys.argv)}`",
+    sections = report_header(
+        "Post-Softmax quantizers: per-layer attention-output error, DeiT-tiny",
         f"- fit: {args.calib_size} calibration images (seed {args.seed}); held-out: the first {args.heldout} "
         "evaluation images of that split",
-        f"- machine: {machine_summary()}",
-        "- error: relative attention-output MSE ‖A·V − Q(A)·V‖² / ‖A·V‖², only A quantized, float elsewhere",
-        "",
-    ]
+        "- error: relative attention-output MSE ‖A·V − Q(A)·V‖² / ‖A·V‖², only A quantized, float elsewhere")
     for bits in args.bits:
         errors: dict[str, list[float]] = {label: [] for label in KINDS}
         for (a_fit, v_fit), (a_test, v_test) in zip(fit_data, test_data, strict=True):
@@ -118,9 +108,7 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.out_dir / f"{bits}bit.png", dpi=120)
         plt.close(fig)
-    text = "\n".join(sections)
-    (args.out_dir / "softmax_mse.md").write_text(text)
-    print(text)
+    write_report(args.out_dir / "softmax_mse.md", sections)
 
 
 if __name__ == "__main__":
