@@ -246,6 +246,22 @@ def test_gather_input_moments_sums_rows_over_batches():
     torch.testing.assert_close(out, linear(x))
 
 
+def test_gather_input_moments_pairs_rows_with_a_reference_run():
+    linear = QLinear(nn.Linear(6, 3), "act")
+    act = build_quantizer({"kind": "uniform", "bits": 3})
+    x, x_ref = torch.randn(5, 4, 6), torch.randn(5, 4, 6)
+    act.calibrate(x)
+    linear.input_quantizer = act
+    (m,), out = gather_input_moments(linear, x, [linear], reference=(linear, x_ref), batch_size=2)
+    ones = torch.ones(20, 1, dtype=torch.float64)
+    a = torch.cat([act(x).reshape(-1, 6).double(), ones], 1)
+    b = torch.cat([x_ref.reshape(-1, 6).double(), ones], 1)
+    torch.testing.assert_close(m.quantized, a.T @ a)
+    torch.testing.assert_close(m.cross, a.T @ b)
+    torch.testing.assert_close(m.float, b.T @ b)
+    torch.testing.assert_close(out, linear(x))
+
+
 # ----------------------------------------------------------------------------------------- end to end
 VIT = "test_vit"
 SWIN = "swin_tiny_patch4_window7_224"
@@ -261,7 +277,7 @@ def _model(arch: str):
 
 @pytest.mark.parametrize(("method", "options"), [
     ("gptq", {}), ("erq", {}), ("gptq", {"group_size": 8}), ("gptq", {"group_size": 8, "act_order": True}),
-    ("erq", {"dual_uniform": True}),
+    ("erq", {"dual_uniform": True}), ("erq", {"inputs": "quantized"}),
 ])
 @pytest.mark.parametrize("arch", ["vit", "swin"])
 def test_weights_end_on_their_grid(arch, method, options):
@@ -305,6 +321,7 @@ def test_erq_never_keeps_a_layer_worse_than_plain_rounding_and_improves_most():
     ("erq", {"lam": "big"}, "lam"),
     ("erq", {"refine_iters": -1}, "refine_iters"),
     ("erq", {"aqer": 1}, "aqer"),
+    ("erq", {"inputs": "both"}, "inputs"),
 ])
 def test_bad_options_are_named(method, options, message):
     with pytest.raises(VitqError, match=message):

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitq.calib.runner import run_batched
 from vitq.errors import VitqError
 from vitq.models import Stage
 from vitq.nn import QConv2d, QLinear
@@ -135,37 +134,60 @@ class RowGrid:
         return self._values(torch.floor(codes), columns), self._values(torch.ceil(codes), columns)
 
 
+Run = Callable[[torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
-def gather_input_moments(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                         layers: Sequence[WeightLayer], *, float_inputs: bool = False,
+def gather_input_moments(run: Run, x: torch.Tensor, layers: Sequence[WeightLayer], *, float_inputs: bool = False,
+                         reference: tuple[Run, torch.Tensor] | None = None,
                          input_quantizers: Sequence[Quantizer | None] | None = None,
                          batch_size: int = 32) -> tuple[list[InputMoments], torch.Tensor]:
     """Run ``run`` on ``x`` (batched) and accumulate every layer's :class:`InputMoments`.
 
-    ``input_quantizers`` (default: each layer's ``input_quantizer`` if enabled) give ``X̃``; they are
-    applied even if the run itself has quantization disabled (ERQ takes ``X̃ = Q(X_float)``).
-    Returns the moments and ``run``'s output.
+    ``X̃`` is each layer's input in this run after ``input_quantizers`` (default: each layer's
+    ``input_quantizer`` if enabled), applied even if the run itself has quantization disabled (ERQ takes
+    ``X̃ = Q(X_float)``). ``float_inputs``: ``B`` is the same input before the quantizer; or ``reference =
+    (run_ref, x_ref)``: ``B`` is the layer's input when ``run_ref`` runs on ``x_ref`` (the same images,
+    batch for batch, e.g. through the float model), so that every quantized row is paired with its float
+    counterpart. Returns the moments and ``run``'s output.
     """
     if input_quantizers is None:
         input_quantizers = [q if q is not None and q.enabled else None for q in (lay.input_quantizer for lay in layers)]
     moments: list[InputMoments | None] = [None] * len(layers)
+    reference_rows: list[torch.Tensor | None] = [None] * len(layers)
+    recording = [False]
 
     def hook_for(index: int, layer: WeightLayer, quantizer: Quantizer | None):
         def hook(module, args):
             x_in = args[0].detach()
+            if recording[0]:  # the reference pass of this batch: keep the rows to pair with
+                reference_rows[index] = _with_ones(input_rows(layer, x_in))
+                return
             x_q = x_in if quantizer is None else quantizer.quantize_dequantize(x_in)
             quantized = _with_ones(input_rows(layer, x_q))
             new = InputMoments(quantized.T @ quantized, None, None, quantized.shape[0])
-            if float_inputs:
-                plain = _with_ones(input_rows(layer, x_in))
+            plain = reference_rows[index] if reference is not None else \
+                _with_ones(input_rows(layer, x_in)) if float_inputs else None
+            if plain is not None:
+                if plain.shape != quantized.shape:
+                    raise VitqError("the reference run does not give the same rows as the calibration run")
                 new.cross, new.float = quantized.T @ plain, plain.T @ plain
             moments[index] = new if moments[index] is None else _add(moments[index], new)
         return hook
 
+    def paired(chunk: torch.Tensor, start: int) -> torch.Tensor:
+        if reference is not None:
+            recording[0] = True
+            try:
+                reference[0](reference[1][start:start + chunk.shape[0]])
+            finally:
+                recording[0] = False
+        return run(chunk)
+
     handles = [layer.register_forward_pre_hook(hook_for(i, layer, q))
                for i, (layer, q) in enumerate(zip(layers, input_quantizers, strict=True))]
     try:
-        out = run_batched(run, x, batch_size)
+        out = torch.cat([paired(chunk, i * batch_size) for i, chunk in enumerate(x.split(batch_size))])
     finally:
         for handle in handles:
             handle.remove()

@@ -22,6 +22,11 @@ regression::
 
 The bias column is last, so it is never rounded and absorbs the final compensation.
 
+``inputs`` (option): ``"float"`` (default, the reference code) takes ``X̃ = Q(X)`` from the float model's
+input; ``"quantized"`` takes ``X̃`` from the quantized model (everything upstream quantized and already
+corrected, as GPTQ's inputs), paired row by row with the float model's ``X`` as the target, so Aqer also
+absorbs the error that arrives from upstream. This variant is vitq's, not the paper's.
+
 Conventions (document for reproducibility):
 
 - Weight ranges: per row, ERQ's wider percentile search (0.97 … 1, :data:`WEIGHT_PERCENTILES`), on the
@@ -57,7 +62,7 @@ from vitq.calib.layer_inputs import (
     weight_matrix,
 )
 from vitq.calib.reparam import recalibrate_weight, reparameterize_stage
-from vitq.calib.runner import run_stagewise_with_float
+from vitq.calib.runner import run_batched, run_stagewise_with_float
 from vitq.errors import VitqError
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
@@ -65,6 +70,8 @@ from vitq.models import Stage
 
 log = logging.getLogger(__name__)
 
+#: ``inputs`` option: where X̃ comes from (module docstring)
+INPUTS = ("float", "quantized")
 #: the reference calibration set size that ``lam`` is given for
 REFERENCE_IMAGES = 32
 #: ERQ's weight range search: per row, the percentile clip with the lowest ‖w − Q(w)‖² (NOTES §2.0), wider
@@ -161,7 +168,7 @@ class LayerError:
 @register_method("erq")
 class ERQ(RepQViT):
     DEFAULTS: dict[str, Any] = {"aqer": True, "wqer": True, "lam": 2000.0, "lam_head": 0.1, "refine_iters": 100,
-                                "dual_uniform": False}
+                                "dual_uniform": False, "inputs": "float"}
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -173,6 +180,8 @@ class ERQ(RepQViT):
             value = self.options[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise VitqError(f"erq option {key} must be a number >= 0, got {value!r}")
+        if self.options["inputs"] not in INPUTS:
+            raise VitqError(f"erq option inputs must be one of {INPUTS}, got {self.options['inputs']!r}")
         iters = self.options["refine_iters"]
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise VitqError(f"erq option refine_iters must be an integer >= 0, got {iters!r}")
@@ -205,9 +214,19 @@ class ERQ(RepQViT):
             layers = weight_layers(qmodel, stage)
             input_quantizers = [q if q is not None and q.enabled else None
                                 for q in (layer.input_quantizer for _, layer in layers)]
-            with qmodel.quantization_disabled():
-                moments, out_float = gather_input_moments(stage.run, x_float, [layer for _, layer in layers],
-                                                          float_inputs=True, input_quantizers=input_quantizers)
+            modules = [layer for _, layer in layers]
+
+            def float_run(chunk: torch.Tensor) -> torch.Tensor:
+                with qmodel.quantization_disabled():
+                    return stage.run(chunk)
+
+            if self.options["inputs"] == "float":
+                moments, out_float = gather_input_moments(float_run, x_float, modules, float_inputs=True,
+                                                          input_quantizers=input_quantizers)
+            else:
+                moments, _ = gather_input_moments(stage.run, x, modules, reference=(float_run, x_float),
+                                                  input_quantizers=input_quantizers)
+                out_float = run_batched(float_run, x_float, 32)
             for (name, layer), m in zip(layers, moments, strict=True):
                 one_row_per_image = m.rows == x_float.shape[0]
                 self._reduce_errors(name, layer, m, lam=size * self.options["lam"],
