@@ -328,6 +328,8 @@ def _spec_summary(spec: dict[str, Any] | None) -> str:
     if spec is None:
         return "float"
     parts = [spec.get("kind"), f"{spec.get('bits')}-bit", spec.get("granularity")]
+    if "group_size" in spec:
+        parts.append(f"group_size={spec['group_size']}")
     if "init" in spec:
         parts.append(f"init={spec['init']}")
     return " ".join(str(p) for p in parts if p)
