@@ -175,6 +175,24 @@ def test_compare_writes_markdown_csv_and_plot(cli, files, tmp_path):
     assert (out_dir / "compare.png").stat().st_size > 1000
     assert "wrote" in out
 
+    # the journal lets an interrupted or extended grid go on: finished runs are reused, new ones run
+    journal = (out_dir / "runs.jsonl").read_text().splitlines()
+    assert len(journal) == 3
+    code, out, err = cli("compare", "--methods", "minmax,percentile,minmax[]", "--bits", "W8A8,W6A6", "--seeds", "0",
+                         *_inputs(files), "--out-dir", out_dir, "--resume")
+    assert code == 0, err
+    assert out.count("(from runs.jsonl)") == 3 and "minmax W6A6: top-1" in out
+    with (out_dir / "compare.csv").open() as f:
+        again = {(r["method"], r["setting"]): r for r in csv.DictReader(f)}
+    for row in rows:
+        assert again[(row["method"], row["setting"])] == row
+    assert len((out_dir / "runs.jsonl").read_text().splitlines()) == 5
+    # a broken journal is a one-line error (without --resume it would simply be started afresh)
+    (out_dir / "runs.jsonl").write_text("not json\n")
+    code, out, err = cli("compare", "--methods", "minmax", "--bits", "W8A8", "--seeds", "0", *_inputs(files),
+                         "--out-dir", out_dir, "--resume")
+    assert code == 2 and "runs.jsonl line 1" in err
+
 
 UNIFORM, LOG2 = "dopq-vit[softmax=uniform;target=mean]", "dopq-vit[softmax=log2;target=mean]"
 

@@ -16,6 +16,7 @@ user can cause is printed as one line ``vitq: error: <message>`` and exits with 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -23,7 +24,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ SQNR_IMAGES = 8
 WORST_POINTS = 5
 MODEL_FILE = "model.safetensors"
 QUANTIZE_FILE = "quantize.json"
+JOURNAL_FILE = "runs.jsonl"
 MB = 1e6
 
 
@@ -167,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="W8A8,W6A6,W4A4", help="comma-separated WxAy settings (default %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
-                   help="folder for compare.md, compare.csv and compare.png")
+                   help=f"folder for compare.md, compare.csv, compare.png and the run journal {JOURNAL_FILE}")
+    p.add_argument("--resume", action="store_true",
+                   help=f"reuse the runs already in DIR/{JOURNAL_FILE} that match exactly (same model, data, "
+                        "configuration, seed and evaluation images) instead of running them again")
     p.set_defaults(run=cmd_compare)
     return parser
 
@@ -572,19 +577,59 @@ def _compare_grid(args: argparse.Namespace, variants: Sequence[Variant], bits: S
     return grid
 
 
+class Journal:
+    """``runs.jsonl`` in the compare folder: one line per finished run, written as soon as it finishes, so
+    an interrupted grid can go on with ``--resume``. A line is reused only for the very same run key."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        self.done: dict[str, CompareRun] = {}
+        if resume and path.is_file():
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                    self.done[entry["key"]] = CompareRun(**entry["run"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise VitqError(f"{path} line {number} is not a compare run ({err}); remove it or drop "
+                                    "--resume") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            path.write_text("", encoding="utf-8")
+
+    def add(self, key: str, run: CompareRun) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "run": asdict(run)}) + "\n")
+
+
+def _run_key(args: argparse.Namespace, name: str, label: str, config: QuantConfig, split: Split) -> str:
+    """Everything a compare run's numbers depend on (and its label in the report), as one string."""
+    checkpoint = _checkpoint(args)
+    return json.dumps({"model": name, "checkpoint": None if checkpoint is None else str(checkpoint),
+                       "data": str(_data_dir(args)), "label": label, "config": config.model_dump(mode="json"),
+                       "eval_images": hashlib.sha256(json.dumps(split.eval).encode()).hexdigest()[:16],
+                       "batch_size": args.batch_size}, sort_keys=True)
+
+
 def _compare_run(model: nn.Module, name: str, label: str, config: QuantConfig, cache: ImageCache, split: Split,
-                 args: argparse.Namespace, float_top1: float | None) -> CompareRun:
+                 args: argparse.Namespace, float_top1: float | None, journal: Journal) -> CompareRun:
     """Quantize (a copy of) ``model`` and evaluate it on ``split`` as the report's ``label``;
-    ``float_top1=None`` for the float run."""
+    ``float_top1=None`` for the float run. Reuses a journaled run with the same key."""
+    key = _run_key(args, name, label, config, split)
+    setting = FLOAT if config.method == FLOAT else f"W{config.w_bits}A{config.a_bits}"
+    if key in journal.done:
+        run = journal.done[key]
+        print(f"seed {split.seed}: {label} {setting}: top-1 {run.top1:.2f} % (from {journal.path.name})")
+        return run
     qmodel, calib_seconds = _quantize(model, name, config, cache, split, progress=_progress(args), inplace=False)
     result = _evaluate(qmodel, cache, split, args)
-    setting = FLOAT if config.method == FLOAT else f"W{config.w_bits}A{config.a_bits}"
     print(f"seed {split.seed}: {label} {setting}: {result.summary()}, calibration {calib_seconds:.1f} s")
-    return CompareRun(method=label, setting=setting, seed=split.seed, n_images=result.n_images,
-                      top1=result.top1, top5=result.top5,
-                      float_top1=result.top1 if float_top1 is None else float_top1,
-                      calib_seconds=calib_seconds, eval_seconds=result.seconds,
-                      size_mb=model_size(qmodel).quantized_bytes / MB)
+    run = CompareRun(method=label, setting=setting, seed=split.seed, n_images=result.n_images,
+                     top1=result.top1, top5=result.top5,
+                     float_top1=result.top1 if float_top1 is None else float_top1,
+                     calib_seconds=calib_seconds, eval_seconds=result.seconds,
+                     size_mb=model_size(qmodel).quantized_bytes / MB)
+    journal.add(key, run)
+    return run
 
 
 def _compare_meta(args: argparse.Namespace, cache: ImageCache, splits: Sequence[Split],
@@ -618,12 +663,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cache = ImageCache(_data_dir(args), model, progress=_progress(args))
     splits = [cache.split(calib_size, seed, args.limit) for seed in seeds]
     cache.tensors(sorted({i for s in splits for i in s.calib + s.eval}))  # decode the whole grid's images once
+    journal = Journal(args.out_dir / JOURNAL_FILE, resume=args.resume)
     runs = []
     for split in splits:
         float_config = make(QuantConfig, method=FLOAT, calib_size=calib_size, seed=split.seed)
-        baseline = _compare_run(model, name, FLOAT, float_config, cache, split, args, float_top1=None)
+        baseline = _compare_run(model, name, FLOAT, float_config, cache, split, args, float_top1=None,
+                                journal=journal)
         runs.append(baseline)
-        runs += [_compare_run(model, name, label, config, cache, split, args, float_top1=baseline.top1)
+        runs += [_compare_run(model, name, label, config, cache, split, args, float_top1=baseline.top1,
+                              journal=journal)
                  for label, config in grid[split.seed]]
     paths = write_compare_report(args.out_dir, f"vitq compare: {name}", _compare_meta(args, cache, splits, reference),
                                  runs, list(bits), reference=reference)
