@@ -15,7 +15,8 @@ Options (``QuantConfig.options`` / ``--option KEY=VALUE``), also used for the ab
 
 - ``softmax``: ``"tanq"`` (default), ``"log_sqrt2"``, ``"log2"`` or ``"uniform"``;
 - ``tan_variant``: ``"tan_log"`` (default) or ``"tan"`` (see :mod:`vitq.quantizers.tan`);
-- ``target``: ``"median"`` (MOSF, default), ``"mean"`` (RepQ-ViT), ``"search"`` (SOSF) or ``"none"``
+- ``target``: ``"median"`` (MOSF, default: with TanQ it ranks above SOSF in the cross-fit on calibration
+  images, ``benchmarks/results/dopq_default_selection.md``), ``"mean"`` (RepQ-ViT), ``"search"`` (SOSF) or ``"none"``
   (keep the post-LayerNorm activations per channel: more accurate, **not hardware-friendly**, the
   RepQ-ViT issue #11 trap; reported only as a reference);
 - ``ratio_bound``: fold only ``clamp(s_c/s̃, 1/ρ, ρ)`` (``None``: unbounded, as RepQ-ViT).
