@@ -47,6 +47,8 @@ Conventions (document for reproducibility):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +157,23 @@ def calibration_error(weight: torch.Tensor, reference: torch.Tensor, moments: In
                  + ((ref @ moments.float) * ref).sum())
 
 
+@contextmanager
+def _weights_swapped(layers, weights) -> Iterator[None]:
+    """Temporarily give each layer the ``(weight, bias)`` in ``weights`` (a bias of ``None``: zeros)."""
+    current = [(layer.weight.data, None if layer.bias is None else layer.bias.data) for layer in layers]
+    try:
+        for layer, (weight, bias) in zip(layers, weights, strict=True):
+            layer.weight.data = weight
+            if layer.bias is not None:
+                layer.bias.data = torch.zeros_like(layer.bias.data) if bias is None else bias
+        yield
+    finally:
+        for layer, (weight, bias) in zip(layers, current, strict=True):
+            layer.weight.data = weight
+            if bias is not None:
+                layer.bias.data = bias
+
+
 @dataclass(frozen=True)
 class LayerError:
     """Calibration error of one layer: plain rounding of its original weights vs ERQ."""
@@ -216,21 +235,32 @@ class ERQ(RepQViT):
                                 for q in (layer.input_quantizer for _, layer in layers)]
             modules = [layer for _, layer in layers]
 
+            originals = [(layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
+                         for layer in modules]
+
             def float_run(chunk: torch.Tensor) -> torch.Tensor:
-                with qmodel.quantization_disabled():
+                # the original float model: no quantizer, and the weights as they were before this stage's changes
+                with qmodel.quantization_disabled(), _weights_swapped(modules, originals):
                     return stage.run(chunk)
+
+            def reduce(name: str, layer, m: InputMoments) -> None:
+                one_row_per_image = m.rows == x_float.shape[0]
+                self._reduce_errors(name, layer, m, lam=size * self.options["lam"],
+                                    lam_aqer=size * self.options["lam_head" if one_row_per_image else "lam"])
 
             if self.options["inputs"] == "float":
                 moments, out_float = gather_input_moments(float_run, x_float, modules, float_inputs=True,
                                                           input_quantizers=input_quantizers)
+                for (name, layer), m in zip(layers, moments, strict=True):
+                    reduce(name, layer, m)
             else:
-                moments, _ = gather_input_moments(stage.run, x, modules, reference=(float_run, x_float),
-                                                  input_quantizers=input_quantizers)
+                # one layer at a time, so that each one's inputs come through the layers already corrected
+                # before it (correcting them all from the same uncorrected pass would correct twice)
                 out_float = run_batched(float_run, x_float, 32)
-            for (name, layer), m in zip(layers, moments, strict=True):
-                one_row_per_image = m.rows == x_float.shape[0]
-                self._reduce_errors(name, layer, m, lam=size * self.options["lam"],
-                                    lam_aqer=size * self.options["lam_head" if one_row_per_image else "lam"])
+                for (name, layer), quantizer in zip(layers, input_quantizers, strict=True):
+                    (m,), _ = gather_input_moments(stage.run, x, [layer], reference=(float_run, x_float),
+                                                   input_quantizers=[quantizer])
+                    reduce(name, layer, m)
             return out_float
 
         run_stagewise_with_float(qmodel, images, visit, progress=progress, desc="erq")
