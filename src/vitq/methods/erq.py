@@ -29,6 +29,8 @@ absorbs the error that arrives from upstream. This variant is vitq's, not the pa
 
 Conventions (document for reproducibility):
 
+- Aqer is not applied to the patch embedding (the reference code applies it to Linear layers only; here the
+  image input is quantized at 8 bits, whose error Aqer would only overfit). Wqer rounds it like any layer.
 - Weight ranges: per row, ERQ's wider percentile search (0.97 … 1, :data:`WEIGHT_PERCENTILES`), on the
   weights before rounding (after Aqer).
 
@@ -157,6 +159,11 @@ def calibration_error(weight: torch.Tensor, reference: torch.Tensor, moments: In
                  + ((ref @ moments.float) * ref).sum())
 
 
+def _takes_the_image(layer) -> bool:
+    """The patch embedding: ERQ's code leaves its input float and never applies Aqer to it (NOTES §2.3)."""
+    return layer.slot_roles.get("input_quantizer") == "image"
+
+
 @contextmanager
 def _weights_swapped(layers, weights) -> Iterator[None]:
     """Temporarily give each layer the ``(weight, bias)`` in ``weights`` (a bias of ``None``: zeros)."""
@@ -276,7 +283,7 @@ class ERQ(RepQViT):
         original_params = quantizer.get_params()
         plain_grid = row_grid(quantizer, weight.shape[0], name)
         current = original
-        if self.options["aqer"]:
+        if self.options["aqer"] and not _takes_the_image(layer):
             current = aqer_update(current, moments, lam_aqer)
             set_weight_and_bias(layer, current[:, :-1], current[:, -1])
             recalibrate_weight(layer)
