@@ -18,6 +18,7 @@ model computes exactly what the fake-quant model computed. The original float we
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -146,8 +147,8 @@ def load(path: str | Path) -> QuantizedModel:
             slot.quantizer = quantizers[slot.name]
     except VitqError as err:
         raise VitqError(f"{path}: {err}") from None
-    _add_folded_biases(qmodel, path)
     state = read_state_file(path)
+    _add_folded_biases(qmodel, state)
     _unpack_weights(qmodel, state, header.get("packed", {}), path)
     load_state(qmodel.model, state, path, what=f"quantized {name}")
     return qmodel.eval()
@@ -178,24 +179,17 @@ def _unpack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor], entr
             quantizer.set_params({p: state[prefix + p] for p in quantizer.param_names})
         except KeyError as err:
             raise VitqError(f"{path} does not match its header: missing {err} for packed weight {key}") from None
-        count = 1
-        for n in shape:
-            count *= n
-        codes = unpack_codes(state.pop(key + PACKED_SUFFIX), bits, count) + q_min
+        codes = unpack_codes(state.pop(key + PACKED_SUFFIX), bits, math.prod(shape)) + q_min
         state[key] = quantizer.dequantize(codes.reshape(shape)).to(dtype)
 
 
-def _add_folded_biases(qmodel: QuantizedModel, path: Path) -> None:
-    """Give a bias to every point that has none in timm but one in the file.
+def _add_folded_biases(qmodel: QuantizedModel, state: dict[str, torch.Tensor]) -> None:
+    """Give a bias to every point that has none in timm but one in the file's ``state``.
 
     Reparameterizations fold a shift into the next layer's bias (RepQ-ViT, NOTES §2.1), which creates
     one where timm has none (Swin's ``downsample.reduction``).
     """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
     for name, point in qmodel.points().items():
         weight = getattr(point, "weight", None)
-        if weight is not None and getattr(point, "bias", "absent") is None and f"{name}.bias" in keys:
+        if weight is not None and getattr(point, "bias", "absent") is None and f"{name}.bias" in state:
             point.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))
