@@ -145,6 +145,27 @@ def test_quantize_then_eval_quantized_matches_direct_eval(cli, files, minmax_jso
     assert "per-point SQNR" in out
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
+def test_export_onnx_then_eval_on_onnxruntime(cli, files, tmp_path):
+    out_dir, onnx_file = tmp_path / "q", tmp_path / "model.onnx"
+    assert cli("quantize", "--method", "minmax", "--a-bits", "6", *_inputs(files), "--output", out_dir)[0] == 0
+    code, out, err = cli("export", out_dir, "--format", "onnx", "--output", onnx_file)
+    assert code == 0, err
+    assert onnx_file.is_file() and "int8 weight" in out and "uint8 QDQ + clip" in out
+    # random init: the flat softmax's range misses 0, its zero point cannot be stored: named on stderr
+    assert "blocks.0.attn.softmax.quantizer" in err and "float path" in err
+    torch_json, ort_json = tmp_path / "torch.json", tmp_path / "ort.json"
+    assert cli("eval", "--quantized", out_dir, "--data", files["data"], "--no-progress", "--json", torch_json)[0] == 0
+    code, out, err = cli("eval", "--backend", "onnxruntime", "--model", onnx_file, "--data", files["data"],
+                         "--threads", "1", "--no-progress", "--json", ort_json)
+    assert code == 0, err
+    on_torch, on_ort = json.loads(torch_json.read_text()), json.loads(ort_json.read_text())
+    for key in ("n_images", "method", "w_bits", "a_bits", "calib_size", "seed", "model"):
+        assert on_ort[key] == on_torch[key], key
+    assert on_ort["backend"] == "onnxruntime" and on_ort["float_path_points"]
+    assert abs(on_ort["top1"] - on_torch["top1"]) <= 100 / on_torch["n_images"]  # at most one image apart
+
+
 def test_eval_limit(cli, files, tmp_path):
     path = tmp_path / "r.json"
     code, _, err = cli("eval", "--method", "float", *_inputs(files), "--limit", "1", "--json", path)
@@ -298,6 +319,17 @@ BAD_INPUTS = {
     "missing quantized dir": (lambda f: ["eval", "--quantized", f["root"] / "nope", *_inputs(f)],
                               ["nope", "does not exist"]),
     "bad limit": (lambda f: ["eval", "--limit", "0", *_inputs(f)], ["--limit"]),
+    "onnxruntime without model": (lambda f: ["eval", "--backend", "onnxruntime", "--data", f["data"]],
+                                  ["--model FILE.onnx"]),
+    "onnxruntime missing file": (lambda f: ["eval", "--backend", "onnxruntime", "--model", f["root"] / "no.onnx"],
+                                 ["no.onnx", "does not exist"]),
+    "onnxruntime with method": (lambda f: ["eval", "--backend", "onnxruntime", "--model", f["checkpoint"],
+                                           "--method", "minmax"], ["drop --method"]),
+    "onnxruntime not onnx": (lambda f: ["eval", "--backend", "onnxruntime", "--model", f["checkpoint"]],
+                             ["onnxruntime cannot load"]),
+    "export missing dir": (lambda f: ["export", f["root"] / "nope", "--output", f["root"] / "x.onnx"],
+                           ["nope", "does not exist"]),
+    "export bad opset": (lambda f: ["export", f["root"], "--output", "x.onnx", "--opset", "11"], ["--opset"]),
     "negative seed": (lambda f: ["eval", *_inputs(f), "--seed", "-1"], ["--seed", "non-negative"]),
 }
 
@@ -324,7 +356,7 @@ def test_quantized_conflicting_method_is_an_error(cli, files, tmp_path):
 
 def test_help_and_version(cli):
     code, out, _ = cli("--help")
-    assert code == 0 and "inspect" in out and "compare" in out
+    assert code == 0 and "inspect" in out and "compare" in out and "export" in out
     code, out, _ = cli("eval", "--help")
     assert code == 0 and "--quantized" in out and "--sqnr" in out
     code, out, _ = cli("--version")

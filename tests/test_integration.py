@@ -76,3 +76,25 @@ def test_packed_w4_checkpoint_is_small_and_exact(deit_tiny, split_seed0, assets,
     assert ratio <= 0.16, ratio
     with torch.no_grad():
         assert torch.equal(vitq.load(path)(images[:8]), qmodel(images[:8]))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
+def test_onnx_w8a8_export_runs_in_onnxruntime_like_fake_quant(deit_tiny, split_seed0, assets, tmp_path):
+    """percentile W8A8 exports with every point as int8 QDQ; onnxruntime's integer kernels give the fake-quant
+    classes on nearly every image (the rest are float32 rounding ties, as between float32 and float64 torch)."""
+    from vitq.assets import DEIT_TINY_CHECKPOINT
+    from vitq.eval.ort import OrtModel
+    from vitq.export.onnx import export_onnx
+
+    calib, (images, _) = split_seed0
+    qmodel = vitq.quantize(deit_tiny, vitq.QuantConfig(method="percentile", w_bits=8, a_bits=8), calib,
+                           progress=False)
+    exported = export_onnx(qmodel, tmp_path / "w8a8.onnx")
+    assert not exported.float_points
+    assert exported.path.stat().st_size <= 0.3 * (assets / DEIT_TINY_CHECKPOINT).stat().st_size
+    subset = images[:256]
+    with torch.no_grad():
+        reference = qmodel(subset)
+    logits = OrtModel(exported.path, threads=2)(subset)
+    assert (logits.argmax(1) == reference.argmax(1)).float().mean() >= 0.97
+    assert (logits - reference).abs().mean() < 0.1

@@ -1,9 +1,11 @@
-"""The ``vitq`` command line: ``inspect``, ``quantize``, ``eval`` and ``compare``.
+"""The ``vitq`` command line: ``inspect``, ``quantize``, ``eval``, ``compare`` and ``export``.
 
     vitq inspect --method percentile --w-bits 4 --a-bits 4 --override head=8
     vitq quantize --method minmax --w-bits 8 --a-bits 8 --output runs/minmax_w8a8
     vitq eval --quantized runs/minmax_w8a8 --json runs/minmax_w8a8/eval.json
     vitq eval --method float --limit 100
+    vitq export runs/minmax_w8a8 --format onnx --output runs/minmax_w8a8.onnx
+    vitq eval --backend onnxruntime --model runs/minmax_w8a8.onnx --threads 2
     vitq compare --methods minmax,percentile --bits W8A8,W6A6,W4A4 --seeds 0,1,2 --out-dir runs/compare
     vitq compare --methods "dopq-vit[softmax=log2],dopq-vit[softmax=tanq]" --reference "dopq-vit[softmax=log2]" \
         --out-dir runs/softmax
@@ -40,6 +42,7 @@ from vitq.errors import VitqError
 from vitq.eval.accuracy import EvalResult
 from vitq.eval.errors import PointError, point_sqnr
 from vitq.eval.size import SizeReport, model_size
+from vitq.export.onnx import DEFAULT_OPSET, export_onnx
 from vitq.methods import method_class, method_names
 from vitq.models.registry import create_model
 from vitq.quantized_model import QuantizedModel
@@ -55,6 +58,8 @@ MODEL_FILE = "model.safetensors"
 QUANTIZE_FILE = "quantize.json"
 JOURNAL_FILE = "runs.jsonl"
 MB = 1e6
+BACKENDS = ("torch", "onnxruntime")
+EXPORT_FORMATS = ("onnx",)
 
 
 # ====================================================================== option parsing
@@ -132,7 +137,7 @@ def _eval_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``vitq`` argument parser with its four subcommands."""
+    """The ``vitq`` argument parser with its five subcommands."""
     parser = _Parser(prog="vitq", description="Post-training quantization of Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"vitq {vitq.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -156,7 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", type=Path, metavar="DIR", help="evaluate the model saved by 'vitq quantize'")
     p.add_argument("--sqnr", action="store_true", help="print the per-point SQNR table (and put it in the JSON)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch: the fake-quant model (default); onnxruntime: the ONNX file given as --model "
+                        "FILE.onnx (written by 'vitq export'), with --threads intra-op threads")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("export", help="write a model saved by 'vitq quantize' in a deployment format")
+    p.add_argument("quantized", type=Path, metavar="QUANTIZED_DIR", help="folder written by 'vitq quantize --output'")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                   help="onnx: QuantizeLinear/DequantizeLinear graph with int8 weights (default)")
+    p.add_argument("--output", type=Path, required=True, metavar="FILE", help="the file to write (FILE.onnx)")
+    p.add_argument("--opset", type=_int_at_least(13, "--opset"), default=DEFAULT_OPSET,
+                   help="ONNX opset, >= 13 for per-channel QDQ (default %(default)s)")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("compare", parents=[common, tuning, _data_options(seed=False), _eval_options()],
                        help="methods x bit settings x seeds against float: markdown, CSV and a plot")
@@ -392,21 +409,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_saved(args: argparse.Namespace) -> tuple[QuantizedModel, float | None]:
-    """The model saved in ``--quantized DIR`` and its calibration seconds (from ``quantize.json``, if any)."""
-    folder: Path = args.quantized
+def _read_saved(folder: Path) -> tuple[QuantizedModel, float | None]:
+    """The model saved in ``folder`` by ``vitq quantize`` and its calibration seconds (from ``quantize.json``)."""
     if not folder.is_dir():
         raise VitqError(f"quantized model folder {folder} does not exist")
     qmodel = vitq.load(folder / MODEL_FILE)
-    saved = qmodel.config
-    given = {"--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
-             "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits)}
-    conflicts = [f"{flag} {mine} (saved: {theirs})" for flag, (mine, theirs) in given.items()
-                 if mine is not None and mine != theirs]
-    if args.override or args.option:
-        conflicts.append("--override/--option (the saved model is already quantized)")
-    if conflicts:
-        raise VitqError(f"--quantized {folder} conflicts with {'; '.join(conflicts)}")
     info = folder / QUANTIZE_FILE
     if not info.is_file():
         return qmodel, None
@@ -416,8 +423,26 @@ def _load_saved(args: argparse.Namespace) -> tuple[QuantizedModel, float | None]
         raise VitqError(f"cannot read {info}: {err}") from None
 
 
+def _load_saved(args: argparse.Namespace) -> tuple[QuantizedModel, float | None]:
+    """``--quantized DIR``'s model and calibration seconds; refuses options that contradict the saved model."""
+    folder: Path = args.quantized
+    qmodel, calib_seconds = _read_saved(folder)
+    saved = qmodel.config
+    given = {"--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
+             "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits)}
+    conflicts = [f"{flag} {mine} (saved: {theirs})" for flag, (mine, theirs) in given.items()
+                 if mine is not None and mine != theirs]
+    if args.override or args.option:
+        conflicts.append("--override/--option (the saved model is already quantized)")
+    if conflicts:
+        raise VitqError(f"--quantized {folder} conflicts with {'; '.join(conflicts)}")
+    return qmodel, calib_seconds
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5 on the evaluation split of a freshly quantized (or float, or saved) model."""
+    if args.backend == "onnxruntime":
+        return _eval_onnxruntime(args)
     progress = _progress(args)
     if args.quantized:
         qmodel, calib_seconds = _load_saved(args)
@@ -454,6 +479,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
         record["sqnr"] = _sqnr_json(errors)
     if args.json:
         _write_json(args.json, record)
+    return 0
+
+
+def _eval_onnxruntime(args: argparse.Namespace) -> int:
+    """``vitq eval --backend onnxruntime --model FILE.onnx``: same split, same JSON keys as the torch backend."""
+    from vitq.eval.ort import OrtModel
+
+    if args.model is None:
+        raise VitqError("--backend onnxruntime needs --model FILE.onnx (a file written by 'vitq export')")
+    torch_only = {"--quantized": args.quantized, "--method": args.method, "--w-bits": args.w_bits,
+                  "--a-bits": args.a_bits, "--checkpoint": args.checkpoint, "--sqnr": args.sqnr or None,
+                  "--override/--option": args.override or args.option or None}
+    given = [flag for flag, value in torch_only.items() if value is not None]
+    if given:
+        raise VitqError(f"--backend onnxruntime evaluates the ONNX file as exported; drop {', '.join(given)}")
+    model = OrtModel(Path(args.model), threads=args.threads)
+    header = model.header
+    saved = QuantConfig.model_validate(header["config"])
+    cache = ImageCache(_data_dir(args), _architecture(header["model_name"]), progress=_progress(args))
+    split = cache.split(saved.calib_size if args.calib_size is None else args.calib_size,
+                        saved.seed if args.seed is None else args.seed, args.limit)
+    result = _evaluate(model, cache, split, args)
+    float_points = [p["slot"] for p in header["points"] if p["form"] == "float path"]
+    record = {
+        "top1": result.top1, "top5": result.top5, "top1_ci95": list(result.top1_ci95),
+        "n_images": result.n_images, "seconds": result.seconds, "peak_mem_mb": peak_rss_mb(),
+        "images_per_s": result.images_per_s, "model": header["model_name"], "method": saved.method,
+        "w_bits": saved.w_bits, "a_bits": saved.a_bits, "calib_size": len(split.calib), "seed": split.seed,
+        "backend": "onnxruntime", "onnx_file": str(model.path), "file_mb": model.path.stat().st_size / MB,
+        "float_path_points": float_points,
+    }
+    print(f"{model.path} ({header['model_name']}, {saved.label}) on onnxruntime, "
+          f"{len(float_points)} points on a float path")
+    print(result.summary())
+    if args.json:
+        _write_json(args.json, record)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model saved by ``vitq quantize`` (``--format onnx``), naming every point left on a float path."""
+    qmodel, _ = _read_saved(args.quantized)
+    exported = export_onnx(qmodel, args.output, opset=args.opset)
+    forms: dict[str, int] = {}
+    for point in exported.points:
+        forms[point.form] = forms.get(point.form, 0) + 1
+    print(f"wrote {exported.path} ({exported.path.stat().st_size / MB:.2f} MB): "
+          + ", ".join(f"{n} {form}" for form, n in sorted(forms.items())))
+    for point in exported.float_points:
+        print(f"vitq: warning: {point.slot} ({point.quantizer}) stays on a float path: {point.reason}",
+              file=sys.stderr)
     return 0
 
 
@@ -692,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0
     args.argv = argv
     try:
-        if args.threads:
+        if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.run(args)
     except (VitqError, OSError) as err:

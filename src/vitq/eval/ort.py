@@ -1,0 +1,88 @@
+"""Run an exported ONNX file with onnxruntime behind the ``nn.Module`` interface :func:`vitq.evaluate` expects.
+
+    model = OrtModel("deit_tiny_w8a8.onnx", threads=2)
+    vitq.evaluate(model, (images, labels))
+
+The file's vitq header (:attr:`OrtModel.header`) says which timm model it came from (hence
+the preprocessing) and with which calibration split, so an evaluation can use the same images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitq.errors import VitqError
+from vitq.export.onnx import METADATA_KEY
+
+#: onnxruntime graph optimisation levels by name
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session_options(threads: int | None = None, optimization: str = "all"):
+    """onnxruntime session options: ``threads`` intra-op threads (None: onnxruntime's default, one per
+    core), ``optimization`` one of :data:`OPTIMIZATION_LEVELS` ("all": QDQ → integer-kernel fusions)."""
+    import onnxruntime as ort
+
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise VitqError(f"optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: no hardware-specific-optimisation warnings
+    # A weight DequantizeLinear feeding a MatMul whose input stays float (a float-path point) is fused into
+    # MatMulNBits, by default at accuracy level 4, which quantizes that float input to int8 on the fly: a
+    # different model. Level 1 computes in float32, so the fused graph still computes the exported model.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
+
+
+def open_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
+    """An onnxruntime CPU session for ``path``; a missing or unreadable file raises :class:`VitqError`."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise VitqError(f"ONNX file {path} does not exist")
+    try:
+        return ort.InferenceSession(str(path), session_options(threads, optimization),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for corrupt files
+        raise VitqError(f"onnxruntime cannot load {path}: {err}") from None
+
+
+class OrtModel(nn.Module):
+    """An onnxruntime session as a module: ``forward(images) -> logits`` (torch tensors, CPU)."""
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.session = open_session(path, threads, optimization)
+        # files written by vitq use INPUT_NAME/OUTPUT_NAME; other single-input classifiers work too
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    @property
+    def header(self) -> dict:
+        """The vitq header written by :func:`vitq.export.onnx.export_onnx` (model name, config, points)."""
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in metadata:
+            raise VitqError(f"{self.path} has no vitq metadata (was it written by 'vitq export'?)")
+        try:
+            return json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as err:
+            raise VitqError(f"corrupt vitq metadata in {self.path}: {err}") from None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to(torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run([self.output_name], {self.input_name: array})[0])

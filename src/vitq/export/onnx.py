@@ -1,0 +1,273 @@
+"""Export a quantized model to ONNX with *our* calibrated scales in QuantizeLinear/DequantizeLinear nodes.
+
+What each quantization point becomes:
+
+- a **weight** with a per-output-channel (or per-tensor) uniform quantizer: its integer codes are stored as
+  an int8 initializer and dequantized by one ``DequantizeLinear`` (per-channel ``axis``), so the file holds
+  8-bit weights and onnxruntime can fuse ``DQ → MatMul`` into an integer GEMM (``MatMulIntegerToFloat``);
+- an **activation** with a per-tensor uniform quantizer: ``QuantizeLinear → DequantizeLinear`` with uint8
+  codes. Below 8 bits the codes are a sub-range of uint8, so a ``Clip`` to ``[(q_min − z)·Δ, (q_max − z)·Δ]``
+  comes first: then ``round(x/Δ) + z`` never leaves ``[q_min, q_max]`` and the pair computes exactly our
+  fake-quant;
+- anything that has no integer form here — log2, log√2, TanQ, dual-uniform, per-group weights, per-channel or
+  per-head activations (no integer GEMM takes them; onnxruntime's fused kernels reject them), a fractional
+  zero point (RepQ-ViT's unrounded reparameterization target) or one that does not fit 8-bit storage — keeps a
+  **float path**: the quantizer's own fake-quant arithmetic is traced into the graph (exact, not integer), and
+  the export report names every such point with the reason.
+
+Signed codes are moved to the storage type by an offset of ±128 applied to both codes and zero point
+(``(q − z)·Δ`` is unchanged): activations are stored as uint8 and weights as int8, the u8·s8 form that x86
+integer kernels prefer. The graph is produced by torch's TorchScript ONNX exporter; the custom
+``autograd.Function`` s below compute our fake-quant in torch and emit the QDQ nodes through ``symbolic``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitq import __version__
+from vitq.errors import VitqError
+from vitq.nn import QLinear
+from vitq.quantized_model import QuantizedModel, Slot
+from vitq.quantizers import Quantizer
+from vitq.quantizers.uniform import UniformQuantizer
+
+DEFAULT_OPSET = 17
+#: ONNX metadata key holding the export header (model name, config, per-point report) as JSON
+METADATA_KEY = "vitq"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+UINT8, INT8 = (0, 255), (-128, 127)
+
+
+@dataclass(frozen=True)
+class PointExport:
+    """How one quantizer slot was exported."""
+
+    slot: str
+    role: str
+    quantizer: str  # e.g. "uniform 8-bit channel"
+    form: str  # "int8 weight", "uint8 QDQ", "uint8 QDQ + clip", or "float path"
+    reason: str = ""  # why a float path
+
+    @property
+    def integer(self) -> bool:
+        return self.form != "float path"
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """The written file and one :class:`PointExport` per quantized slot."""
+
+    path: Path
+    points: list[PointExport]
+
+    @property
+    def float_points(self) -> list[PointExport]:
+        return [p for p in self.points if not p.integer]
+
+
+@dataclass(frozen=True)
+class _QdqParams:
+    """Storage-type parameters of one uniform quantizer: codes ``q + offset`` in ``dtype``."""
+
+    scale: np.ndarray  # float32, [] or [channels]
+    zero_point: np.ndarray  # storage dtype, same shape
+    axis: int | None  # None: per tensor; 0: per output channel (weights)
+    clip: tuple[float, float] | None  # bounds applied before QuantizeLinear (activations below 8 bits)
+    offset: int
+
+
+def _describe(quantizer: Quantizer) -> str:
+    spec = quantizer.spec()
+    return " ".join(str(p) for p in (spec["kind"], f"{spec['bits']}-bit", spec.get("granularity")) if p)
+
+
+def _qdq_params(quantizer: Quantizer, storage: tuple[int, int], *, weight: bool) -> _QdqParams | str:
+    """The QDQ form of ``quantizer`` in ``storage`` (uint8 or int8 range), or why there is none.
+
+    Weights: per tensor or per output channel (axis 0). Activations: per tensor only — an integer GEMM factors
+    one input scale out of its sum, and onnxruntime's fused kernels reject per-axis input zero points.
+    """
+    if not isinstance(quantizer, UniformQuantizer):
+        return f"{quantizer.kind} quantizer (not uniform)"
+    allowed = ("tensor", "channel") if weight else ("tensor",)
+    if quantizer.granularity not in allowed or (quantizer.granularity == "channel" and quantizer.axis != 0):
+        return f"per-{quantizer.granularity} scales (QDQ here: per tensor" + \
+            (", or per output channel for weights)" if weight else " for activations)")
+    lo, hi = storage
+    scale = quantizer.scale.detach().float().reshape(-1)
+    zero_point = quantizer.zero_point.detach().reshape(-1)
+    if not bool((zero_point == zero_point.round()).all()):
+        # RepQ-ViT's unrounded reparameterization target z̃: its clamp bounds (q_min − z̃)·Δ are off the grid
+        return f"fractional zero point (e.g. {zero_point[zero_point != zero_point.round()][0].item():.3f}); " \
+               f"QDQ needs an integer one"
+    # one integer offset o for codes and zero points: q + o and z + o must all lie in [lo, hi]
+    z_min, z_max = int(zero_point.min()), int(zero_point.max())
+    first, last = max(lo - quantizer.q_min, lo - z_min), min(hi - quantizer.q_max, hi - z_max)
+    if first > last:
+        return f"zero points {z_min}..{z_max} and codes {quantizer.q_min}..{quantizer.q_max} do not fit one " \
+               f"8-bit storage range"
+    natural = 0 if lo <= quantizer.q_min else (128 if lo == 0 else -128)  # signed codes to uint8 and back
+    offset = min(max(natural, first), last)
+    per_tensor = quantizer.granularity == "tensor"
+    clip = None
+    if not weight and (quantizer.q_min + offset > lo or quantizer.q_max + offset < hi):
+        clip = (float((quantizer.q_min - zero_point) * scale), float((quantizer.q_max - zero_point) * scale))
+    stored_zero = (zero_point + offset).numpy().astype(np.uint8 if lo == 0 else np.int8)
+    return _QdqParams(scale=scale.numpy().reshape(()) if per_tensor else scale.numpy(),
+                      zero_point=stored_zero.reshape(()) if per_tensor else stored_zero,
+                      axis=None if per_tensor else 0, clip=clip, offset=offset)
+
+
+def _constant(g, array: np.ndarray):
+    return g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(array)))
+
+
+class _QuantizeDequantize(torch.autograd.Function):
+    """Our fake-quant (computed by the caller) in torch; ``[Clip →] QuantizeLinear → DequantizeLinear`` in
+    ONNX."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fake_quant: torch.Tensor, params: _QdqParams) -> torch.Tensor:
+        return fake_quant.clone()
+
+    @staticmethod
+    def symbolic(g, x, fake_quant, params: _QdqParams):  # the traced fake_quant ops are then dead code
+        if params.clip is not None:
+            low, high = (_constant(g, np.array(bound, dtype=np.float32)) for bound in params.clip)
+            x = g.op("Clip", x, low, high)
+        scale, zero_point = _constant(g, params.scale), _constant(g, params.zero_point)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """The fake-quant weight in torch; ``DequantizeLinear(int8 codes)`` in ONNX.
+
+    For a Linear layer the codes are stored transposed ([in, out], per-channel axis 1) under a Transpose,
+    which cancels against the Transpose of ``F.linear``: the exported graph is ``DQ → MatMul``, the pattern
+    onnxruntime fuses into an integer GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, dequantized: torch.Tensor, codes: np.ndarray, params: _QdqParams,
+                transposed: bool) -> torch.Tensor:
+        return dequantized.clone()
+
+    @staticmethod
+    def symbolic(g, weight, dequantized, codes: np.ndarray, params: _QdqParams, transposed: bool):
+        scale, zero_point = _constant(g, params.scale), _constant(g, params.zero_point)
+        if not transposed:
+            axis = {} if params.axis is None else {"axis_i": 0}
+            return g.op("DequantizeLinear", _constant(g, codes), scale, zero_point, **axis)
+        axis = {} if params.axis is None else {"axis_i": 1}
+        dequantized_t = g.op("DequantizeLinear", _constant(g, codes.T), scale, zero_point, **axis)
+        return g.op("Transpose", dequantized_t, perm_i=[1, 0])
+
+
+class _ActivationExport(nn.Module):
+    def __init__(self, quantizer: UniformQuantizer, params: _QdqParams) -> None:
+        super().__init__()
+        self.quantizer, self.params = quantizer, params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantizeDequantize.apply(x, self.quantizer.quantize_dequantize(x), self.params)
+
+
+class _WeightExport(nn.Module):
+    def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor, params: _QdqParams,
+                 transposed: bool) -> None:
+        super().__init__()
+        codes = quantizer.int_repr(weight.detach()) + params.offset
+        self.codes = codes.numpy().astype(np.int8)
+        self.dequantized = quantizer(weight.detach())
+        self.params, self.transposed = params, transposed
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _DequantizeWeight.apply(weight, self.dequantized, self.codes, self.params, self.transposed)
+
+
+def _slot_export(slot: Slot) -> tuple[PointExport, nn.Module | None]:
+    """The report entry of ``slot`` and the module that replaces its quantizer during export (``None``:
+    keep the quantizer, i.e. its float fake-quant arithmetic)."""
+    quantizer = slot.quantizer
+    described = _describe(quantizer)
+    weight = slot.role == "weight"
+    params = _qdq_params(quantizer, INT8 if weight else UINT8, weight=weight)
+    if isinstance(params, str):
+        return PointExport(slot.name, slot.role, described, "float path", params), None
+    if weight:
+        shim = _WeightExport(quantizer, slot.module.weight, params, transposed=isinstance(slot.module, QLinear))
+        return PointExport(slot.name, slot.role, described, "int8 weight"), shim
+    form = "uint8 QDQ + clip" if params.clip is not None else "uint8 QDQ"
+    return PointExport(slot.name, slot.role, described, form), _ActivationExport(quantizer, params)
+
+
+@contextmanager
+def _export_mode(qmodel: QuantizedModel) -> Iterator[list[PointExport]]:
+    """Swap every exportable quantizer for its QDQ shim; yields the per-slot report; restores on exit."""
+    report, swapped = [], []
+    for slot in qmodel.slots():
+        if slot.quantizer is None or not slot.quantizer.enabled:
+            continue
+        entry, shim = _slot_export(slot)
+        report.append(entry)
+        if shim is not None:
+            swapped.append((slot, slot.quantizer))
+            setattr(slot.module, slot.attr, shim)
+    try:
+        yield report
+    finally:
+        for slot, quantizer in swapped:
+            setattr(slot.module, slot.attr, quantizer)
+
+
+def export_header(qmodel: QuantizedModel, points: list[PointExport]) -> dict:
+    """What a reader of the ONNX file needs: model name (preprocessing), config (calibration split), points."""
+    return {"vitq_version": __version__, "model_name": qmodel.model_name, "family": qmodel.family,
+            "config": qmodel.config.model_dump(mode="json"), "points": [asdict(p) for p in points]}
+
+
+def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[int, int] | None = None,
+                opset: int = DEFAULT_OPSET) -> OnnxExport:
+    """Write ``qmodel`` to ``path`` as ONNX (input ``image`` [batch, 3, H, W], output ``logits``).
+
+    The batch dimension is dynamic. Returns the per-slot report; the same report, the model name and the
+    quantization config are stored in the file's metadata (key ``vitq``).
+    """
+    import onnx
+
+    path = Path(path)
+    if image_size is None:
+        image_size = tuple(qmodel.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    example = torch.zeros(1, 3, *image_size)
+    qmodel.eval()
+    # float paths of log quantizers use exp2, which has no ONNX op: 2^x = Pow(2, x) (exact for integer x)
+    torch.onnx.register_custom_op_symbolic(
+        "aten::exp2", lambda g, x: g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x), opset)
+    with _export_mode(qmodel) as points, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        buffer = io.BytesIO()
+        try:
+            torch.onnx.export(qmodel, (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        except torch.onnx.errors.OnnxExporterError as err:  # its message ends with the graph dump: keep line 1
+            raise VitqError(f"ONNX export failed: {str(err).splitlines()[-1]}") from None
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(export_header(qmodel, points))})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return OnnxExport(path, points)
+
+
+__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "OnnxExport", "PointExport", "export_onnx"]
