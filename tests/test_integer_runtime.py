@@ -1,0 +1,133 @@
+"""Tests of the integer-only kernels (against float references and closed forms) and the integer ViT runtime."""
+
+import math
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vitq
+from vitq.errors import VitqError
+from vitq.export.integer_kernels import (
+    EXP_BITS,
+    PROB_BITS,
+    dyadic,
+    integer_layernorm,
+    isqrt,
+    requantize,
+    shift_exp,
+    shift_gelu,
+    shiftmax,
+    units_per_one,
+)
+from vitq.export.integer_vit import IntegerViT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1e-6, 1e4))
+def test_dyadic_multiplier_is_accurate(value):
+    mantissa, shift = dyadic(value)
+    assert 2 ** 29 <= int(mantissa) < 2 ** 30 + 1
+    assert abs(int(mantissa) / 2 ** int(shift) - value) <= value * 2 ** -29
+
+
+def test_requantize_rounds_like_float():
+    acc = torch.arange(-5000, 5000, 7, dtype=torch.int64)
+    multiplier = 0.0123456
+    mantissa, shift = dyadic(multiplier)
+    expected = torch.floor(acc.double() * multiplier + 0.5)  # round half up
+    assert torch.equal(requantize(acc, mantissa, shift).double(), expected)
+    clamped = requantize(acc, mantissa, shift, zero_point=3, q_min=0, q_max=15)
+    assert torch.equal(clamped.double(), (expected + 3).clamp(0, 15))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2 ** 50), min_size=1, max_size=20))
+def test_isqrt_is_the_exact_integer_square_root(values):
+    roots = isqrt(torch.tensor(values, dtype=torch.int64))
+    assert roots.tolist() == [math.isqrt(v) for v in values]
+
+
+def test_shift_exp_follows_its_formula_and_stays_near_exp():
+    scale = 0.01
+    shift, units = units_per_one(scale)
+    codes = -torch.arange(0, 2000, dtype=torch.int64) << shift
+    x = codes.double() / units
+    result = shift_exp(codes, units).double() / 2 ** EXP_BITS
+    # the approximation itself, in floats: log2(e) ≈ 1.4375, 2^(−r) ≈ 1 − r/2
+    t = -x * 1.4375
+    reference = 2.0 ** -torch.floor(t) * (1 - (t - torch.floor(t)) / 2)
+    assert (result - reference).abs().max() < 2e-3
+    assert ((result - torch.exp(x)).abs() / torch.exp(x))[x > -8].max() < 0.1  # I-ViT's few-% approximation
+
+
+def test_shiftmax_rows_sum_to_one_and_track_softmax():
+    scores = torch.randn(4, 3, 50, 50, generator=torch.Generator().manual_seed(0)) * 3
+    scale = 0.01
+    shift, units = units_per_one(scale)
+    codes = torch.round(scores / scale).to(torch.int64) << shift
+    probabilities = shiftmax(codes, units).double() / 2 ** PROB_BITS
+    assert (probabilities.sum(-1) - 1).abs().max() < 50 * 2 ** -PROB_BITS  # one rounding per entry
+    assert (probabilities - scores.double().softmax(-1)).abs().max() < 0.05
+
+
+def test_shift_gelu_tracks_gelu():
+    x = torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    scale = 0.003
+    shift, units = units_per_one(scale)
+    codes = torch.round(x / scale).to(torch.int64) << shift
+    result = shift_gelu(codes, units).double() / units / 2 ** PROB_BITS
+    assert (result - torch.nn.functional.gelu(x)).abs().max() < 0.05
+
+
+def test_integer_layernorm_matches_float_layernorm():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 64, generator=generator, dtype=torch.float64) * 3 + 1
+    gamma = torch.rand(64, generator=generator, dtype=torch.float64) + 0.5
+    beta = torch.randn(64, generator=generator, dtype=torch.float64) * 0.1
+    s_in, s_out, zero = 1e-4, 0.02, 128
+    codes = torch.round(x / s_in).to(torch.int64)
+    gain = torch.round(gamma / s_out * 2 ** 16).to(torch.int64)
+    offset = (torch.round(beta / s_out) + zero).to(torch.int64)
+    out = integer_layernorm(codes, gain, 16, offset, round(1e-6 / s_in ** 2), 0, 255)
+    reference = torch.nn.functional.layer_norm(x, (64,), gamma, beta, eps=1e-6) / s_out + zero
+    assert (out.double() - reference.clamp(0, 255)).abs().max() <= 1.0  # at most one code off (rounding)
+
+
+# ---------------------------------------------------------------- the runtime on timm's tiny test_vit
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(8, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def test_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+def test_integer_runtime_tracks_the_fake_quant_model(test_vit, images):
+    qmodel = vitq.quantize(test_vit, vitq.QuantConfig(method="percentile", w_bits=8, a_bits=8, calib_size=4),
+                           images[:4], progress=False)
+    runtime = IntegerViT.compile(qmodel, images[:4])
+    logits = runtime(images)
+    assert logits.dtype == torch.int64
+    with torch.no_grad():
+        reference = qmodel(images)
+    values = logits.double() * float(runtime.head.acc_scale.min())  # the logits' common scale
+    correlation = torch.corrcoef(torch.stack([values.flatten(), reference.double().flatten()]))[0, 1]
+    assert correlation > 0.95
+    assert (values.argmax(1) == reference.argmax(1)).float().mean() >= 0.75
+
+
+def test_integer_runtime_refuses_non_uniform_points(test_vit, images):
+    qmodel = vitq.quantize(test_vit, vitq.QuantConfig(method="repq-vit", w_bits=8, a_bits=8, calib_size=4),
+                           images[:4], progress=False)
+    with pytest.raises(VitqError, match="integer runtime: blocks.0"):
+        IntegerViT.compile(qmodel, images[:4])
