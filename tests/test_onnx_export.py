@@ -240,3 +240,17 @@ def test_ort_model_errors_are_readable(tmp_path):
         _ = OrtModel(plain).header
     with pytest.raises(VitqError, match="optimization"):
         OrtModel(plain, optimization="max")
+
+
+def test_swin_exports_and_runs(tmp_path):
+    """Window attention (relative position bias, shifted-window mask) and patch merging trace to ONNX too."""
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=48, depths=(2, 2),
+                             num_heads=(3, 6)).eval()
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    qmodel = vitq.quantize(swin, vitq.QuantConfig(method="percentile", w_bits=6, a_bits=6), images[:2],
+                           progress=False)
+    exported = export_onnx(qmodel, tmp_path / "swin.onnx")
+    int8_weights = {p.slot for p in exported.points if p.form == "int8 weight"}
+    assert "layers.1.downsample.reduction.weight_quantizer" in int8_weights
+    _assert_close_to_fake_quant(qmodel, exported.path, images)
