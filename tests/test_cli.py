@@ -166,6 +166,15 @@ def test_export_onnx_then_eval_on_onnxruntime(cli, files, tmp_path):
     assert abs(on_ort["top1"] - on_torch["top1"]) <= 100 / on_torch["n_images"]  # at most one image apart
 
 
+def test_eval_integer_backend(cli, files, tmp_path):
+    path = tmp_path / "int.json"
+    code, out, err = cli("eval", "--method", "percentile", *_inputs(files), "--backend", "integer", "--json", path)
+    assert code == 0, err
+    assert "integer-only runtime" in out
+    result = json.loads(path.read_text())
+    assert result["backend"] == "integer" and result["n_images"] == N_IMAGES - CALIB
+
+
 def test_eval_limit(cli, files, tmp_path):
     path = tmp_path / "r.json"
     code, _, err = cli("eval", "--method", "float", *_inputs(files), "--limit", "1", "--json", path)
@@ -327,6 +336,8 @@ BAD_INPUTS = {
                                            "--method", "minmax"], ["drop --method"]),
     "onnxruntime not onnx": (lambda f: ["eval", "--backend", "onnxruntime", "--model", f["checkpoint"]],
                              ["onnxruntime cannot load"]),
+    "integer runtime, log softmax": (lambda f: ["eval", "--method", "repq-vit", *_inputs(f), "--backend", "integer"],
+                                     ["integer runtime", "softmax"]),
     "export missing dir": (lambda f: ["export", f["root"] / "nope", "--output", f["root"] / "x.onnx"],
                            ["nope", "does not exist"]),
     "export bad opset": (lambda f: ["export", f["root"], "--output", "x.onnx", "--opset", "11"], ["--opset"]),

@@ -6,6 +6,7 @@
     vitq eval --method float --limit 100
     vitq export runs/minmax_w8a8 --format onnx --output runs/minmax_w8a8.onnx
     vitq eval --backend onnxruntime --model runs/minmax_w8a8.onnx --threads 2
+    vitq eval --quantized runs/minmax_w8a8 --backend integer
     vitq compare --methods minmax,percentile --bits W8A8,W6A6,W4A4 --seeds 0,1,2 --out-dir runs/compare
     vitq compare --methods "dopq-vit[softmax=log2],dopq-vit[softmax=tanq]" --reference "dopq-vit[softmax=log2]" \
         --out-dir runs/softmax
@@ -58,7 +59,7 @@ MODEL_FILE = "model.safetensors"
 QUANTIZE_FILE = "quantize.json"
 JOURNAL_FILE = "runs.jsonl"
 MB = 1e6
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "integer")
 EXPORT_FORMATS = ("onnx",)
 
 
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch: the fake-quant model (default); onnxruntime: the ONNX file given as --model "
-                        "FILE.onnx (written by 'vitq export'), with --threads intra-op threads")
+                        "FILE.onnx (written by 'vitq export'), with --threads intra-op threads; integer: the "
+                        "integer-only runtime (I-ViT kernels) compiled from the quantized ViT/DeiT")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("export", help="write a model saved by 'vitq quantize' in a deployment format")
@@ -305,9 +307,9 @@ def _quantize(model: nn.Module, name: str, config: QuantConfig, cache: ImageCach
     return qmodel, time.perf_counter() - start
 
 
-def _evaluate(qmodel: QuantizedModel, cache: ImageCache, split: Split, args: argparse.Namespace) -> EvalResult:
+def _evaluate(model: nn.Module, cache: ImageCache, split: Split, args: argparse.Namespace) -> EvalResult:
     data = cache.tensors(split.eval, "loading evaluation images")
-    return vitq.evaluate(qmodel, data, batch_size=args.batch_size, progress=_progress(args))
+    return vitq.evaluate(model, data, batch_size=args.batch_size, progress=_progress(args))
 
 
 def _sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
@@ -457,7 +459,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         split = cache.split(config.calib_size, config.seed, args.limit)
         qmodel, calib_seconds = _quantize(model, _model_name(args), config, cache, split,
                                           progress=progress, inplace=True)
-    result = _evaluate(qmodel, cache, split, args)
+    evaluated: nn.Module = qmodel
+    if args.backend == "integer":
+        from vitq.export.integer_vit import IntegerViT
+
+        evaluated = IntegerViT.compile(qmodel, cache.tensors(split.calib, "loading calibration images")[0])
+    result = _evaluate(evaluated, cache, split, args)
     size = model_size(qmodel)
     config = qmodel.config
     quantized = config.method != "float"
@@ -467,9 +474,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "peak_mem_mb": peak_rss_mb(), "images_per_s": result.images_per_s,
         "model": qmodel.model_name, "method": config.method,
         "w_bits": config.w_bits if quantized else None, "a_bits": config.a_bits if quantized else None,
-        "calib_size": len(split.calib), "seed": split.seed, **_size_fields(size),
+        "calib_size": len(split.calib), "seed": split.seed, **_size_fields(size), "backend": args.backend,
     }
-    print(_describe(qmodel, split, calib_seconds))
+    print(_describe(qmodel, split, calib_seconds) + (" — integer-only runtime" if args.backend == "integer" else ""))
     print(result.summary())
     print(f"size: {size.summary()}")
     if args.sqnr:
