@@ -63,7 +63,7 @@ class Codes:
 
     @classmethod
     def of(cls, quantizer, slot: str) -> Codes:
-        if not isinstance(quantizer, UniformQuantizer) or quantizer.granularity != "tensor":
+        if getattr(quantizer, "kind", None) != UniformQuantizer.kind or quantizer.granularity != "tensor":
             raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer, got "
                             f"{'float' if quantizer is None else quantizer.spec()}")
         zero_point = float(quantizer.zero_point)
@@ -99,7 +99,7 @@ class IntegerLinear(nn.Module):
         super().__init__()
         inputs = Codes.of(layer.input_quantizer, f"{name}.input_quantizer")
         weights = layer.weight_quantizer
-        per_row = isinstance(weights, UniformQuantizer) and (weights.granularity == "tensor" or (
+        per_row = getattr(weights, "kind", None) == UniformQuantizer.kind and (weights.granularity == "tensor" or (
             weights.granularity == "channel" and weights.axis == 0))
         if not per_row:
             raise VitqError(f"integer runtime: {name}.weight_quantizer must be uniform per output channel or tensor")

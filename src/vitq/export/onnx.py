@@ -98,7 +98,7 @@ def _qdq_params(quantizer: Quantizer, storage: tuple[int, int], *, weight: bool)
     Weights: per tensor or per output channel (axis 0). Activations: per tensor only — an integer GEMM factors
     one input scale out of its sum, and onnxruntime's fused kernels reject per-axis input zero points.
     """
-    if not isinstance(quantizer, UniformQuantizer):
+    if quantizer.kind != UniformQuantizer.kind:  # subclasses (noisy_uniform) compute more than a QDQ pair
         return f"{quantizer.kind} quantizer (not uniform)"
     allowed = ("tensor", "channel") if weight else ("tensor",)
     if quantizer.granularity not in allowed or (quantizer.granularity == "channel" and quantizer.axis != 0):

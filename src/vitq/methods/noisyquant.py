@@ -1,0 +1,48 @@
+"""``noisyquant``: NoisyQuant (Liu et al., CVPR 2023) on the ``percentile`` uniform baseline (NOTES §2.8).
+
+Every post-GELU activation (the input of ``fc2``) gets a fixed noisy bias before its per-tensor uniform
+quantizer (:class:`vitq.quantizers.noisy.NoisyUniformQuantizer`), removed after it — the same as folding
+``−W·N`` into ``fc2``'s bias. The noise width is chosen per layer among ``amplitudes`` (in units of the
+noise-free step) by ``fc2``'s output error ‖x·Wᵀ − Q̃(x)·Wᵀ‖² on the calibration data, during the forward-order
+calibration (the quantizer sees inputs already quantized upstream). Everything else is ``percentile``.
+
+Option: ``amplitudes`` (default ``[0, 0.25, 0.5, 0.75, 1]``; 0 keeps plain uniform quantization available).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+
+from vitq.calib.runner import calibrate_in_forward_order
+from vitq.calib.search import search_by_output_error
+from vitq.methods.base import register_method
+from vitq.methods.percentile import PercentileMethod
+from vitq.quantizers.noisy import DEFAULT_AMPLITUDES
+
+
+@register_method("noisyquant")
+class NoisyQuant(PercentileMethod):
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return ("amplitudes",)
+
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        if role != "post_gelu":
+            return super().quantizer_spec(role)
+        amplitudes = list(self.config.options.get("amplitudes", DEFAULT_AMPLITUDES))
+        return {"kind": "noisy_uniform", "bits": self.config.a_bits, "init": self.init, "amplitudes": amplitudes,
+                "noise_seed": self.config.seed}
+
+    def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
+        for slot in qmodel.slots():
+            if slot.role == "post_gelu" and slot.quantizer is not None and slot.quantizer.kind == "noisy_uniform":
+                def by_fc2_output(x, quantizer=slot.quantizer, weight=slot.module.weight):
+                    search_by_output_error(quantizer, x, lambda a: F.linear(a, weight))
+                slot.quantizer.calibrator = by_fc2_output
+        try:
+            calibrate_in_forward_order(qmodel, images, progress=progress)
+        finally:
+            for quantizer in qmodel.quantizers().values():
+                quantizer.calibrator = None
