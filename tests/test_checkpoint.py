@@ -99,6 +99,16 @@ def test_version_1_files_without_packing_still_load(qmodel, tmp_path, images):
         assert torch.equal(vitq.load(old)(images), qmodel(images))
 
 
+def test_files_without_layernorm_slots_still_load(qmodel, saved, tmp_path, images):
+    """Files written before LayerNorm inputs became quantization points have no entry for them: float."""
+    header = read_header(saved)
+    specs = {k: v for k, v in header["quantizers"].items() if ".norm" not in k and not k.startswith("norm.")}
+    assert len(specs) < len(header["quantizers"])
+    old = _rewrite(saved, tmp_path / "old.safetensors", header={**header, "quantizers": specs})
+    with torch.no_grad():
+        assert torch.equal(vitq.load(old)(images), qmodel(images))
+
+
 def test_header_contents(qmodel, saved):
     header = read_header(saved)
     assert header["format"] == "vitq-fakequant" and header["format_version"] == 2

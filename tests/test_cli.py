@@ -78,18 +78,19 @@ def test_inspect_lists_every_slot_without_data(cli):
     code, out, err = cli("inspect", "--method", "minmax", "--w-bits", "4", "--override", "head=float",
                          "--no-progress")
     assert code == 0, err
-    assert out.startswith(f"{MODEL} (vit family), minmax W4A8: 148 quantizer slots, 146 quantized")
+    assert out.startswith(f"{MODEL} (vit family), minmax W4A8: 173 quantizer slots, 146 quantized")
     lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
     assert "uniform 4-bit channel" in lines["blocks.0.attn.qkv.weight_quantizer"]
     assert "uniform 8-bit tensor" in lines["blocks.0.attn.softmax.quantizer"]
     assert lines["head.weight_quantizer"].endswith("float")
     assert lines["blocks.11.mlp.fc2.input_quantizer"].split()[1] == "post_gelu"
+    assert lines["blocks.0.norm1.input_quantizer"].split()[1:] == ["pre_ln", "float"]  # LayerNorm inputs: float
 
 
 def test_inspect_float_method_with_checkpoint(cli, files):
     code, out, err = cli("inspect", "--model", TEST_MODEL, "--method", "float", "--checkpoint", files["checkpoint"])
     assert code == 0, err
-    assert "76 quantizer slots, 0 quantized" in out
+    assert "89 quantizer slots, 0 quantized" in out
 
 
 # ---------------------------------------------------------------- eval / quantize

@@ -161,10 +161,12 @@ def test_deit_points_and_roles(models):
         "blocks.3.mlp.fc1": {**linear, "input_quantizer": "post_ln"},
         "blocks.3.mlp.fc2": {**linear, "input_quantizer": "post_gelu"},
         "head": {**linear, "input_quantizer": "act"},
+        "blocks.3.norm1": {"input_quantizer": "pre_ln"},
+        "norm": {"input_quantizer": "pre_ln"},
     }
     for name, slots in expected.items():
         assert roles[name] == slots, name
-    assert len(roles) == 1 + 12 * 8 + 1
+    assert len(roles) == 1 + 12 * 8 + 1 + (12 * 2 + 1)  # points, then the LayerNorms
 
 
 def test_swin_points_and_roles(models):
@@ -186,7 +188,8 @@ def test_swin_points_and_roles(models):
     for name, slots in expected.items():
         assert roles[name] == slots, name
     assert "layers.0.downsample.reduction" not in roles  # stage 0 has no PatchMerging
-    assert len(roles) == 1 + 1 + 4 * 8 + 1
+    assert roles["layers.1.downsample.norm"] == roles["patch_embed.norm"] == {"input_quantizer": "pre_ln"}
+    assert len(roles) == 1 + 1 + 4 * 8 + 1 + (1 + 4 * 2 + 1 + 1)  # points, then the LayerNorms
 
 
 # ---------------------------------------------------------------------------- stages

@@ -38,8 +38,9 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 @torch.no_grad()
 def point_sqnr(qmodel: QuantizedModel, images: torch.Tensor) -> list[PointError]:
-    """Accumulated SQNR at the output of every quantization point, in the order they run."""
-    points = qmodel.points()
+    """Accumulated SQNR at the output of every quantization point that quantizes something, in run order."""
+    points = {name: point for name, point in qmodel.points().items()
+              if any(getattr(point, attr) is not None for attr in point.slots())}
     outputs: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
 

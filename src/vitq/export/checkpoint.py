@@ -142,9 +142,9 @@ def load(path: str | Path) -> QuantizedModel:
         if extra:
             raise VitqError(f"does not match {name}: {len(extra)} unknown quantizer slot(s), e.g. {min(extra)}")
         for slot in slots:
-            if slot.name not in quantizers:
+            if slot.name not in quantizers and slot.role != "pre_ln":  # files before LayerNorm points: float
                 raise VitqError(f"does not match {name}: no entry for {slot.name}")
-            slot.quantizer = quantizers[slot.name]
+            slot.quantizer = quantizers.get(slot.name)
     except VitqError as err:
         raise VitqError(f"{path}: {err}") from None
     state = read_state_file(path)

@@ -47,6 +47,8 @@ class Method:
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         """The quantizer of a slot with ``role`` (``None`` keeps it float)."""
         cfg = self.config
+        if role == "pre_ln":  # LayerNorm inputs stay float unless a method quantizes them (FQ-ViT)
+            return None
         if role == "weight":
             return {"kind": "uniform", "bits": cfg.w_bits, "granularity": "channel", "axis": 0, "init": self.init}
         bits = cfg.image_bits if role == "image" else cfg.a_bits

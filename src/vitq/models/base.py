@@ -70,3 +70,13 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, new)
+
+
+def wrap_layernorms(model: nn.Module) -> None:
+    """Replace every ``nn.LayerNorm`` of ``model`` by a :class:`~vitq.nn.QLayerNorm` (an input quantization
+    point, role ``pre_ln``, float unless a method quantizes it; same parameters and state_dict keys)."""
+    from vitq.nn import QLayerNorm
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.LayerNorm) and not isinstance(module, QLayerNorm):
+            replace_module(model, name, QLayerNorm(module))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitq.models.base import ModelAdapter, Stage, replace_module
+from vitq.models.base import ModelAdapter, Stage, replace_module, wrap_layernorms
 from vitq.models.registry import register_adapter
 from vitq.nn import QConv2d, QLinear, QuantWindowAttention
 
@@ -42,6 +42,7 @@ class SwinAdapter(ModelAdapter):
                 replace_module(model, f"{prefix}.mlp.fc2", QLinear(block.mlp.fc2, "post_gelu"))
         if isinstance(model.head.fc, nn.Linear):
             replace_module(model, "head.fc", QLinear(model.head.fc, "act"))
+        wrap_layernorms(model)
 
     @classmethod
     def stages(cls, model: nn.Module) -> list[Stage]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitq.models.base import ModelAdapter, Stage, replace_module
+from vitq.models.base import ModelAdapter, Stage, replace_module, wrap_layernorms
 from vitq.models.registry import register_adapter
 from vitq.nn import QConv2d, QLinear, QuantAttention
 
@@ -32,6 +32,7 @@ class VitAdapter(ModelAdapter):
             replace_module(model, f"blocks.{i}.mlp.fc2", QLinear(block.mlp.fc2, "post_gelu"))
         if isinstance(model.head, nn.Linear):
             replace_module(model, "head", QLinear(model.head, "act"))
+        wrap_layernorms(model)
 
     @classmethod
     def stages(cls, model: nn.Module) -> list[Stage]:

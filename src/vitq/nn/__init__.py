@@ -1,7 +1,7 @@
 """Quantized layers: quantization points that wrap timm modules."""
 
 from vitq.nn.attention import QuantAttention, QuantAttentionBase, QuantWindowAttention
-from vitq.nn.modules import ROLES, QAct, QConv2d, QLinear, QuantPoint
+from vitq.nn.modules import ROLES, QAct, QConv2d, QLayerNorm, QLinear, QuantPoint
 
-__all__ = ["ROLES", "QAct", "QConv2d", "QLinear", "QuantAttention", "QuantAttentionBase", "QuantPoint",
-           "QuantWindowAttention"]
+__all__ = ["ROLES", "QAct", "QConv2d", "QLayerNorm", "QLinear", "QuantAttention", "QuantAttentionBase",
+           "QuantPoint", "QuantWindowAttention"]

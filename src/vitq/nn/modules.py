@@ -4,7 +4,9 @@ Each point owns one or two quantizer *slots* (attributes that hold a
 :class:`~vitq.quantizers.Quantizer` or ``None`` for float):
 
 - :class:`QLinear` / :class:`QConv2d`: ``weight_quantizer`` and ``input_quantizer``;
-- :class:`QAct`: ``quantizer``, an activation-only point (q, k, v, softmax output).
+- :class:`QAct`: ``quantizer``, an activation-only point (q, k, v, softmax output);
+- :class:`QLayerNorm`: ``input_quantizer`` on a LayerNorm's input (the residual stream), float unless a
+  method asks for it (FQ-ViT quantizes it, to run LayerNorm in integers).
 
 The wrapped layers keep their parameter names (``weight``, ``bias``), so a timm ``state_dict``
 loads into a wrapped model unchanged. Each slot carries a *role* (what kind of tensor it sees,
@@ -30,6 +32,7 @@ ROLES = (
     "attn_k",
     "attn_v",
     "softmax",  # post-Softmax attention probabilities
+    "pre_ln",  # a LayerNorm input (the residual stream); float by default
 )
 
 
@@ -96,3 +99,19 @@ class QAct(QuantPoint):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _apply(self.quantizer, x)
+
+
+class QLayerNorm(nn.LayerNorm, QuantPoint):
+    """``nn.LayerNorm`` with a fake-quantized input. Still an ``nn.LayerNorm`` (same ``weight``/``bias``
+    parameters, so RepQ-ViT's fold into its affine and timm's state_dict keys are unchanged)."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        nn.Module.__init__(self)
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+        self.elementwise_affine = norm.elementwise_affine
+        self.weight, self.bias = norm.weight, norm.bias
+        self.input_quantizer: Quantizer | None = None
+        self.slot_roles = {"input_quantizer": "pre_ln"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(_apply(self.input_quantizer, x), self.normalized_shape, self.weight, self.bias, self.eps)
