@@ -3,6 +3,7 @@
 from vitq.methods import dopq_vit as _dopq_vit  # noqa: F401
 from vitq.methods import erq as _erq  # noqa: F401
 from vitq.methods import float as _float  # noqa: F401
+from vitq.methods import fqvit as _fqvit  # noqa: F401
 from vitq.methods import gptq as _gptq  # noqa: F401
 from vitq.methods import minmax as _minmax  # noqa: F401
 from vitq.methods import noisyquant as _noisyquant  # noqa: F401

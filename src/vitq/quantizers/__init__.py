@@ -4,9 +4,11 @@ from vitq.quantizers.base import Quantizer, check_bits
 from vitq.quantizers.dual_uniform import DualUniformQuantizer
 from vitq.quantizers.log import Log2Quantizer, LogSqrt2Quantizer
 from vitq.quantizers.noisy import NoisyUniformQuantizer
+from vitq.quantizers.ptf import PowerOfTwoFactorQuantizer
 from vitq.quantizers.registry import build_quantizer, quantizer_kinds, register_quantizer
 from vitq.quantizers.tan import TanQuantizer
 from vitq.quantizers.uniform import UniformQuantizer
 
-__all__ = ["DualUniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "NoisyUniformQuantizer", "Quantizer",
-           "TanQuantizer", "UniformQuantizer", "build_quantizer", "check_bits", "quantizer_kinds", "register_quantizer"]
+__all__ = ["DualUniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "NoisyUniformQuantizer",
+           "PowerOfTwoFactorQuantizer", "Quantizer", "TanQuantizer", "UniformQuantizer", "build_quantizer",
+           "check_bits", "quantizer_kinds", "register_quantizer"]

@@ -1,0 +1,46 @@
+"""``fqvit``: FQ-ViT (Lin et al., IJCAI 2022), "fully quantized" ViT, calibration only (NOTES §2.8).
+
+FQ-ViT quantizes what other methods leave float, so that LayerNorm and Softmax can run in integers:
+
+- **Power-of-Two Factor** on every LayerNorm *input* (the residual stream, role ``pre_ln``):
+  :class:`~vitq.quantizers.ptf.PowerOfTwoFactorQuantizer` — per-channel steps ``2^α_c·s`` sharing one step and
+  one zero point, ``α_c ∈ {0..3}`` chosen per channel by quantization MSE;
+- **Log-Int-Softmax**: the attention map as 4-bit log2 codes with scale 1 (``x̂ = 2^−q``, q = 0..15, below
+  ``2^−15.5`` → 0), so ``A·V`` becomes shifts (the ``log2`` quantizer with its scale fixed at 1);
+- everything else as FQ-ViT's configuration: weights per output channel, signed and **symmetric**, min-max;
+  activations per tensor, asymmetric, min-max, calibrated on the whole calibration batch in forward order.
+
+Option ``softmax_bits`` (default ``min(4, a_bits)``): bits of the Log-Int-Softmax codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitq.methods.base import Method, register_method
+from vitq.quantizers.base import check_bits
+
+
+@register_method("fqvit")
+class FQViT(Method):
+    init = "minmax"
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return ("softmax_bits",)
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.softmax_bits = check_bits(config.options.get("softmax_bits", min(4, config.a_bits)),
+                                       "fqvit option softmax_bits")
+
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        cfg = self.config
+        if role == "pre_ln":
+            return {"kind": "ptf", "bits": cfg.a_bits}
+        if role == "softmax":
+            return {"kind": "log2", "bits": self.softmax_bits, "search_percentiles": [], "fixed_scales": [1.0]}
+        if role == "weight":
+            return {"kind": "uniform", "bits": cfg.w_bits, "granularity": "channel", "axis": 0, "init": "minmax",
+                    "signed": True, "symmetric": True}
+        return super().quantizer_spec(role)
