@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import imagenet_wnids
-from vitq.cli import _compare_grid, build_parser, main, parse_variants
+from vitq.cli import _compare_grid, _compare_plan, build_parser, main, parse_variants
 from vitq.export.checkpoint import read_header
+from vitq.methods import method_names
 
 MODEL = "deit_tiny_patch16_224"
 TEST_MODEL = "test_vit"
@@ -262,13 +263,39 @@ def test_compare_variant_options_merge_over_global_options():
                                       "--out-dir", "x"])
     variants = parse_variants(f"{LOG2},dopq-vit, dopq-vit[ratio_bound=null;tan_variant=tan] ,dopq-vit[]")
     assert [v.label for v in variants] == [LOG2, "dopq-vit", "dopq-vit[ratio_bound=null;tan_variant=tan]"]
-    grid = _compare_grid(args, variants, [(8, 8), (4, 4)], [0, 1])
+    grid = _compare_grid(args, [(v, [(8, 8), (4, 4)]) for v in variants], [0, 1])
     assert [(label, c.w_bits, c.seed) for label, c in grid[1]][:3] == [(LOG2, 8, 1), (LOG2, 4, 1), ("dopq-vit", 8, 1)]
     options = {label: c.options for label, c in grid[0]}
     assert options[LOG2] == {"softmax": "log2", "target": "mean", "ratio_bound": 4}
     assert options["dopq-vit"] == {"softmax": "tanq", "ratio_bound": 4}
     assert options["dopq-vit[ratio_bound=null;tan_variant=tan]"] == {"softmax": "tanq", "ratio_bound": None,
                                                                      "tan_variant": "tan"}
+
+
+def test_leaderboard_preset_plan():
+    plan, settings = _compare_plan(build_parser().parse_args(["compare", "--preset", "leaderboard"]))
+    bits = {variant.label: [f"W{w}A{a}" for w, a in b] for variant, b in plan}
+    assert set(bits) == set(method_names()) - {"float"}
+    assert bits["repq-vit"] == ["W8A8", "W6A6", "W4A4", "W3A3"]
+    assert bits["gptq"] == bits["erq"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]
+    assert settings == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]
+
+
+def test_leaderboard_preset_end_to_end(cli, files, tmp_path, monkeypatch):
+    """The preset's mechanics on three methods (every method's plan is checked above)."""
+    monkeypatch.setattr("vitq.cli.method_names", lambda: ["float", "minmax", "repq-vit", "gptq"])
+    out_dir = tmp_path / "board"
+    code, out, err = cli("compare", "--preset", "leaderboard", "--seeds", "0", *_inputs(files), "--limit", "2",
+                         "--threads", "1", "--out-dir", out_dir)
+    assert code == 0, err
+    board = (out_dir / "leaderboard.md").read_text()
+    assert (out_dir / "leaderboard.png").is_file() and (out_dir / "compare.md").is_file()
+    for name in ("minmax", "repq-vit", "gptq"):
+        assert f"| {name} | W4A4 | 1 |" in board
+    assert "| gptq | W3A4 | 1 |" in board and "| minmax | W3A4 |" not in board
+    assert board.index("| float | float |") < board.index("| minmax |")
+    # the paper column: RepQ-ViT W4A4 DeiT-T 72.21 -> 57.43 (on test_vit the model differs: no paper number)
+    assert "| repq-vit | W4A4 | 1 |" in board and "APHQ" not in board
 
 
 # ---------------------------------------------------------------- bad input
@@ -299,6 +326,9 @@ BAD_INPUTS = {
     "w bits too high": (lambda f: ["eval", "--w-bits", "9", *_inputs(f)], ["w_bits", "8"]),
     "a bits too low": (lambda f: ["quantize", "--a-bits", "1", *_inputs(f), "--output", "x"], ["a_bits", "2"]),
     "compare bits": (lambda f: ["compare", "--bits", "W9A8", *_inputs(f), "--out-dir", "x"], ["w_bits"]),
+    "compare without out-dir": (lambda f: ["compare", *_inputs(f)], ["--out-dir"]),
+    "leaderboard with methods": (lambda f: ["compare", "--preset", "leaderboard", "--methods", "minmax", *_inputs(f)],
+                                 ["--preset leaderboard", "--methods"]),
     "compare bit syntax": (lambda f: ["compare", "--bits", "8bit", *_inputs(f), "--out-dir", "x"], ["W8A8"]),
     "compare variant without value": (lambda f: ["compare", "--methods", "minmax,dopq-vit[softmax]", *_inputs(f),
                                                   "--out-dir", "x"], ["dopq-vit[softmax]", "KEY=VALUE"]),

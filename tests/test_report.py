@@ -170,3 +170,18 @@ def test_plot_series_are_keyed_by_label():
     series = plot_series(_variant_runs(), ["W8A8", "W4A4"])
     assert list(series) == ["minmax", VARIANT]
     assert series[VARIANT][0] == [74.0, 59.0]
+
+
+def test_leaderboard_rows_put_float_first_and_show_paper_drops():
+    from vitq.report.compare import CompareRun
+    from vitq.report.leaderboard import leaderboard_rows, paper_drop
+
+    def run(method, setting, seed, top1):
+        return CompareRun(method, setting, seed, 10, top1, 90.0, 80.0, 1.0, 1.0, 1.0)
+
+    runs = [run("repq-vit", "W4A4", 0, 62.0), run("float", "float", 0, 80.0), run("repq-vit", "W4A4", 1, 64.0)]
+    rows = leaderboard_rows(runs, "deit_tiny_patch16_224")
+    assert [r[:3] for r in rows] == [["float", "float", 1], ["repq-vit", "W4A4", 2]]
+    assert rows[1][3] == "63.00 ± 1.41" and rows[1][4] == "17.00 ± 1.41"
+    assert rows[1][5] == paper_drop("deit_tiny_patch16_224", "repq-vit", "W4A4") == "14.78 (APHQ-ViT T1)"
+    assert paper_drop("deit_tiny_patch16_224", "minmax", "W4A4") == paper_drop("test_vit", "repq-vit", "W4A4") == ""

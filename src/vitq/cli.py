@@ -49,6 +49,7 @@ from vitq.models.registry import create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import CompareRun, machine_summary, peak_rss_mb, sha256_prefix, text_table, write_compare_report
 from vitq.report.compare import FLOAT, summary_columns, summary_rows
+from vitq.report.leaderboard import write_leaderboard
 
 DEFAULT_MODEL = "deit_tiny_patch16_224"
 EXIT_USER_ERROR = 2
@@ -60,6 +61,10 @@ QUANTIZE_FILE = "quantize.json"
 JOURNAL_FILE = "runs.jsonl"
 MB = 1e6
 BACKENDS = ("torch", "onnxruntime", "integer")
+DEFAULT_COMPARE_METHODS, DEFAULT_COMPARE_BITS = "minmax,percentile", "W8A8,W6A6,W4A4"
+PRESETS = ("leaderboard",)
+LEADERBOARD_BITS = "W8A8,W6A6,W4A4,W3A3"
+LEADERBOARD_DIR = Path("benchmarks/results/leaderboard")
 EXPORT_FORMATS = ("onnx",)
 
 
@@ -179,15 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", parents=[common, tuning, _data_options(seed=False), _eval_options()],
                        help="methods x bit settings x seeds against float: markdown, CSV and a plot")
-    p.add_argument("--methods", default="minmax,percentile",
+    p.add_argument("--methods",
                    help="comma-separated methods, each optionally with its own options in brackets, e.g. "
                         "'dopq-vit[softmax=log2;target=mean]' (merged over --option; the text is the report "
-                        "label) (default %(default)s)")
+                        f"label) (default {DEFAULT_COMPARE_METHODS})")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="leaderboard: every registered method at W8A8, W6A6, W4A4, W3A3 (and the settings a method "
+                        "adds, e.g. W3A4 for gptq/erq), writing leaderboard.md next to compare.md (default --out-dir "
+                        f"{LEADERBOARD_DIR})")
     p.add_argument("--reference", metavar="LABEL",
                    help="one of the --methods labels: add the paired top-1 difference to it (per seed, same images)")
-    p.add_argument("--bits", default="W8A8,W6A6,W4A4", help="comma-separated WxAy settings (default %(default)s)")
+    p.add_argument("--bits", help=f"comma-separated WxAy settings (default {DEFAULT_COMPARE_BITS})")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
-    p.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
+    p.add_argument("--out-dir", type=Path, metavar="DIR",
                    help=f"folder for compare.md, compare.csv, compare.png and the run journal {JOURNAL_FILE}")
     p.add_argument("--resume", action="store_true",
                    help=f"reuse the runs already in DIR/{JOURNAL_FILE} that match exactly (same model, data, "
@@ -646,18 +655,37 @@ def _parse_seed(text: str) -> int:
 Grid = dict[int, list[tuple[str, QuantConfig]]]
 
 
-def _compare_grid(args: argparse.Namespace, variants: Sequence[Variant], bits: Sequence[tuple[int, int]],
+def _compare_grid(args: argparse.Namespace, plan: Sequence[tuple[Variant, Sequence[tuple[int, int]]]],
                   seeds: Sequence[int]) -> Grid:
-    """Per seed, the (label, config) of every variant x bit setting, all validated (methods and their
-    options included) before any model or image is loaded."""
+    """Per seed, the (label, config) of every variant at each of its bit settings, all validated (methods and
+    their options included) before any model or image is loaded."""
     grid = {seed: [(v.label, _config(args, v.options, method=v.method, w_bits=w, a_bits=a, seed=seed))
-                   for v in variants for w, a in bits] for seed in seeds}
+                   for v, bits in plan for w, a in bits] for seed in seeds}
     for label, config in grid[seeds[0]]:
         try:
             method_class(config.method)(config)
         except VitqError as err:
             raise VitqError(f"--methods item {label!r}: {err}") from None
     return grid
+
+
+def _compare_plan(args: argparse.Namespace) -> tuple[list[tuple[Variant, list[tuple[int, int]]]], list[str]]:
+    """The variants with their bit settings, and every setting in order (the report's columns).
+
+    ``--preset leaderboard``: every registered method (float aside) at :data:`LEADERBOARD_BITS` plus its own
+    ``extra_settings``; otherwise ``--methods`` x ``--bits``."""
+    if args.preset == "leaderboard":
+        if args.methods is not None or args.bits is not None or args.reference is not None:
+            raise VitqError("--preset leaderboard chooses the methods and bits itself: drop --methods, --bits "
+                            "and --reference")
+        common = [_parse_bits(text) for text in LEADERBOARD_BITS.split(",")]
+        plan = [(Variant(name, name, {}), common + [b for b in method_class(name).extra_settings if b not in common])
+                for name in method_names() if name != FLOAT]
+    else:
+        bits = [_parse_bits(text) for text in _parse_list(args.bits or DEFAULT_COMPARE_BITS, "bits")]
+        plan = [(variant, bits) for variant in parse_variants(args.methods or DEFAULT_COMPARE_METHODS)]
+    settings = list(dict.fromkeys(f"W{w}A{a}" for _, bits in plan for w, a in bits))
+    return plan, settings
 
 
 class Journal:
@@ -735,11 +763,14 @@ def _compare_meta(args: argparse.Namespace, cache: ImageCache, splits: Sequence[
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method variant x bit setting against float, per seed on the same images; writes md, csv and png."""
-    variants = parse_variants(args.methods)
-    reference = _reference(args.reference, variants)
-    bits = {text.upper(): _parse_bits(text) for text in _parse_list(args.bits, "bits")}
+    plan, settings = _compare_plan(args)
+    reference = _reference(args.reference, [variant for variant, _ in plan])
     seeds = [_parse_seed(text) for text in _parse_list(args.seeds, "seeds")]
-    grid = _compare_grid(args, variants, list(bits.values()), seeds)
+    if args.out_dir is None:
+        if args.preset != "leaderboard":
+            raise VitqError("compare needs --out-dir DIR (the folder for the report and the run journal)")
+        args.out_dir = LEADERBOARD_DIR
+    grid = _compare_grid(args, plan, seeds)
     calib_size = grid[seeds[0]][0][1].calib_size
     name = _model_name(args)
     model = _load_float_model(args)
@@ -756,8 +787,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         runs += [_compare_run(model, name, label, config, cache, split, args, float_top1=baseline.top1,
                               journal=journal)
                  for label, config in grid[split.seed]]
-    paths = write_compare_report(args.out_dir, f"vitq compare: {name}", _compare_meta(args, cache, splits, reference),
-                                 runs, list(bits), reference=reference)
+    meta = _compare_meta(args, cache, splits, reference)
+    paths = write_compare_report(args.out_dir, f"vitq compare: {name}", meta, runs, settings, reference=reference)
+    if args.preset == "leaderboard":
+        paths["leaderboard"] = write_leaderboard(args.out_dir / "leaderboard.md", name, meta, runs, settings)
     print(text_table(summary_columns(reference), summary_rows(runs, reference)), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

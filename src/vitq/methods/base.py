@@ -32,6 +32,9 @@ class Method:
     name: ClassVar[str] = ""
     #: range initialiser of the default uniform quantizers
     init: ClassVar[str] = "minmax"
+    #: (w_bits, a_bits) settings the leaderboard runs for this method beyond the common ones (e.g. W3A4 for the
+    #: weight-rounding methods, whose papers report it)
+    extra_settings: ClassVar[tuple[tuple[int, int], ...]] = ()
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config

@@ -193,6 +193,7 @@ class LayerError:
 
 @register_method("erq")
 class ERQ(RepQViT):
+    extra_settings = ((3, 4),)  # W3A4: the weight-rounding papers' low-bit setting
     DEFAULTS: dict[str, Any] = {"aqer": True, "wqer": True, "lam": 2000.0, "lam_head": 0.1, "refine_iters": 100,
                                 "dual_uniform": False, "inputs": "float"}
 

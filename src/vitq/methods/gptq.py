@@ -105,6 +105,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
 
 @register_method("gptq")
 class GPTQ(RepQViT):
+    extra_settings = ((3, 4),)  # W3A4: the weight-rounding papers' low-bit setting
     DEFAULTS: dict[str, Any] = {"damp": 0.01, "block_size": 128, "act_order": False, "group_size": None}
 
     def __init__(self, config) -> None:
