@@ -1,5 +1,6 @@
 """Fake-quant primitives. Importing this package registers every quantizer kind."""
 
+from vitq.quantizers.adalog import AdaLogQuantizer
 from vitq.quantizers.base import Quantizer, check_bits
 from vitq.quantizers.dual_uniform import DualUniformQuantizer
 from vitq.quantizers.log import Log2Quantizer, LogSqrt2Quantizer
@@ -9,6 +10,6 @@ from vitq.quantizers.registry import build_quantizer, quantizer_kinds, register_
 from vitq.quantizers.tan import TanQuantizer
 from vitq.quantizers.uniform import UniformQuantizer
 
-__all__ = ["DualUniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "NoisyUniformQuantizer",
+__all__ = ["AdaLogQuantizer", "DualUniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "NoisyUniformQuantizer",
            "PowerOfTwoFactorQuantizer", "Quantizer", "TanQuantizer", "UniformQuantizer", "build_quantizer",
            "check_bits", "quantizer_kinds", "register_quantizer"]
