@@ -225,3 +225,26 @@ def test_sosf_is_never_worse_than_mosf(models):
     for name, chosen, mosf, _ in records:
         assert chosen <= mosf, (name, chosen, mosf)
     assert [bound for *_, bound in records] == [f.ratio_bound for f in folds]
+
+
+def test_adalog_structure_and_round_trip(tmp_path):
+    """AdaLog: adaptive-log softmax (scale 1) and shifted post-GELU quantizers, per-head q/k/v, integer
+    reparameterized zero points; saves and reloads bit for bit."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    qmodel = vitq.quantize(model, vitq.QuantConfig(method="adalog", w_bits=4, a_bits=4, calib_size=2), images[:2],
+                           progress=False)
+    quantizers = qmodel.quantizers()
+    softmax = quantizers["blocks.0.attn.softmax.quantizer"]
+    assert softmax.kind == "adalog" and float(softmax.scale) == 1.0 and 10 <= float(softmax.base) <= 138
+    gelu = quantizers["blocks.0.mlp.fc2.input_quantizer"]
+    assert gelu.kind == "adalog" and gelu.shift > 0
+    assert quantizers["blocks.0.attn.q.quantizer"].scale.numel() == model.blocks[0].attn.num_heads
+    qkv_input = quantizers["blocks.0.attn.qkv.input_quantizer"]
+    assert qkv_input.scale.numel() == 1 and float(qkv_input.zero_point) == round(float(qkv_input.zero_point))
+    path = vitq.save(qmodel, tmp_path / "adalog.safetensors")
+    with torch.no_grad():
+        assert torch.equal(vitq.load(path)(images), qmodel(images))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
@@ -152,5 +153,35 @@ def attention_output_calibration(attention_modules: Iterable[nn.Module], *, chun
     finally:
         for hook in hooks:
             hook.remove()
+        for quantizer in touched:
+            quantizer.calibrator = None
+
+
+@contextmanager
+def linear_output_calibration(slots: Iterable, *, row_stride: int = 1) -> Iterator[None]:
+    """During forward-order calibration, choose each listed Linear *input* quantizer by that Linear's output
+    error ‖x·Wᵀ − Q(x)·Wᵀ‖² (the bias cancels) over its :meth:`~vitq.quantizers.Quantizer.search_candidates`.
+
+    ``slots``: :class:`~vitq.quantized_model.Slot` s whose module is a ``QLinear`` and attribute its
+    ``input_quantizer`` (e.g. the post-GELU inputs of fc2: NoisyQuant, AdaLog). ``row_stride``: search on every
+    ``row_stride``-th token only, to bound the cost of many candidates.
+    """
+    if isinstance(row_stride, bool) or not isinstance(row_stride, int) or row_stride < 1:
+        raise VitqError(f"row_stride must be a positive integer, got {row_stride!r}")
+    touched = []
+    for slot in slots:
+        quantizer = slot.quantizer
+        if quantizer is None:
+            continue
+
+        def by_output(x, quantizer=quantizer, weight=slot.module.weight):
+            rows = x.reshape(-1, x.shape[-1])[::row_stride]
+            search_by_output_error(quantizer, rows, lambda a: F.linear(a, weight))
+
+        quantizer.calibrator = by_output
+        touched.append(quantizer)
+    try:
+        yield
+    finally:
         for quantizer in touched:
             quantizer.calibrator = None

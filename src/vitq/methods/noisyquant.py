@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
-
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.calib.search import search_by_output_error
+from vitq.calib.search import linear_output_calibration
 from vitq.methods.base import register_method
 from vitq.methods.percentile import PercentileMethod
 from vitq.quantizers.noisy import DEFAULT_AMPLITUDES
@@ -36,13 +34,6 @@ class NoisyQuant(PercentileMethod):
                 "noise_seed": self.config.seed}
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
-        for slot in qmodel.slots():
-            if slot.role == "post_gelu" and slot.quantizer is not None and slot.quantizer.kind == "noisy_uniform":
-                def by_fc2_output(x, quantizer=slot.quantizer, weight=slot.module.weight):
-                    search_by_output_error(quantizer, x, lambda a: F.linear(a, weight))
-                slot.quantizer.calibrator = by_fc2_output
-        try:
+        post_gelu = [slot for slot in qmodel.slots() if slot.role == "post_gelu"]
+        with linear_output_calibration(post_gelu):
             calibrate_in_forward_order(qmodel, images, progress=progress)
-        finally:
-            for quantizer in qmodel.quantizers().values():
-                quantizer.calibrator = None
