@@ -131,3 +131,11 @@ def test_integer_runtime_refuses_non_uniform_points(test_vit, images):
                            images[:4], progress=False)
     with pytest.raises(VitqError, match="integer runtime: blocks.0"):
         IntegerViT.compile(qmodel, images[:4])
+
+
+def test_integer_runtime_refuses_quantized_layernorm_inputs(test_vit, images):
+    config = vitq.QuantConfig(method="fqvit", w_bits=8, a_bits=8, calib_size=4,  # PTF on LayerNorm inputs
+                              overrides=[vitq.PointOverride.parse("blocks.*.attn.softmax=uniform:8")])
+    qmodel = vitq.quantize(test_vit, config, images[:4], progress=False)
+    with pytest.raises(VitqError, match="LayerNorm input"):
+        IntegerViT.compile(qmodel, images[:4])

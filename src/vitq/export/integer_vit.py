@@ -210,6 +210,10 @@ class IntegerViT(nn.Module):
         model = qmodel.model
         if qmodel.family != "vit" or getattr(model, "global_pool", None) != "token" or model.num_prefix_tokens != 1:
             raise VitqError("integer runtime: only ViT/DeiT models with one class token are supported")
+        quantized_norm_inputs = [slot.name for slot in qmodel.slots() if slot.role == "pre_ln" and slot.quantizer]
+        if quantized_norm_inputs:
+            raise VitqError(f"integer runtime: {quantized_norm_inputs[0]} quantizes a LayerNorm input; the runtime "
+                            "holds the residual stream as its own 22-bit integers instead")
         conv = model.patch_embed.proj
         self.image = conv.input_quantizer
         Codes.of(self.image, "patch_embed.proj.input_quantizer")
