@@ -1,8 +1,8 @@
 """Tests of FQ-ViT: the Power-of-Two Factor quantizer (against a plain loop) and the ``fqvit`` method."""
 
 import pytest
-import timm
 import torch
+from helpers import quantized_test_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,11 +74,7 @@ def test_ptf_rebuilds_from_its_spec():
 
 
 def test_fqvit_method_structure_and_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False).eval()
-    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-    qmodel = vitq.quantize(model, vitq.QuantConfig(method="fqvit", w_bits=8, a_bits=8, calib_size=2), images[:2],
-                           progress=False)
+    model, images, qmodel = quantized_test_vit("fqvit", 8, 8)
     specs = qmodel.quant_specs()
     assert specs["blocks.0.norm1.input_quantizer"]["kind"] == "ptf"
     assert specs["norm.input_quantizer"]["kind"] == "ptf"

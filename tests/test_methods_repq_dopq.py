@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_norms
+from helpers import quantized_test_vit, randomize_norms
 from torch import nn
 
 import vitq
@@ -230,13 +230,7 @@ def test_sosf_is_never_worse_than_mosf(models):
 def test_adalog_structure_and_round_trip(tmp_path):
     """AdaLog: adaptive-log softmax (scale 1) and shifted post-GELU quantizers, per-head q/k/v, integer
     reparameterized zero points; saves and reloads bit for bit."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False).eval()
-    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-    qmodel = vitq.quantize(model, vitq.QuantConfig(method="adalog", w_bits=4, a_bits=4, calib_size=2), images[:2],
-                           progress=False)
+    model, images, qmodel = quantized_test_vit("adalog", 4, 4)
     quantizers = qmodel.quantizers()
     softmax = quantizers["blocks.0.attn.softmax.quantizer"]
     assert softmax.kind == "adalog" and float(softmax.scale) == 1.0 and 10 <= float(softmax.base) <= 138

@@ -1,9 +1,9 @@
 """Tests of NoisyQuant: the noisy-bias quantizer (closed forms, the bias fold) and the ``noisyquant`` method."""
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
+from helpers import quantized_test_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -87,11 +87,7 @@ def test_bad_options_are_readable():
 
 
 def test_noisyquant_method_on_a_tiny_vit(tmp_path):
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False).eval()
-    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-    qmodel = vitq.quantize(model, vitq.QuantConfig(method="noisyquant", w_bits=4, a_bits=4, calib_size=2), images[:2],
-                           progress=False)
+    model, images, qmodel = quantized_test_vit("noisyquant", 4, 4)
     noisy = {name: q for name, q in qmodel.quantizers().items() if q.kind == "noisy_uniform"}
     assert sorted(noisy) == [f"blocks.{i}.mlp.fc2.input_quantizer" for i in range(6)]
     path = vitq.save(qmodel, tmp_path / "noisy.safetensors")
