@@ -21,6 +21,7 @@ import torch
 from common import deit_tiny_split, report_header, write_report
 
 import vitq
+from vitq.calib.runner import run_batched
 from vitq.errors import VitqError
 from vitq.export.integer_vit import IntegerViT
 from vitq.export.onnx import export_onnx
@@ -29,7 +30,7 @@ from vitq.report.tables import markdown_table
 
 def predictions(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(chunk).argmax(1) for chunk in images.split(batch_size)])
+        return run_batched(lambda chunk: model(chunk).argmax(1), images, batch_size)
 
 
 def accuracy_rows(method: str, seeds: list[int]) -> list[list]:

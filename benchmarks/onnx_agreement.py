@@ -20,6 +20,7 @@ import torch
 from common import deit_tiny_split, report_header, write_report
 
 import vitq
+from vitq.calib.runner import run_batched
 from vitq.eval.ort import OrtModel
 from vitq.export.onnx import export_onnx
 from vitq.report.tables import markdown_table
@@ -27,7 +28,7 @@ from vitq.report.tables import markdown_table
 
 def logits_of(model, images: torch.Tensor, batch_size: int = 64, dtype=torch.float32) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(chunk.to(dtype)).float() for chunk in images.split(batch_size)])
+        return run_batched(lambda chunk: model(chunk.to(dtype)).float(), images, batch_size)
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:

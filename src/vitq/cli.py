@@ -26,6 +26,7 @@ import re
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -321,6 +322,13 @@ def _evaluate(model: nn.Module, cache: ImageCache, split: Split, args: argparse.
     return vitq.evaluate(model, data, batch_size=args.batch_size, progress=_progress(args))
 
 
+def _accuracy_fields(result: EvalResult) -> dict[str, Any]:
+    """The ``--json`` keys every ``vitq eval`` backend reports for its evaluation."""
+    return {"top1": result.top1, "top5": result.top5, "top1_ci95": list(result.top1_ci95),
+            "n_images": result.n_images, "seconds": result.seconds, "peak_mem_mb": peak_rss_mb(),
+            "images_per_s": result.images_per_s}
+
+
 def _sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
     """Accumulated SQNR of every point on up to :data:`SQNR_IMAGES` calibration images."""
     images, _ = cache.tensors(split.calib[:SQNR_IMAGES], "loading calibration images")
@@ -478,9 +486,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = qmodel.config
     quantized = config.method != "float"
     record = {
-        "top1": result.top1, "top5": result.top5, "top1_ci95": list(result.top1_ci95),
-        "n_images": result.n_images, "seconds": result.seconds, "calib_seconds": calib_seconds,
-        "peak_mem_mb": peak_rss_mb(), "images_per_s": result.images_per_s,
+        **_accuracy_fields(result), "calib_seconds": calib_seconds,
         "model": qmodel.model_name, "method": config.method,
         "w_bits": config.w_bits if quantized else None, "a_bits": config.a_bits if quantized else None,
         "calib_size": len(split.calib), "seed": split.seed, **_size_fields(size), "backend": args.backend,
@@ -519,9 +525,7 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
     result = _evaluate(model, cache, split, args)
     float_points = [p["slot"] for p in header["points"] if p["form"] == "float path"]
     record = {
-        "top1": result.top1, "top5": result.top5, "top1_ci95": list(result.top1_ci95),
-        "n_images": result.n_images, "seconds": result.seconds, "peak_mem_mb": peak_rss_mb(),
-        "images_per_s": result.images_per_s, "model": header["model_name"], "method": saved.method,
+        **_accuracy_fields(result), "model": header["model_name"], "method": saved.method,
         "w_bits": saved.w_bits, "a_bits": saved.a_bits, "calib_size": len(split.calib), "seed": split.seed,
         "backend": "onnxruntime", "onnx_file": str(model.path), "file_mb": model.path.stat().st_size / MB,
         "float_path_points": float_points,
@@ -538,9 +542,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a model saved by ``vitq quantize`` (``--format onnx``), naming every point left on a float path."""
     qmodel, _ = _read_saved(args.quantized)
     exported = export_onnx(qmodel, args.output, opset=args.opset)
-    forms: dict[str, int] = {}
-    for point in exported.points:
-        forms[point.form] = forms.get(point.form, 0) + 1
+    forms = Counter(point.form for point in exported.points)
     print(f"wrote {exported.path} ({exported.path.stat().st_size / MB:.2f} MB): "
           + ", ".join(f"{n} {form}" for form, n in sorted(forms.items())))
     for point in exported.float_points:

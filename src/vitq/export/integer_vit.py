@@ -174,26 +174,16 @@ class IntegerBlock(nn.Module):
 
     def attention(self, codes: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = codes.shape
-        acc = self.qkv(codes).reshape(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        dim = acc.shape[-1] * self.heads
+        # the qkv accumulator's channels are [q | k | v], each heads x head_dim: requantize, then split heads
+        q, k, v = (requantizer(part).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
+                   for requantizer, part in zip((self.to_q, self.to_k, self.to_v), self.qkv(codes).chunk(3, dim=-1),
+                                                strict=True))
         z_q, z_k, z_v, z_a = self.zeros
-        # per-channel multipliers: split the qkv accumulator's channels back to heads
-        q, k, v = (self._requant_heads(r, part) for r, part in zip((self.to_q, self.to_k, self.to_v), acc,
-                                                                   strict=True))
         scores = ((q - z_q) @ (k - z_k).transpose(-2, -1)) << self.score_shift
         probabilities = shiftmax(scores, self.score_units)
         attn = self.to_softmax(probabilities)
         out = (attn - z_a) @ (v - z_v)
-        return self.to_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-    @staticmethod
-    def _requant_heads(requantizer: Requantizer, acc: torch.Tensor) -> torch.Tensor:
-        """``acc`` [B, heads, N, head_dim] with the requantizer's per-channel multipliers (heads·head_dim)."""
-        heads, head_dim = acc.shape[1], acc.shape[-1]
-        mantissa = requantizer.mantissa.reshape(heads, 1, head_dim)
-        shift = requantizer.shift.reshape(heads, 1, head_dim)
-        t = requantizer.target
-        return requantize(acc, mantissa, shift, t.zero_point, t.q_min, t.q_max)
+        return self.to_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         residual = residual + self.proj_to_residual(self.proj(self.attention(self.norm1(residual))))

@@ -261,7 +261,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
             torch.onnx.export(qmodel, (example,), buffer, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-        except torch.onnx.errors.OnnxExporterError as err:  # its message ends with the graph dump: keep line 1
+        except torch.onnx.errors.OnnxExporterError as err:  # the message's last line is the error itself
             raise VitqError(f"ONNX export failed: {str(err).splitlines()[-1]}") from None
     model = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(export_header(qmodel, points))})
