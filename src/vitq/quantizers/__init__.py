@@ -8,8 +8,10 @@ from vitq.quantizers.noisy import NoisyUniformQuantizer
 from vitq.quantizers.ptf import PowerOfTwoFactorQuantizer
 from vitq.quantizers.registry import build_quantizer, quantizer_kinds, register_quantizer
 from vitq.quantizers.tan import TanQuantizer
+from vitq.quantizers.twin_uniform import TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer
 from vitq.quantizers.uniform import UniformQuantizer
 
 __all__ = ["AdaLogQuantizer", "DualUniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "NoisyUniformQuantizer",
-           "PowerOfTwoFactorQuantizer", "Quantizer", "TanQuantizer", "UniformQuantizer", "build_quantizer",
-           "check_bits", "quantizer_kinds", "register_quantizer"]
+           "PowerOfTwoFactorQuantizer", "Quantizer", "TanQuantizer", "TwinUniformGeluQuantizer",
+           "TwinUniformSoftmaxQuantizer", "UniformQuantizer", "build_quantizer", "check_bits", "quantizer_kinds",
+           "register_quantizer"]
