@@ -9,6 +9,7 @@ from vitq.methods import gptq as _gptq  # noqa: F401
 from vitq.methods import minmax as _minmax  # noqa: F401
 from vitq.methods import noisyquant as _noisyquant  # noqa: F401
 from vitq.methods import percentile as _percentile  # noqa: F401
+from vitq.methods import ptq4vit as _ptq4vit  # noqa: F401
 from vitq.methods import repq_vit as _repq_vit  # noqa: F401
 from vitq.methods.base import Method, method_class, method_names, register_method
 

@@ -1,0 +1,134 @@
+"""``ptq4vit``: PTQ4ViT (Yuan et al., ECCV 2022), twin uniform quantization + Hessian-guided search (NOTES §2.6).
+
+Structure (PTQ4ViT's granularity; every quantizer symmetric and signed):
+
+- Linear weights **per tensor**, except ``qkv``: one step each for its q, k and v rows (``head`` granularity,
+  3 groups); the patch-embedding conv weights per output channel; option ``weight_granularity="channel"``:
+  every weight per output channel;
+- the patch-embedding input (the image) is **not** quantized;
+- activations per tensor: post-LayerNorm inputs of qkv/fc1, the proj and head inputs, q, k and v;
+- post-Softmax: :class:`~vitq.quantizers.twin_uniform.TwinUniformSoftmaxQuantizer` (split point 2^−i);
+- post-GELU (fc2 input): :class:`~vitq.quantizers.twin_uniform.TwinUniformGeluQuantizer` (Δ+ = 2^m·Δ− as in the
+  paper, option ``gelu_grid="linear"``: the released code's free linear grid).
+
+Calibration, stage by stage in forward order (:func:`vitq.calib.runner.run_stagewise_with_float`):
+
+1. every quantizer of the stage is initialised on the stage's calibration input (min-max, twin: by MSE);
+2. ∂L/∂O of each product layer's output (:mod:`vitq.calib.products`), L = KL(float prediction ‖ prediction
+   with this stage quantized, later stages float);
+3. layer by layer (qkv, q·kᵀ, A·v, proj, fc1, fc2; conv; head), the layer's operands are captured with the layers
+   before it already searched, and its two quantizers are chosen by :func:`vitq.calib.hessian.alternating_search`
+   (3 rounds; weight/activation, A/B).
+
+``inputs`` option: ``"quantized"`` (default) — each layer's operands come from the quantized upstream, as the
+paper's sequential description; ``"float"`` — every layer sees the float model's activations (PTQ4ViT's released
+code: "parallel quantization", which its README reports more robust with 32 images).
+
+Cost (default ``eq_n`` = :data:`DEFAULT_EQ_N`, row stride :data:`ROW_STRIDE`): the paper searches 100 steps on
+every token; on 2 CPU cores that is about 20 min for DeiT-tiny, so the default searches 50 steps (PTQ4ViT's
+README: 20 or more intervals change top-1 by < 0.3 %) on every 4th token of each image (every 4th query row for
+the attention products) — about 3 min for DeiT-tiny on 2 cores. ``eq_n=100`` gives the paper's grid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vitq.calib.hessian import ROUNDS, SearchProblem, alternating_search
+from vitq.calib.products import capture_operands, stage_products, task_gradients
+from vitq.calib.runner import calibrating, run_batched, run_stagewise_with_float
+from vitq.errors import VitqError
+from vitq.methods.base import Method, register_method
+from vitq.models import Stage
+from vitq.nn import QConv2d
+
+DEFAULT_EQ_N = 50
+#: the error is evaluated on every ROW_STRIDE-th token of each image
+ROW_STRIDE = 4
+#: images per forward/backward chunk of the gradient pass
+GRAD_BATCH = 8
+WEIGHT_GRANULARITIES = ("tensor", "channel")
+GELU_GRIDS = ("pow2", "linear")
+INPUTS = ("quantized", "float")
+
+
+@register_method("ptq4vit")
+class PTQ4ViT(Method):
+    DEFAULTS: dict[str, Any] = {"weight_granularity": "tensor", "eq_n": DEFAULT_EQ_N, "gelu_grid": "pow2",
+                                "inputs": "quantized"}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.options = {**self.DEFAULTS, **config.options}
+        for key, allowed in (("weight_granularity", WEIGHT_GRANULARITIES), ("gelu_grid", GELU_GRIDS),
+                             ("inputs", INPUTS)):
+            if self.options[key] not in allowed:
+                raise VitqError(f"ptq4vit option {key} must be one of {allowed}, got {self.options[key]!r}")
+        eq_n = self.options["eq_n"]
+        if isinstance(eq_n, bool) or not isinstance(eq_n, int) or eq_n < 2:
+            raise VitqError(f"ptq4vit option eq_n must be an integer >= 2, got {eq_n!r}")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(cls.DEFAULTS)
+
+    def _symmetric(self, bits: int, **granularity: Any) -> dict[str, Any]:
+        return {"kind": "uniform", "bits": bits, "signed": True, "symmetric": True, "init": "minmax",
+                "granularity": "tensor", **granularity}
+
+    def slot_spec(self, slot) -> dict[str, Any] | None:
+        cfg = self.config
+        if slot.role == "weight":
+            if self.options["weight_granularity"] == "channel" or isinstance(slot.module, QConv2d):
+                return self._symmetric(cfg.w_bits, granularity="channel", axis=0)
+            if slot.point.rpartition(".")[2] == "qkv":  # one step each for the q, k and v rows
+                return self._symmetric(cfg.w_bits, granularity="head", axis=0, groups=3)
+            return self._symmetric(cfg.w_bits)
+        return self.quantizer_spec(slot.role)
+
+    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
+        bits = self.config.a_bits
+        if role in ("image", "pre_ln"):
+            return None
+        if role == "weight":
+            return self._symmetric(self.config.w_bits)
+        if role == "softmax":
+            return {"kind": "twin_uniform_softmax", "bits": bits}
+        if role == "post_gelu":
+            return {"kind": "twin_uniform_gelu", "bits": bits, "grid": self.options["gelu_grid"],
+                    "eq_n": self.options["eq_n"]}
+        return self._symmetric(bits)
+
+    def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
+        with qmodel.quantization_disabled(), torch.no_grad():
+            target = run_batched(qmodel, images, GRAD_BATCH).softmax(dim=-1)
+        stage_index = {stage.name: i for i, stage in enumerate(qmodel.stages())}
+        parallel = self.options["inputs"] == "float"
+
+        def visit(stage: Stage, x: torch.Tensor, x_float: torch.Tensor) -> torch.Tensor:
+            self._calibrate_stage(qmodel, stage, stage_index[stage.name], x_float if parallel else x, target)
+            with qmodel.quantization_disabled():
+                return run_batched(stage.run, x_float, GRAD_BATCH)
+
+        run_stagewise_with_float(qmodel, images, visit, progress=progress)
+
+    def _calibrate_stage(self, qmodel, stage: Stage, index: int, x: torch.Tensor, target: torch.Tensor) -> None:
+        quantizers = qmodel.stage_quantizers(stage)
+        if not quantizers:
+            return
+        with calibrating(quantizers):
+            run_batched(stage.run, x, GRAD_BATCH)
+        products = stage_products(qmodel, stage, ROW_STRIDE)
+        grads = task_gradients(qmodel, index, x, target, products, batch_size=GRAD_BATCH)
+        for product in products:
+            if self.options["inputs"] == "float":
+                with qmodel.quantization_disabled():
+                    a, b = capture_operands(stage, x, product)
+            else:
+                a, b = capture_operands(stage, x, product)
+            problem = SearchProblem(product.op, product.rows(a), b, grads[product.name], product.a_quantizer,
+                                    product.b_quantizer, a_full=a, first=product.first,
+                                    b_channel_dim=product.b_channel_dim)
+            alternating_search(problem, eq_n=self.options["eq_n"], rounds=ROUNDS)
