@@ -18,9 +18,11 @@ output.
 :func:`task_gradients` computes ∂L/∂O for the product layers of one stage, with the task loss of PTQ4ViT: the
 KL divergence ``Σ p_float · log(p_float / softmax(z))`` between the float model's prediction and the logits
 ``z`` of the model in which that stage is quantized (straight-through rounding) and the stages after it are
-float. At the float model this gradient is identically zero (``softmax(z) = p_float``): PTQ4ViT's released
-script collects it with every layer in float mode, so its "Hessian" weights are rounding noise. Here the stage's
-own quantization, and the quantized stages before it (their output is this stage's input), make it informative.
+float. At the float model this gradient is identically zero (``softmax(z) = p_float``). PTQ4ViT's example
+script (``HessianQuantCalibrator(..., sequential=False)``) puts every calibrated layer back in float mode before
+the next layer's backward pass, so the logits it differentiates are the float ones up to floating-point noise and
+its "Hessian" weights are that noise. Here the stage's own quantization (and, with quantized inputs, the
+quantized stages before it) makes the gradient informative, also for the first stage.
 """
 
 from __future__ import annotations
