@@ -24,10 +24,11 @@ Calibration, stage by stage in forward order (:func:`vitq.calib.runner.run_stage
 paper's sequential description; ``"float"`` — every layer sees the float model's activations (PTQ4ViT's released
 code: "parallel quantization", which its README reports more robust with 32 images).
 
-Cost (default ``eq_n`` = :data:`DEFAULT_EQ_N`, row stride :data:`ROW_STRIDE`): the paper searches 100 steps on
-every token; on 2 CPU cores that is about 20 min for DeiT-tiny, so the default searches 50 steps (PTQ4ViT's
-README: 20 or more intervals change top-1 by < 0.3 %) on every 4th token of each image (every 4th query row for
-the attention products) — about 3 min for DeiT-tiny on 2 cores. ``eq_n=100`` gives the paper's grid.
+Cost: the search evaluates every candidate step on the layer's output, so it scales with ``eq_n`` x tokens. The
+paper searches 100 steps on every token; the default here searches ``eq_n`` = :data:`DEFAULT_EQ_N` steps (PTQ4ViT's
+README: 20 or more change top-1 by < 0.3 %) on every :data:`ROW_STRIDE`-th token of each image (every 4th query row
+for the attention products), 1/8 of the paper's search work: DeiT-tiny calibrates in about 135 s on one thread of a
+busy 2-core machine (``benchmarks/results/ptq4vit``), well under 5 min. ``eq_n=100`` gives the paper's grid.
 """
 
 from __future__ import annotations
