@@ -3,16 +3,19 @@ search against exhaustive grids, and the search of a Linear's quantizers."""
 
 import pytest
 import torch
+from helpers import quantized_test_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from vitq.calib.fpcs import (
     FpcsSettings,
-    fpcs_calibration,
     fpcs_linear,
+    fpcs_query_key,
+    fpcs_value,
     grid_candidates,
     input_output_error,
+    matmul_operand_error,
     output_mse,
     progressive_search,
     weight_output_error,
@@ -144,23 +147,90 @@ def test_other_quantizers_are_left_alone():
     assert all(torch.equal(v, linear.input_quantizer.get_params()[k]) for k, v in before.items())
 
 
-def test_calibration_context_searches_each_linear_once_in_forward_order(monkeypatch):
+def _head_quantizer(bits=4, calibrate_on=None):
+    quantizer = build_quantizer({"kind": "uniform", "bits": bits, "granularity": "channel", "axis": 1,
+                                 "init": "mse"})
+    if calibrate_on is not None:
+        quantizer.calibrate(calibrate_on)
+    return quantizer
+
+
+def _operands(seed, shape=(2, 3, 9, 5)):
+    g = torch.Generator().manual_seed(seed)
+    left, right = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    left[:, 1] *= 4  # heads of different ranges
+    return left, right
+
+
+@pytest.mark.parametrize("granularity", ["head", "tensor"])
+def test_matmul_error_equals_the_direct_error_up_to_a_constant(granularity):
+    left, right = _operands(0)
+    quantizer = (_head_quantizer(calibrate_on=left) if granularity == "head"
+                 else build_quantizer({"kind": "uniform", "bits": 4, "init": "mse"}))
+    right_hat = fake_quant(right, torch.tensor(0.3), torch.tensor(8.0), 0, 15)
+    scales, zps, _ = grid_candidates(quantizer._rows(left), 0, 15, candidates=32, zero_points=16)
+    score = matmul_operand_error(left, right, right_hat, quantizer)(scales, zps)
+    reference = (left @ right.transpose(-1, -2)).double()
+    for k in range(scales.shape[1]):
+        left_hat = fake_quant(left, quantizer._broadcast(scales[:, k], left), quantizer._broadcast(zps[:, k], left),
+                              0, 15)
+        error = (reference - (left_hat @ right_hat.transpose(-1, -2)).double()).square()
+        direct = error.sum((0, 2, 3)) if granularity == "head" else error.sum().reshape(1)
+        constant = (left @ (right - right_hat).transpose(-1, -2)).double().square()
+        constant = constant.sum((0, 2, 3)) if granularity == "head" else constant.sum().reshape(1)
+        assert torch.allclose(score[:, k] + constant, direct, rtol=1e-4, atol=1e-3)
+
+
+def test_query_key_and_value_searches_lower_their_errors():
+    q, k = _operands(1)
+    v = torch.randn(2, 3, 9, 5, generator=torch.Generator().manual_seed(2))
+    attn = (q @ k.transpose(-1, -2)).softmax(-1)
+    qq, kq, vq = (_head_quantizer(3, t) for t in (q, k, v))
+
+    def logits_error():
+        return float((q @ k.transpose(-1, -2) - qq(q) @ kq(k).transpose(-1, -2)).square().sum())
+
+    def output_error():
+        return float((attn @ v - attn @ vq(v)).square().sum())
+
+    before = logits_error(), output_error()
+    fpcs_query_key(q, k, qq, kq)
+    fpcs_value(v, attn, vq, None)
+    assert logits_error() < before[0] and output_error() < before[1]
+    assert qq.scale.shape == kq.scale.shape == vq.scale.shape == (3,)
+
+
+def test_stage_searches_in_forward_order_on_the_inputs_the_model_computes(monkeypatch):
+    """Every search runs once, in forward order, and sees exactly the input that the searched model gives the
+    point afterwards (its upstream already searched)."""
     import vitq.calib.fpcs as fpcs
 
-    x, w = _layer(2, c_in=12, c_out=12)
-    first, second = _qlinear(w), _qlinear(w.T.contiguous())
-    searched = []
-    monkeypatch.setattr(fpcs, "fpcs_linear", lambda linear, inputs, settings: searched.append((linear, inputs)))
-    with fpcs_calibration([second, first]):
-        for linear in (first, second):
-            linear.weight_quantizer.calibrate(linear.weight)
-            linear.input_quantizer.calibrate(x)
-        hidden = first(x)
-        second(hidden)
-        second(first(x))  # a second pass searches nothing
-    assert [m for m, _ in searched] == [first, second]
-    assert torch.equal(searched[0][1], x) and torch.equal(searched[1][1], hidden)  # second sees first's output
-    assert not first._forward_pre_hooks and not second._forward_pre_hooks
+    _, images, qmodel = quantized_test_vit("adalog", 4, 4, fpcs=False)
+    stage = next(s for s in qmodel.stages() if s.contains("blocks.0.attn.qkv"))
+    x = qmodel.stages()[0].run(images[:2])
+    seen = []
+    for name in ("fpcs_linear", "fpcs_query_key", "fpcs_value"):
+        original = getattr(fpcs, name)
+
+        def record(first, second, *rest, original=original, name=name):
+            seen.append((name, first.clone() if name == "fpcs_value" else second.clone()))
+            return original(first, second, *rest)
+
+        monkeypatch.setattr(fpcs, name, record)
+    fpcs.fpcs_stage(qmodel, stage, x)
+    block = qmodel.model.blocks[0]
+    assert [name for name, _ in seen] == ["fpcs_linear", "fpcs_query_key", "fpcs_value", "fpcs_linear",
+                                          "fpcs_linear", "fpcs_linear"]
+    inputs = {}
+    points = {"qkv": block.attn.qkv, "k": block.attn.k, "v": block.attn.v, "proj": block.attn.proj,
+              "fc1": block.mlp.fc1, "fc2": block.mlp.fc2}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, key=key: inputs.setdefault(key, a[0].clone()))
+             for key, m in points.items()]
+    stage.run(x)
+    for hook in hooks:
+        hook.remove()
+    for (_, got), key in zip(seen, ["qkv", "k", "v", "proj", "fc1", "fc2"], strict=True):
+        assert torch.equal(got, inputs[key]), key
 
 
 def test_settings_are_validated():

@@ -34,8 +34,7 @@ AdaLog's GPU configuration (128, 16, 6, 3, all tokens); the refinement still rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -201,21 +200,119 @@ def fpcs_linear(linear: QLinear, x: torch.Tensor, settings: FpcsSettings = FpcsS
             aq.set_params({"scale": scale.to(aq.scale.dtype), "zero_point": zero_point.to(aq.zero_point.dtype)})
 
 
-@contextmanager
-def fpcs_calibration(linears: Iterable[QLinear], settings: FpcsSettings = FpcsSettings()) -> Iterator[None]:
-    """Within the context, each listed Linear runs :func:`fpcs_linear` on the first input it sees (then
-    computes its output with the searched quantizers), so one forward pass of a stage searches its
-    Linears in forward order, each on inputs quantized by the already-searched upstream."""
-    def search_once(module, args):
-        hooks.pop(module).remove()
-        fpcs_linear(module, args[0], settings)
+def _searchable_operand(quantizer: Quantizer | None) -> bool:
+    """A uniform, asymmetric quantizer of an attention operand [B, heads, T, D]: per tensor or per head."""
+    return (type(quantizer) is UniformQuantizer and quantizer.enabled and not quantizer.symmetric
+            and (quantizer.granularity == "tensor" or (quantizer.granularity == "channel" and quantizer.axis == 1)))
 
-    hooks = {linear: linear.register_forward_pre_hook(search_once) for linear in linears}
-    try:
-        yield
-    finally:
-        for hook in hooks.values():
-            hook.remove()
+
+def matmul_operand_error(left: torch.Tensor, right: torch.Tensor, right_hat: torch.Tensor,
+                         quantizer: UniformQuantizer) -> Score:
+    """Score of ``quantizer``'s candidates (one row per head, or one row) for the left operand of ``L·Rᵀ``
+    ([B, heads, T, D] @ [B, heads, D, T']): ‖L·Rᵀ − Q(L)·R̂ᵀ‖² per head, up to a constant. As for weights, with
+    ``Δ = L − Q(L)`` and ``C = L·(R − R̂)ᵀ``: ``‖C + Δ·R̂ᵀ‖² = ‖C‖² + 2⟨Δ, C·R̂⟩ + ⟨Δ·(R̂ᵀR̂), Δ⟩``."""
+    gram = right_hat.transpose(-1, -2) @ right_hat  # R̂ᵀR̂, [B, heads, D, D]
+    cross = (left @ (right - right_hat).transpose(-1, -2)) @ right_hat  # C·R̂, like ``left``
+
+    def score(scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+        errors = []
+        for s, z in zip(scales.T, zero_points.T, strict=True):
+            delta = fake_quant(left, quantizer._broadcast(s, left), quantizer._broadcast(z, left), quantizer.q_min,
+                               quantizer.q_max).sub_(left).neg_()  # L − Q(L)
+            terms = 2 * delta * cross + (delta @ gram) * delta
+            errors.append(quantizer._rows(terms).sum(1, dtype=torch.float64))
+        return torch.stack(errors, dim=1)
+
+    return score
+
+
+def _search_operand(quantizer: UniformQuantizer, left: torch.Tensor, right: torch.Tensor, right_hat: torch.Tensor,
+                    settings: FpcsSettings) -> None:
+    grid = grid_candidates(quantizer._rows(left), quantizer.q_min, quantizer.q_max,
+                           candidates=settings.candidates, zero_points=2 ** quantizer.bits)
+    scale, zero_point = progressive_search(matmul_operand_error(left, right, right_hat, quantizer), *grid, settings)
+    quantizer.set_params({"scale": scale.to(quantizer.scale.dtype),
+                          "zero_point": zero_point.to(quantizer.zero_point.dtype)})
+
+
+def _fake_quant(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
+    return x if quantizer is None or not quantizer.enabled else quantizer.quantize_dequantize(x)
+
+
+@torch.no_grad()
+def fpcs_query_key(q: torch.Tensor, k: torch.Tensor, q_quantizer: Quantizer | None, k_quantizer: Quantizer | None,
+                   settings: FpcsSettings = FpcsSettings()) -> None:
+    """Search the q and k quantizers (uniform, per head or per tensor; others are left alone) by the logits
+    error ‖q·kᵀ − Q(q)·Q(k)ᵀ‖², alternating for ``settings.rounds`` (q, k: [B, heads, T, D], unquantized)."""
+    for _ in range(settings.rounds):
+        if _searchable_operand(q_quantizer):
+            _search_operand(q_quantizer, q, k, _fake_quant(k_quantizer, k), settings)
+        if _searchable_operand(k_quantizer):
+            _search_operand(k_quantizer, k, q, _fake_quant(q_quantizer, q), settings)
+
+
+@torch.no_grad()
+def fpcs_value(v: torch.Tensor, attn: torch.Tensor, v_quantizer: Quantizer | None, attn_quantizer: Quantizer | None,
+               settings: FpcsSettings = FpcsSettings()) -> None:
+    """Search the v quantizer by the attention-output error ‖A·v − Q(A)·Q(v)‖² (``A``: the attention map
+    [B, heads, T, T'], ``v``: [B, heads, T', D], both unquantized), as ‖vᵀ·Aᵀ − Q(v)ᵀ·Q(A)ᵀ‖²."""
+    if _searchable_operand(v_quantizer):
+        _search_operand(v_quantizer, v.transpose(-1, -2), attn, _fake_quant(attn_quantizer, attn), settings)
+
+
+class _Stop(Exception):
+    """Ends a partial forward pass once its search is done."""
+
+
+@torch.no_grad()
+def fpcs_stage(qmodel, stage, x: torch.Tensor, settings: FpcsSettings = FpcsSettings()) -> None:
+    """FPCS of every Linear (:func:`fpcs_linear`) and attention (q, k by the logits: :func:`fpcs_query_key`;
+    v by the attention output: :func:`fpcs_value`) of ``stage`` on its calibration input ``x``.
+
+    Each search must see its inputs as the model computes them *after* every upstream search, so the stage runs
+    once per search: a pass stops right after the first not-yet-searched point it reaches has been searched,
+    and the next pass starts again from ``x``. Searches thus happen in forward order, each on exact inputs."""
+    linears = [m for name, m in qmodel.points().items() if isinstance(m, QLinear) and stage.contains(name)]
+    attentions = qmodel.attention_modules(stage)
+    raw: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep_input(key):
+        def hook(_module, args):
+            raw[key] = args[0]
+        return hook
+
+    # (module whose input triggers the search, search on that input)
+    pending = [(linear, lambda inp, linear=linear: fpcs_linear(linear, inp, settings)) for linear in linears]
+    for i, attn in enumerate(attentions):
+        pending.append((attn.k, lambda k, i=i, attn=attn: fpcs_query_key(raw[i, "q"], k, attn.q.quantizer,
+                                                                          attn.k.quantizer, settings)))
+        pending.append((attn.softmax, lambda a, i=i, attn=attn: fpcs_value(raw[i, "v"], a, attn.v.quantizer,
+                                                                            attn.softmax.quantizer, settings)))
+    captures = [(attn.q, (i, "q")) for i, attn in enumerate(attentions)] + \
+               [(attn.v, (i, "v")) for i, attn in enumerate(attentions)]
+    fired: list[int] = []
+
+    def trigger(index):
+        def hook(_module, args):
+            pending[index][1](args[0])
+            fired.append(index)
+            raise _Stop
+        return hook
+
+    while pending:
+        fired.clear()
+        hooks = [module.register_forward_pre_hook(keep_input(key)) for module, key in captures]
+        hooks += [module.register_forward_pre_hook(trigger(index)) for index, (module, _) in enumerate(pending)]
+        try:
+            stage.run(x)
+        except _Stop:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not fired:  # the rest is never reached (e.g. a disabled branch)
+            return
+        del pending[fired[0]]
 
 
 @torch.no_grad()

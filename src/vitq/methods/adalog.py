@@ -11,15 +11,16 @@ What AdaLog changes on the RepQ-ViT pipeline (:mod:`vitq.methods.repq_vit`), all
 - **q, k, v**: uniform asymmetric, one scale per head;
 - **post-LayerNorm**: RepQ-ViT's reparameterization with target ``mean(s)`` and ``round(mean(z))`` (an integer
   zero point), then the per-tensor quantizer re-calibrated on the folded activations;
-- **FPCS** (:mod:`vitq.calib.fpcs`): then every Linear of the stage, in forward order, searches its uniform
+- **FPCS** (:mod:`vitq.calib.fpcs`): then, in forward order, every Linear of the stage searches its uniform
   weight (per row) and input (per tensor) (scale, zero point) pairs by its output error, weights and input
-  alternating; fc2 searches its weights against its AdaLog input;
+  alternating (fc2: its weights, against its AdaLog input); q and k (per head) by the logits error
+  ‖q·kᵀ − Q(q)·Q(k)ᵀ‖², alternating; v (per head) by the attention-output error ‖A·v − Q(A)·Q(v)‖²;
 - calibration in forward order, stage by stage, each quantizer seeing inputs quantized upstream.
 
 Options: ``fpcs`` (default true; false = the percentile MSE ranges of RepQ-ViT for the uniform quantizers, the
 ablation) and ``fpcs_rounds`` (weight/input alternations, default :attr:`FpcsSettings.rounds`).
-Not done: FPCS for the q, k, v quantizers (AdaLog searches them by the q·kᵀ and A·V outputs; here they keep
-the per-head percentile MSE range).
+Not done: AdaLog's joint (scale x base) FPCS refinement of the post-GELU quantizer (its grid search is kept),
+and re-searching the softmax base after v's search.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from vitq.calib.fpcs import FpcsSettings, fpcs_calibration
+from vitq.calib.fpcs import FpcsSettings, fpcs_stage
 from vitq.calib.reparam import reparameterize_stage
 from vitq.calib.runner import run_stagewise
 from vitq.calib.search import attention_output_calibration, linear_output_calibration
@@ -36,7 +37,6 @@ from vitq.errors import VitqError
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.models import Stage
-from vitq.nn import QLinear
 from vitq.quantizers.adalog import DEFAULT_BASES, GELU_SHIFT
 
 #: post-GELU search: every GELU_SEARCH_STRIDE-th token row, bases 10, 14, ..., 138
@@ -74,9 +74,7 @@ class AdaLog(RepQViT):
                     linear_output_calibration(post_gelu, row_stride=GELU_SEARCH_STRIDE):
                 reparameterize_stage(qmodel, stage, x, target="mean", round_zero_point=True, recalibrate_input=True)
             if self.fpcs:
-                linears = [m for name, m in qmodel.points().items() if isinstance(m, QLinear) and stage.contains(name)]
-                with fpcs_calibration(linears, self.fpcs_settings):
-                    stage.run(x)
+                fpcs_stage(qmodel, stage, x, self.fpcs_settings)
 
         run_stagewise(qmodel, images, visit, progress=progress)
 
