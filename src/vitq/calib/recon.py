@@ -1,0 +1,221 @@
+"""Block reconstruction (BRECQ / QDrop style): optimize each stage's quantization so that the quantized stage
+reproduces the float stage's output on the calibration images (NOTES §1.5, §2.7, §4.1).
+
+Per stage, in forward order (:func:`reconstruct_model`):
+
+- inputs: the stage's input in the *quantized* model (upstream already reconstructed) and the target, the
+  *float* model's output of the stage (computed from the float stream with the original weights, before
+  anything in the stage changes);
+- learnable parts (:mod:`vitq.calib.learnable`): the rounding of every per-row uniform weight (AdaRound), the
+  step of every uniform activation quantizer (LSQ, optionally with QDrop's random drop); every other quantizer
+  is kept fixed with a straight-through gradient;
+- loss, over a random mini-batch of calibration images per iteration (Adam):
+  ``mean over tokens of ‖f_q(x_q) − f(x)‖²`` (summed over channels) ``+ λ·Σ (1 − |2h − 1|^β)``, with the
+  regulariser off for the first ``warmup`` fraction of the iterations and β decayed linearly from
+  ``beta[0]`` to ``beta[1]`` afterwards (BRECQ's schedule);
+- then the learned values are written back (hard rounding → on-grid weights, learned steps → the quantizers).
+
+Reproducible and resumable: the mini-batches and QDrop masks of stage ``i`` come from a generator seeded with
+``(seed, i)``; with ``checkpoint_dir`` the model state is saved after every stage and a rerun with the same
+directory (and settings) loads it and goes on after the last finished stage, giving the same result as an
+uninterrupted run. Memory: one stage's calibration inputs and targets, plus one mini-batch's autograd graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
+from vitq.calib.runner import run_batched
+from vitq.errors import VitqError
+from vitq.models import Stage
+from vitq.quantizers import UniformQuantizer
+
+#: the checkpoint in ``checkpoint_dir``: the model state, with the progress in its metadata (one atomic file)
+CHECKPOINT_FILE = "reconstruction.safetensors"
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """Reconstruction hyper-parameters (defaults: BRECQ/QDrop's, with fewer iterations for a CPU)."""
+
+    iterations: int = 200
+    batch_size: int = 8
+    weight_lr: float = 1e-3  # AdaRound's α (Adam)
+    scale_lr: float = 4e-5  # LSQ steps (QDrop's activation learning rate)
+    round_weight: float = 0.01  # λ of the rounding regulariser
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    drop_prob: float = 0.0  # QDrop: 0.5
+    learn_rounding: bool = True
+    learn_steps: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise VitqError(f"reconstruction {name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise VitqError(f"reconstruction drop_prob must be in [0, 1), got {self.drop_prob!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise VitqError(f"reconstruction warmup must be in [0, 1), got {self.warmup!r}")
+
+    def beta_at(self, iteration: int) -> float | None:
+        """β of the rounding regulariser at ``iteration`` (``None`` during the warm-up: no regulariser)."""
+        start = self.warmup * self.iterations
+        if iteration < start:
+            return None
+        progress = (iteration - start) / max(self.iterations - start, 1)
+        return self.beta[1] + (self.beta[0] - self.beta[1]) * max(0.0, 1.0 - progress)
+
+
+@dataclass(frozen=True)
+class StageRecon:
+    """What reconstructing one stage did: loss on all calibration images before and after (hard rounding)."""
+
+    stage: str
+    learned_roundings: int
+    learned_steps: int
+    loss_before: float
+    loss_after: float
+
+
+def _is_row_uniform(quantizer) -> bool:
+    return (isinstance(quantizer, UniformQuantizer) and quantizer.granularity == "channel" and quantizer.axis == 0)
+
+
+def _wrap(qmodel, stage: Stage, settings: ReconSettings, generator: torch.Generator) -> list[tuple[object, nn.Module]]:
+    """Swap every enabled quantizer of ``stage`` for its learnable stand-in; returns ``(slot, stand-in)`` pairs."""
+    swapped = []
+    for slot in qmodel.slots():
+        quantizer = slot.quantizer
+        if quantizer is None or not quantizer.enabled or not stage.contains(slot.point):
+            continue
+        if slot.role == "weight" and settings.learn_rounding and _is_row_uniform(quantizer):
+            stand_in = AdaRoundWeight(quantizer, slot.module.weight)
+        elif slot.role != "weight" and settings.learn_steps and type(quantizer) is UniformQuantizer:
+            stand_in = LearnedStep(quantizer, settings.drop_prob, generator)
+        else:
+            stand_in = StraightThrough(quantizer)
+        slot.quantizer = stand_in
+        swapped.append((slot, stand_in))
+    return swapped
+
+
+def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over images and tokens."""
+    return (output - target).square().sum(-1).mean()
+
+
+@torch.no_grad()
+def _full_loss(stage: Stage, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
+    return float(_stage_loss(run_batched(stage.run, x, batch_size), target))
+
+
+def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tensor, settings: ReconSettings,
+                      *, index: int = 0, progress: bool = True) -> StageRecon:
+    """Reconstruct one stage of ``qmodel`` (calibrated) from its quantized input ``x`` to the float output
+    ``target``; ``index`` seeds its random stream. The learned values are written back into the model."""
+    loss_before = _full_loss(stage, x, target, settings.batch_size)
+    generator = torch.Generator().manual_seed(settings.seed * 100_003 + index)
+    frozen = [p for p in qmodel.model.parameters() if p.requires_grad]  # the model's own parameters
+    swapped = _wrap(qmodel, stage, settings, generator)
+    roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
+    steps = [m for _, m in swapped if isinstance(m, LearnedStep)]
+    groups = [{"params": [m.alpha for m in roundings], "lr": settings.weight_lr},
+              {"params": [m.scale for m in steps], "lr": settings.scale_lr}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        if groups:
+            optimizer = torch.optim.Adam(groups)
+            for m in steps:
+                m.train()
+            bar = tqdm(range(settings.iterations), desc=f"reconstructing {stage.name}", unit="it", leave=False,
+                       disable=not progress)
+            for iteration in bar:
+                batch = torch.randint(len(x), (min(settings.batch_size, len(x)),), generator=generator)
+                with torch.enable_grad():
+                    loss = _stage_loss(stage.run(x[batch]), target[batch])
+                    beta = settings.beta_at(iteration)
+                    if beta is not None and roundings:
+                        loss = loss + settings.round_weight * sum(m.regularizer(beta) for m in roundings)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+            for m in steps:
+                m.eval()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for slot, stand_in in swapped:
+            stand_in.commit(slot.module)
+            slot.quantizer = stand_in.quantizer
+    return StageRecon(stage.name, sum(m.alpha.numel() for m in roundings), len(steps), loss_before,
+                      _full_loss(stage, x, target, settings.batch_size))
+
+
+def _fingerprint(settings: ReconSettings, n_images: int) -> str:
+    return json.dumps({"settings": asdict(settings), "images": n_images}, sort_keys=True)
+
+
+def _save_checkpoint(qmodel, path: Path, done: int, fingerprint: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file({k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}, partial,
+              metadata={"done": str(done), "fingerprint": fingerprint})
+    os.replace(partial, path)  # atomic: a checkpoint is either the old one or the new one
+
+
+def _checkpoint_progress(path: Path, fingerprint: str) -> int:
+    """The index of the last stage finished in the checkpoint at ``path`` (which must match ``fingerprint``)."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("fingerprint") != fingerprint:
+        raise VitqError(f"{path} holds a reconstruction with other settings or images; remove it or use another "
+                        "checkpoint directory")
+    return int(metadata["done"])
+
+
+def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconSettings = ReconSettings(), *,
+                      checkpoint_dir: str | Path | None = None, progress: bool = True) -> list[StageRecon]:
+    """Reconstruct every stage of a calibrated ``qmodel`` in forward order on ``images`` (see the module
+    docstring). With ``checkpoint_dir``: save after every stage, and resume from it when it holds a run with
+    the same settings and image count (a different one is an error, so nothing is silently mixed)."""
+    fingerprint = _fingerprint(settings, len(images))
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
+    stages = qmodel.stages()
+    x_float = images
+    done = -1
+    if checkpoint is not None and checkpoint.is_file():
+        # the float stream through the finished stages needs their weights from *before* reconstruction (AdaRound
+        # changed them), i.e. the ones this model still has until the checkpoint is loaded
+        done = _checkpoint_progress(checkpoint, fingerprint)
+        with torch.no_grad(), qmodel.quantization_disabled():
+            for stage in stages[:done + 1]:
+                x_float = run_batched(stage.run, x_float, settings.batch_size)
+        qmodel.model.load_state_dict(load_file(checkpoint))
+    records: list[StageRecon] = []
+    x = images
+    for index, stage in enumerate(tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)):
+        if index > done:
+            with torch.no_grad(), qmodel.quantization_disabled():
+                target = run_batched(stage.run, x_float, settings.batch_size)
+            records.append(reconstruct_stage(qmodel, stage, x, target, settings, index=index, progress=progress))
+            if checkpoint is not None:
+                _save_checkpoint(qmodel, checkpoint, index, fingerprint)
+            x_float = target
+        with torch.no_grad():
+            x = run_batched(stage.run, x, settings.batch_size)
+    return records
