@@ -65,7 +65,8 @@ def test_adaround_starts_at_the_weight_and_hardens_onto_the_grid():
     rounding = AdaRoundWeight(quantizer, layer.weight)
     soft = rounding(layer.weight)
     step = quantizer._broadcast(quantizer.scale, original)
-    assert torch.allclose(soft, original, atol=2e-4 * float(step.max()))  # h(α) = fractional part (kept in [1e-4, 1 − 1e-4])
+    # h(α) = the fractional part (kept in [1e-4, 1 − 1e-4])
+    assert torch.allclose(soft, original, atol=2e-4 * float(step.max()))
     assert rounding.regularizer(2.0).item() > 0
     rounding.alpha.data = torch.where(rounding.alpha > 0, 50.0, -50.0)  # decided roundings
     assert rounding.regularizer(2.0).item() == pytest.approx(0.0, abs=1e-6)
