@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import imagenet_wnids
 from vitq.cli import _compare_grid, _compare_plan, build_parser, main, parse_variants
@@ -429,3 +430,28 @@ def test_quantize_no_pack_keeps_float_weights(cli, files, tmp_path):
     code, out, err = cli("quantize", "--method", "minmax", *_inputs(files), "--output", tmp_path / "u", "--no-pack")
     assert code == 0, err
     assert read_header(tmp_path / "u" / "model.safetensors")["packed"] == {}
+
+
+def test_quantize_with_reconstruction_saves_the_reconstructed_model(cli, files, tmp_path):
+    """--recon settings reach the config (saved in the file), the reconstruction runs after calibration, resumes
+    from --recon-checkpoint, and the reloaded model is the reconstructed one; bad settings are named."""
+    common = ["--method", "minmax", "--w-bits", "4", "--a-bits", "4", *_inputs(files), "--recon-checkpoint",
+              tmp_path / "ckpt", "--recon", "iterations=2", "--recon", "batch_size=2"]
+    code, _, err = cli("quantize", *common, "--output", tmp_path / "q")
+    assert code == 0, err
+    info = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    assert info["config"]["reconstruct"]["iterations"] == 2 and info["config"]["reconstruct"]["drop_prob"] == 0.0
+    assert (tmp_path / "ckpt" / "reconstruction.safetensors").is_file()
+    code, _, err = cli("quantize", *common, "--output", tmp_path / "again")  # resumes: every block is done
+    assert code == 0, err
+    first = vitq.load(tmp_path / "q" / "model.safetensors").model.state_dict()
+    again = vitq.load(tmp_path / "again" / "model.safetensors").model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    code, _, err = cli("quantize", *common[:-6], "--output", tmp_path / "plain")  # no reconstruction
+    assert code == 0, err
+    plain = vitq.load(tmp_path / "plain" / "model.safetensors").model.state_dict()
+    assert not torch.equal(plain["blocks.0.mlp.fc1.weight"], first["blocks.0.mlp.fc1.weight"])
+    code, _, err = cli("quantize", "--method", "minmax", *_inputs(files), "--recon", "drop_prob=1.5",
+                       "--output", tmp_path / "bad")
+    assert code != 0 and "drop_prob" in err
+

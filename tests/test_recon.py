@@ -8,13 +8,14 @@ from helpers import quantized_test_vit
 
 import vitq.calib.recon as recon
 from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
-from vitq.calib.recon import ReconSettings, reconstruct_model, reconstruct_stage
+from vitq.calib.recon import reconstruct_model, reconstruct_stage
+from vitq.config import ReconConfig, make
 from vitq.errors import VitqError
 from vitq.quantizers import build_quantizer
 
-FAST = ReconSettings(iterations=30, batch_size=2)
+FAST = ReconConfig(iterations=30, batch_size=2)
 #: the resume test runs three reconstructions of the whole test model
-TINY = ReconSettings(iterations=3, batch_size=2)
+TINY = ReconConfig(iterations=3, batch_size=2)
 
 
 def _uniform(bits=4, **spec):
@@ -119,16 +120,15 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, m
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     with pytest.raises(VitqError, match="other settings"):
-        reconstruct_model(resumed, images[:2], ReconSettings(iterations=5, batch_size=2), checkpoint_dir=tmp_path,
-                          progress=False)
+        reconstruct_model(resumed, images[:2], TINY, seed=1, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_settings_are_validated_and_beta_decays():
-    with pytest.raises(VitqError, match="iterations"):
-        ReconSettings(iterations=0)
-    with pytest.raises(VitqError, match="drop_prob"):
-        ReconSettings(drop_prob=1.0)
-    settings = ReconSettings(iterations=100, warmup=0.2, beta=(20.0, 2.0))
+    with pytest.raises(VitqError, match="invalid iterations"):
+        make(ReconConfig, iterations=0)
+    with pytest.raises(VitqError, match="invalid drop_prob"):
+        make(ReconConfig, drop_prob=1.0)
+    settings = ReconConfig(iterations=100, warmup=0.2, beta=(20.0, 2.0))
     assert settings.beta_at(10) is None
     assert settings.beta_at(20) == pytest.approx(20.0) and settings.beta_at(100) == pytest.approx(2.0)
     assert settings.beta_at(60) == pytest.approx(11.0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,47 +36,13 @@ from tqdm.auto import tqdm
 
 from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
 from vitq.calib.runner import run_batched
+from vitq.config import ReconConfig
 from vitq.errors import VitqError
 from vitq.models import Stage
 from vitq.quantizers import UniformQuantizer
 
 #: the checkpoint in ``checkpoint_dir``: the model state, with the progress in its metadata (one atomic file)
 CHECKPOINT_FILE = "reconstruction.safetensors"
-
-
-@dataclass(frozen=True)
-class ReconSettings:
-    """Reconstruction hyper-parameters (defaults: BRECQ/QDrop's, with fewer iterations for a CPU)."""
-
-    iterations: int = 200
-    batch_size: int = 8
-    weight_lr: float = 1e-3  # AdaRound's α (Adam)
-    scale_lr: float = 4e-5  # LSQ steps (QDrop's activation learning rate)
-    round_weight: float = 0.01  # λ of the rounding regulariser
-    beta: tuple[float, float] = (20.0, 2.0)
-    warmup: float = 0.2
-    drop_prob: float = 0.0  # QDrop: 0.5
-    learn_rounding: bool = True
-    learn_steps: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise VitqError(f"reconstruction {name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.drop_prob < 1.0:
-            raise VitqError(f"reconstruction drop_prob must be in [0, 1), got {self.drop_prob!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise VitqError(f"reconstruction warmup must be in [0, 1), got {self.warmup!r}")
-
-    def beta_at(self, iteration: int) -> float | None:
-        """β of the rounding regulariser at ``iteration`` (``None`` during the warm-up: no regulariser)."""
-        start = self.warmup * self.iterations
-        if iteration < start:
-            return None
-        progress = (iteration - start) / max(self.iterations - start, 1)
-        return self.beta[1] + (self.beta[0] - self.beta[1]) * max(0.0, 1.0 - progress)
 
 
 @dataclass(frozen=True)
@@ -94,7 +60,7 @@ def _is_row_uniform(quantizer) -> bool:
     return (isinstance(quantizer, UniformQuantizer) and quantizer.granularity == "channel" and quantizer.axis == 0)
 
 
-def _wrap(qmodel, stage: Stage, settings: ReconSettings, generator: torch.Generator) -> list[tuple[object, nn.Module]]:
+def _wrap(qmodel, stage: Stage, settings: ReconConfig, generator: torch.Generator) -> list[tuple[object, nn.Module]]:
     """Swap every enabled quantizer of ``stage`` for its learnable stand-in; returns ``(slot, stand-in)`` pairs."""
     swapped = []
     for slot in qmodel.slots():
@@ -122,12 +88,12 @@ def _full_loss(stage: Stage, x: torch.Tensor, target: torch.Tensor, batch_size: 
     return float(_stage_loss(run_batched(stage.run, x, batch_size), target))
 
 
-def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tensor, settings: ReconSettings,
-                      *, index: int = 0, progress: bool = True) -> StageRecon:
+def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tensor, settings: ReconConfig,
+                      *, seed: int = 0, index: int = 0, progress: bool = True) -> StageRecon:
     """Reconstruct one stage of ``qmodel`` (calibrated) from its quantized input ``x`` to the float output
-    ``target``; ``index`` seeds its random stream. The learned values are written back into the model."""
+    ``target``; ``(seed, index)`` seed its random stream. The learned values are written back into the model."""
     loss_before = _full_loss(stage, x, target, settings.batch_size)
-    generator = torch.Generator().manual_seed(settings.seed * 100_003 + index)
+    generator = torch.Generator().manual_seed(seed * 100_003 + index)
     frozen = [p for p in qmodel.model.parameters() if p.requires_grad]  # the model's own parameters
     swapped = _wrap(qmodel, stage, settings, generator)
     roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
@@ -166,8 +132,9 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
                       _full_loss(stage, x, target, settings.batch_size))
 
 
-def _fingerprint(settings: ReconSettings, n_images: int) -> str:
-    return json.dumps({"settings": asdict(settings), "images": n_images}, sort_keys=True)
+def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
+    return json.dumps({"settings": settings.model_dump(mode="json"), "seed": seed, "images": n_images},
+                      sort_keys=True)
 
 
 def _save_checkpoint(qmodel, path: Path, done: int, fingerprint: str) -> None:
@@ -188,12 +155,12 @@ def _checkpoint_progress(path: Path, fingerprint: str) -> int:
     return int(metadata["done"])
 
 
-def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconSettings = ReconSettings(), *,
+def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, seed: int = 0,
                       checkpoint_dir: str | Path | None = None, progress: bool = True) -> list[StageRecon]:
     """Reconstruct every stage of a calibrated ``qmodel`` in forward order on ``images`` (see the module
     docstring). With ``checkpoint_dir``: save after every stage, and resume from it when it holds a run with
-    the same settings and image count (a different one is an error, so nothing is silently mixed)."""
-    fingerprint = _fingerprint(settings, len(images))
+    the same settings, seed and image count (a different one is an error, so nothing is silently mixed)."""
+    fingerprint = _fingerprint(settings, seed, len(images))
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     stages = qmodel.stages()
     x_float = images
@@ -212,7 +179,8 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconSettings = Re
         if index > done:
             with torch.no_grad(), qmodel.quantization_disabled():
                 target = run_batched(stage.run, x_float, settings.batch_size)
-            records.append(reconstruct_stage(qmodel, stage, x, target, settings, index=index, progress=progress))
+            records.append(reconstruct_stage(qmodel, stage, x, target, settings, seed=seed, index=index,
+                                             progress=progress))
             if checkpoint is not None:
                 _save_checkpoint(qmodel, checkpoint, index, fingerprint)
             x_float = target

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.config import QuantConfig
+from vitq.config import QuantConfig, ReconConfig
 from vitq.errors import VitqError
 from vitq.registry import Registry
 
@@ -68,6 +68,13 @@ class Method:
         Default: every quantizer initialises on the whole calibration batch in forward order.
         """
         calibrate_in_forward_order(qmodel, images, progress=progress)
+
+
+    def reconstruction(self) -> ReconConfig | None:
+        """The block reconstruction to run after :meth:`calibrate` (:mod:`vitq.calib.recon`), ``None`` for
+        none. Default: ``config.reconstruct``, so any method can be reconstructed (``vitq quantize
+        --reconstruct``)."""
+        return self.config.reconstruct
 
 
 METHODS: Registry[type[Method]] = Registry("method", attribute="name")
