@@ -207,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'dopq-vit[softmax=log2;target=mean]' (merged over --option; the text is the report "
                         f"label) (default {DEFAULT_COMPARE_METHODS})")
     p.add_argument("--preset", choices=PRESETS,
-                   help="leaderboard: every registered method at W8A8, W6A6, W4A4, W3A3 (and the settings a method "
-                        "adds, e.g. W3A4 for gptq/erq), writing leaderboard.md next to compare.md (default --out-dir "
-                        f"{LEADERBOARD_DIR})")
+                   help="leaderboard: every calibration-only method at W8A8, W6A6, W4A4, W3A3 (and the settings a "
+                        "method adds, e.g. W3A4 for gptq/erq), writing leaderboard.md next to compare.md (default "
+                        f"--out-dir {LEADERBOARD_DIR})")
     p.add_argument("--reference", metavar="LABEL",
                    help="one of the --methods labels: add the paired top-1 difference to it (per seed, same images)")
     p.add_argument("--bits", help=f"comma-separated WxAy settings (default {DEFAULT_COMPARE_BITS})")
@@ -697,15 +697,15 @@ def _compare_grid(args: argparse.Namespace, plan: Sequence[tuple[Variant, Sequen
 def _compare_plan(args: argparse.Namespace) -> tuple[list[tuple[Variant, list[tuple[int, int]]]], list[str]]:
     """The variants with their bit settings, and every setting in order (the report's columns).
 
-    ``--preset leaderboard``: every registered method (float aside) at :data:`LEADERBOARD_BITS` plus its own
-    ``extra_settings``; otherwise ``--methods`` x ``--bits``."""
+    ``--preset leaderboard``: every calibration-only method (float and reconstruction-based methods aside) at
+    :data:`LEADERBOARD_BITS` plus its own ``extra_settings``; otherwise ``--methods`` x ``--bits``."""
     if args.preset == "leaderboard":
         if args.methods is not None or args.bits is not None or args.reference is not None:
             raise VitqError("--preset leaderboard chooses the methods and bits itself: drop --methods, --bits "
                             "and --reference")
         common = [_parse_bits(text) for text in LEADERBOARD_BITS.split(",")]
         plan = [(Variant(name, name, {}), common + [b for b in method_class(name).extra_settings if b not in common])
-                for name in method_names() if name != FLOAT]
+                for name in method_names() if name != FLOAT and not method_class(name).reconstructs]
     else:
         bits = [_parse_bits(text) for text in _parse_list(args.bits or DEFAULT_COMPARE_BITS, "bits")]
         plan = [(variant, bits) for variant in parse_variants(args.methods or DEFAULT_COMPARE_METHODS)]
