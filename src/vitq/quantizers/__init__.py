@@ -7,9 +7,10 @@ from vitq.quantizers.log import Log2Quantizer, LogSqrt2Quantizer
 from vitq.quantizers.noisy import NoisyUniformQuantizer
 from vitq.quantizers.ptf import PowerOfTwoFactorQuantizer
 from vitq.quantizers.registry import build_quantizer, quantizer_kinds, register_quantizer
+from vitq.quantizers.sulq import ShiftUniformLog2Quantizer
 from vitq.quantizers.tan import TanQuantizer
 from vitq.quantizers.uniform import UniformQuantizer
 
 __all__ = ["AdaLogQuantizer", "DualUniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "NoisyUniformQuantizer",
-           "PowerOfTwoFactorQuantizer", "Quantizer", "TanQuantizer", "UniformQuantizer", "build_quantizer",
-           "check_bits", "quantizer_kinds", "register_quantizer"]
+           "PowerOfTwoFactorQuantizer", "Quantizer", "ShiftUniformLog2Quantizer", "TanQuantizer", "UniformQuantizer",
+           "build_quantizer", "check_bits", "quantizer_kinds", "register_quantizer"]
