@@ -25,11 +25,13 @@ Cost on a CPU. Both errors are computed exactly through Gram matrices rather tha
   candidate costs ``C_out·C_in²`` instead of ``N·C_in·C_out`` (N = tokens, ~6300 for 32 images);
 - input, with ``Ŵ = Q_w(W)``, ``A = x·(W − Ŵ)ᵀ`` and ``E = x − Q_a(x)``:
   ``err = ‖A + E·Ŵᵀ‖² = ‖A‖² + 2⟨A·Ŵ, E⟩ + ⟨E·(ŴᵀŴ), E⟩`` (or ``‖E·Ŵᵀ‖²`` when ``C_out <= C_in``), on every
-  ``row_stride``-th token.
+  ``row_stride``-th token;
+- attention operands: the same expansion for ``L·Rᵀ`` per head (:func:`matmul_operand_error`).
 
 The CPU defaults (64 candidates, width 8, 4 steps, 2 rounds, every 4th token for the input) are smaller than
 AdaLog's GPU configuration (128, 16, 6, 3, all tokens); the refinement still reaches a spacing of
-``δ/7.5³`` of the first grid.
+``δ/7.5³`` of the first grid. The attention searches (q, k, v: two parameters per head) use every
+``row_stride``-th image: an A·V error costs ``B·heads·T²·D`` per candidate.
 """
 
 from __future__ import annotations
@@ -243,7 +245,9 @@ def _fake_quant(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
 def fpcs_query_key(q: torch.Tensor, k: torch.Tensor, q_quantizer: Quantizer | None, k_quantizer: Quantizer | None,
                    settings: FpcsSettings = FpcsSettings()) -> None:
     """Search the q and k quantizers (uniform, per head or per tensor; others are left alone) by the logits
-    error ‖q·kᵀ − Q(q)·Q(k)ᵀ‖², alternating for ``settings.rounds`` (q, k: [B, heads, T, D], unquantized)."""
+    error ‖q·kᵀ − Q(q)·Q(k)ᵀ‖², alternating for ``settings.rounds`` (q, k: [B, heads, T, D], unquantized), on every
+    ``row_stride``-th image (windows, for Swin)."""
+    q, k = q[::settings.row_stride], k[::settings.row_stride]
     for _ in range(settings.rounds):
         if _searchable_operand(q_quantizer):
             _search_operand(q_quantizer, q, k, _fake_quant(k_quantizer, k), settings)
@@ -255,8 +259,10 @@ def fpcs_query_key(q: torch.Tensor, k: torch.Tensor, q_quantizer: Quantizer | No
 def fpcs_value(v: torch.Tensor, attn: torch.Tensor, v_quantizer: Quantizer | None, attn_quantizer: Quantizer | None,
                settings: FpcsSettings = FpcsSettings()) -> None:
     """Search the v quantizer by the attention-output error ‖A·v − Q(A)·Q(v)‖² (``A``: the attention map
-    [B, heads, T, T'], ``v``: [B, heads, T', D], both unquantized), as ‖vᵀ·Aᵀ − Q(v)ᵀ·Q(A)ᵀ‖²."""
+    [B, heads, T, T'], ``v``: [B, heads, T', D], both unquantized), as ‖vᵀ·Aᵀ − Q(v)ᵀ·Q(A)ᵀ‖², on every
+    ``row_stride``-th image."""
     if _searchable_operand(v_quantizer):
+        v, attn = v[::settings.row_stride], attn[::settings.row_stride]
         _search_operand(v_quantizer, v.transpose(-1, -2), attn, _fake_quant(attn_quantizer, attn), settings)
 
 
