@@ -194,8 +194,9 @@ def test_query_key_and_value_searches_lower_their_errors():
         return float((attn @ v - attn @ vq(v)).square().sum())
 
     before = logits_error(), output_error()
-    fpcs_query_key(q, k, qq, kq)
-    fpcs_value(v, attn, vq, None)
+    every_image = FpcsSettings(row_stride=1)
+    fpcs_query_key(q, k, qq, kq, every_image)
+    fpcs_value(v, attn, vq, None, every_image)
     assert logits_error() < before[0] and output_error() < before[1]
     assert qq.scale.shape == kq.scale.shape == vq.scale.shape == (3,)
 
