@@ -92,26 +92,34 @@ def test_search_finds_the_optimum_of_a_smooth_score():
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 1000), bits=st.sampled_from([3, 4, 6]))
-def test_search_is_at_least_as_good_as_the_best_of_an_exhaustive_grid(seed, bits):
-    """On a small synthetic layer: FPCS's weight choice is never worse than the best of its first grid, and
-    matches the best of an exhaustive grid 16 times finer (same zero points) within 1 %."""
+def test_search_is_never_worse_than_the_best_of_its_first_grid(seed, bits):
     x, w = _layer(seed)
-    q_max = 2**bits - 1
-    score = weight_output_error(x, x, w, 0, q_max)
-    grid = grid_candidates(w, 0, q_max, candidates=64, zero_points=2 ** (bits - 1))
+    score = weight_output_error(x, x, w, 0, 2**bits - 1)
+    grid = grid_candidates(w, 0, 2**bits - 1, candidates=64, zero_points=2 ** (bits - 1))
     scale, zp = progressive_search(score, *grid, FpcsSettings())
-    chosen = score(scale[:, None], zp[:, None])[:, 0]
-    assert torch.all(chosen <= score(grid[0], grid[1]).amin(1) + 1e-9)
+    assert torch.all(score(scale[:, None], zp[:, None])[:, 0] <= score(grid[0], grid[1]).amin(1) + 1e-9)
 
-    n_zp = grid[1][0].unique().numel()
-    n_scale = grid[0].shape[1] // n_zp
-    fine = torch.linspace(0, 1, 16 * n_scale)
-    lo, hi = grid[0][:, :1], grid[0][:, n_scale - 1:n_scale]
-    fine_scales = (lo + (hi - lo) * fine).repeat(1, n_zp)
-    fine_zps = grid[1][:, ::n_scale].repeat_interleave(16 * n_scale, dim=1)
-    exhaustive = score(fine_scales, fine_zps).amin(1)
-    constant = ((x - x).double() @ w.double().T).square().sum(0)  # 0: x̂ = x, so the score is the error itself
-    assert torch.all(chosen + constant <= (exhaustive + constant) * 1.01 + 1e-6)
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_search_matches_an_exhaustive_grid_16_times_finer(bits):
+    """On small synthetic layers (40 seeds x 7 rows): FPCS's weight choice matches or beats the best of an
+    exhaustive grid 16 times finer than its first grid (same zero points) on >= 90 % of the rows and is never
+    more than 1 % worse (x̂ = x, so the score is the output error itself)."""
+    ratios = []
+    for seed in range(40):
+        x, w = _layer(seed)
+        score = weight_output_error(x, x, w, 0, 2**bits - 1)
+        grid = grid_candidates(w, 0, 2**bits - 1, candidates=64, zero_points=2 ** (bits - 1))
+        scale, zp = progressive_search(score, *grid, FpcsSettings())
+        n_zp = grid[1][0].unique().numel()
+        n_scale = grid[0].shape[1] // n_zp
+        lo, hi = grid[0][:, :1], grid[0][:, n_scale - 1:n_scale]
+        fine_scales = (lo + (hi - lo) * torch.linspace(0, 1, 16 * n_scale)).repeat(1, n_zp)
+        fine_zps = grid[1][:, ::n_scale].repeat_interleave(16 * n_scale, dim=1)
+        ratios.append(score(scale[:, None], zp[:, None])[:, 0] / score(fine_scales, fine_zps).amin(1))
+    ratios = torch.cat(ratios)
+    assert (ratios <= 1 + 1e-9).float().mean() >= 0.9
+    assert ratios.max() <= 1.01
 
 
 def _qlinear(w, bits=4):
