@@ -59,15 +59,18 @@ def test_straight_through_passes_the_identity_gradient():
 
 
 def test_adaround_starts_at_the_weight_and_hardens_onto_the_grid():
+    torch.manual_seed(0)
     layer = torch.nn.Linear(6, 4)
     quantizer = _uniform(3, granularity="channel", axis=0)
-    quantizer.calibrate(1.5 * layer.weight.detach())  # a range wider than the weights: no clamping
+    quantizer.calibrate(layer.weight.detach())
     original = layer.weight.detach().clone()
     rounding = AdaRoundWeight(quantizer, layer.weight)
     soft = rounding(layer.weight)
     step = quantizer._broadcast(quantizer.scale, original)
-    # h(α) = the fractional part (kept in [1e-4, 1 − 1e-4])
-    assert torch.allclose(soft, original, atol=2e-4 * float(step.max()))
+    zero_point = quantizer._broadcast(quantizer.zero_point, original)
+    # h(α) = the fractional part (kept in [1e-4, 1 − 1e-4]): W itself, clamped to the code range
+    unrounded = (torch.clamp(original / step + zero_point, quantizer.q_min, quantizer.q_max) - zero_point) * step
+    assert torch.allclose(soft, unrounded, atol=2e-4 * float(step.max()))
     assert rounding.regularizer(2.0).item() > 0
     rounding.alpha.data = torch.where(rounding.alpha > 0, 50.0, -50.0)  # decided roundings
     assert rounding.regularizer(2.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -132,3 +135,18 @@ def test_settings_are_validated_and_beta_decays():
     assert settings.beta_at(10) is None
     assert settings.beta_at(20) == pytest.approx(20.0) and settings.beta_at(100) == pytest.approx(2.0)
     assert settings.beta_at(60) == pytest.approx(11.0)
+
+
+def test_augmentation_adds_seeded_crops_and_flips(monkeypatch):
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert recon.augmented(images, 0, seed=0) is images
+    out = recon.augmented(images, 2, seed=5)
+    assert out.shape == (9, 3, 16, 16) and torch.equal(out[:3], images)
+    assert torch.equal(out, recon.augmented(images, 2, seed=5))
+    assert not torch.equal(out, recon.augmented(images, 2, seed=6))
+    monkeypatch.setattr(recon, "CROP_RANGE", (1.0, 1.0))  # full-size crops: each copy is the image or its mirror
+    copies = recon.augmented(images, 4, seed=1)[3:].reshape(4, 3, 3, 16, 16)
+    mirrored = [[torch.equal(c[i], images[i].flip(-1)) for i in range(3)] for c in copies]
+    same = [[torch.equal(c[i], images[i]) for i in range(3)] for c in copies]
+    assert all(m or s for row_m, row_s in zip(mirrored, same, strict=True) for m, s in zip(row_m, row_s, strict=True))
+    assert any(any(row) for row in mirrored) and any(any(row) for row in same)

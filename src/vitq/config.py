@@ -87,6 +87,7 @@ class ReconConfig(BaseModel):
     drop_prob: float = Field(0.0, ge=0, lt=1, description="QDrop: probability of keeping an activation float")
     learn_rounding: bool = Field(True, description="AdaRound the per-row uniform weights")
     learn_steps: bool = Field(True, description="learn the steps of the uniform activation quantizers (LSQ)")
+    augment: int = Field(0, ge=0, description="random crop/flip copies added per calibration image")
 
     def beta_at(self, iteration: int) -> float | None:
         """β of the rounding regulariser at ``iteration`` (``None`` during the warm-up: no regulariser)."""

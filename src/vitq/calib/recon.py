@@ -15,6 +15,9 @@ Per stage, in forward order (:func:`reconstruct_model`):
   ``beta[0]`` to ``beta[1]`` afterwards (BRECQ's schedule);
 - then the learned values are written back (hard rounding → on-grid weights, learned steps → the quantizers).
 
+Optional augmentation (``augment = k``): the calibration set gets ``k`` extra copies of every image, each randomly
+cropped (a square of 50-100 % of the side, resized back) and flipped (probability ½), drawn from ``seed``.
+
 Reproducible and resumable: the mini-batches and QDrop masks of stage ``i`` come from a generator seeded with
 ``(seed, i)``; with ``checkpoint_dir`` the model state is saved after every stage and a rerun with the same
 directory (and settings) loads it and goes on after the last finished stage, giving the same result as an
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -132,6 +136,32 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
                       _full_loss(stage, x, target, settings.batch_size))
 
 
+#: augmentation: side of the random square crop, as a fraction of the image side
+CROP_RANGE = (0.5, 1.0)
+
+
+def augmented(images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
+    """``images`` followed by ``copies`` randomly cropped-and-resized, randomly flipped versions of each
+    (preprocessed ``[N, C, H, W]`` tensors, so a crop is resized back to ``H x W`` bilinearly)."""
+    if copies == 0:
+        return images
+    generator = torch.Generator().manual_seed(seed)
+    height, width = images.shape[-2:]
+    out = [images]
+    for _ in range(copies):
+        for image in images:
+            side = torch.empty(1).uniform_(*CROP_RANGE, generator=generator).item()
+            h, w = max(1, round(side * height)), max(1, round(side * width))
+            top = int(torch.randint(height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(width - w + 1, (1,), generator=generator))
+            crop = image[None, :, top:top + h, left:left + w]
+            crop = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+            if torch.rand(1, generator=generator).item() < 0.5:
+                crop = crop.flip(-1)
+            out.append(crop)
+    return torch.cat(out)
+
+
 def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
     return json.dumps({"settings": settings.model_dump(mode="json"), "seed": seed, "images": n_images},
                       sort_keys=True)
@@ -161,6 +191,7 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
     docstring). With ``checkpoint_dir``: save after every stage, and resume from it when it holds a run with
     the same settings, seed and image count (a different one is an error, so nothing is silently mixed)."""
     fingerprint = _fingerprint(settings, seed, len(images))
+    images = augmented(images, settings.augment, seed)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     stages = qmodel.stages()
     x_float = images
