@@ -176,11 +176,11 @@ def test_matmul_error_equals_the_direct_error_up_to_a_constant(granularity):
     quantizer = (_head_quantizer(calibrate_on=left) if granularity == "head"
                  else build_quantizer({"kind": "uniform", "bits": 4, "init": "mse"}))
     right_hat = fake_quant(right, torch.tensor(0.3), torch.tensor(8.0), 0, 15)
-    scales, zps, _ = grid_candidates(quantizer._rows(left), 0, 15, candidates=32, zero_points=16)
+    scales, zps, _ = grid_candidates(quantizer.group_rows(left), 0, 15, candidates=32, zero_points=16)
     score = matmul_operand_error(left, right, right_hat, quantizer)(scales, zps)
     reference = (left @ right.transpose(-1, -2)).double()
     for k in range(scales.shape[1]):
-        left_hat = fake_quant(left, quantizer._broadcast(scales[:, k], left), quantizer._broadcast(zps[:, k], left),
+        left_hat = fake_quant(left, quantizer.broadcast(scales[:, k], left), quantizer.broadcast(zps[:, k], left),
                               0, 15)
         error = (reference - (left_hat @ right_hat.transpose(-1, -2)).double()).square()
         direct = error.sum((0, 2, 3)) if granularity == "head" else error.sum().reshape(1)

@@ -66,8 +66,8 @@ def test_adaround_starts_at_the_weight_and_hardens_onto_the_grid():
     original = layer.weight.detach().clone()
     rounding = AdaRoundWeight(quantizer, layer.weight)
     soft = rounding(layer.weight)
-    step = quantizer._broadcast(quantizer.scale, original)
-    zero_point = quantizer._broadcast(quantizer.zero_point, original)
+    step = quantizer.broadcast(quantizer.scale, original)
+    zero_point = quantizer.broadcast(quantizer.zero_point, original)
     # h(α) = the fractional part (kept in [1e-4, 1 − 1e-4]): W itself, clamped to the code range
     unrounded = (torch.clamp(original / step + zero_point, quantizer.q_min, quantizer.q_max) - zero_point) * step
     assert torch.allclose(soft, unrounded, atol=2e-4 * float(step.max()))

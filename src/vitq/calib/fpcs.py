@@ -219,10 +219,10 @@ def matmul_operand_error(left: torch.Tensor, right: torch.Tensor, right_hat: tor
     def score(scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
         errors = []
         for s, z in zip(scales.T, zero_points.T, strict=True):
-            delta = fake_quant(left, quantizer._broadcast(s, left), quantizer._broadcast(z, left), quantizer.q_min,
+            delta = fake_quant(left, quantizer.broadcast(s, left), quantizer.broadcast(z, left), quantizer.q_min,
                                quantizer.q_max).sub_(left).neg_()  # L − Q(L)
             terms = 2 * delta * cross + (delta @ gram) * delta
-            errors.append(quantizer._rows(terms).sum(1, dtype=torch.float64))
+            errors.append(quantizer.group_rows(terms).sum(1, dtype=torch.float64))
         return torch.stack(errors, dim=1)
 
     return score
@@ -230,7 +230,7 @@ def matmul_operand_error(left: torch.Tensor, right: torch.Tensor, right_hat: tor
 
 def _search_operand(quantizer: UniformQuantizer, left: torch.Tensor, right: torch.Tensor, right_hat: torch.Tensor,
                     settings: FpcsSettings) -> None:
-    grid = grid_candidates(quantizer._rows(left), quantizer.q_min, quantizer.q_max,
+    grid = grid_candidates(quantizer.group_rows(left), quantizer.q_min, quantizer.q_max,
                            candidates=settings.candidates, zero_points=2 ** quantizer.bits)
     scale, zero_point = progressive_search(matmul_operand_error(left, right, right_hat, quantizer), *grid, settings)
     quantizer.set_params({"scale": scale.to(quantizer.scale.dtype),

@@ -61,7 +61,7 @@ class LearnedStep(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        scale, zero_point = q._broadcast(self.scale, x), q._broadcast(q.zero_point, x)
+        scale, zero_point = q.broadcast(self.scale, x), q.broadcast(q.zero_point, x)
         x_hat = (torch.clamp(round_ste(x / scale) + zero_point, q.q_min, q.q_max) - zero_point) * scale
         if self.training and self.drop_prob > 0:
             keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
@@ -80,8 +80,8 @@ class AdaRoundWeight(nn.Module):
         super().__init__()
         self.quantizer = quantizer
         weight = weight.detach()
-        self.register_buffer("step", quantizer._broadcast(quantizer.scale, weight).detach().clone())
-        self.register_buffer("zero_point", quantizer._broadcast(quantizer.zero_point, weight).detach().clone())
+        self.register_buffer("step", quantizer.broadcast(quantizer.scale, weight).detach().clone())
+        self.register_buffer("zero_point", quantizer.broadcast(quantizer.zero_point, weight).detach().clone())
         self.register_buffer("floor", torch.floor(weight / self.step))
         rest = (weight / self.step - self.floor).clamp(1e-4, 1 - 1e-4)
         # σ(α)(ζ − γ) + γ = rest  ⇔  α = −log((ζ − γ)/(rest − γ) − 1)

@@ -117,7 +117,7 @@ class UniformQuantizer(Quantizer):
         self.q_min, self.q_max = code_range(bits, signed)
 
     # --------------------------------------------------------------- group layout
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+    def group_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as a [groups, elements] matrix, one row per quantization group."""
         if self.granularity == "tensor":
             return x.reshape(1, -1)
@@ -138,7 +138,7 @@ class UniformQuantizer(Quantizer):
             raise VitqError(f"cannot split rows of {rows.shape[1]} elements into groups of {self.group_size}")
         return rows.reshape(x.shape[0], -1, self.group_size)
 
-    def _broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-group parameter reshaped to broadcast against ``x``."""
         if self.granularity == "tensor":
             return param.reshape(())
@@ -159,7 +159,7 @@ class UniformQuantizer(Quantizer):
         return fake_quant(rows, scale[:, None], zero_point[:, None], self.q_min, self.q_max)
 
     def calibrate(self, x: torch.Tensor) -> None:
-        rows = self._rows(x.detach().float())
+        rows = self.group_rows(x.detach().float())
         if self.init == "minmax":
             lo, hi = minmax_range(rows)
         elif self.init == "percentile":
@@ -174,13 +174,13 @@ class UniformQuantizer(Quantizer):
 
     # --------------------------------------------------------------- quantization
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+        scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         return torch.clamp(torch.round(x / scale) + zero_point, self.q_min, self.q_max).to(torch.int32)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = self._broadcast(self.scale, codes), self._broadcast(self.zero_point, codes)
+        scale, zero_point = self.broadcast(self.scale, codes), self.broadcast(self.zero_point, codes)
         return (codes.float() - zero_point) * scale
 
     def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x),
+        return fake_quant(x, self.broadcast(self.scale, x), self.broadcast(self.zero_point, x),
                           self.q_min, self.q_max)
