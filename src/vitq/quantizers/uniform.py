@@ -71,6 +71,25 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     return out.add_(zero_point).clamp_(q_min, q_max).sub_(zero_point).mul_(scale)
 
 
+def integer_grid_problem(quantizer, *, per_row: bool) -> str | None:
+    """Why ``quantizer`` is not a plain integer affine quantizer — codes ``clamp(round(x/Δ) + z)`` with integer
+    zero points, one (Δ, z) per tensor or, with ``per_row``, per output row — or ``None`` when it is. The
+    deployment paths (ONNX QDQ, the integer-only runtime) need exactly this."""
+    kind = getattr(quantizer, "kind", None)
+    if kind != UniformQuantizer.kind:  # subclasses (noisy_uniform) compute more than a grid
+        return "float (not quantized)" if quantizer is None else f"{kind} quantizer (not uniform)"
+    allowed = ("tensor", "channel") if per_row else ("tensor",)
+    if quantizer.granularity not in allowed or (quantizer.granularity == "channel" and quantizer.axis != 0):
+        return f"per-{quantizer.granularity} scales (here: per tensor" + \
+            (", or per output channel for weights)" if per_row else " for activations)")
+    zero_point = quantizer.zero_point.detach().reshape(-1)
+    if not bool((zero_point == zero_point.round()).all()):
+        # RepQ-ViT's unrounded reparameterization target z̃: its clamp bounds (q_min − z̃)·Δ are off the grid
+        return f"fractional zero point (e.g. {zero_point[zero_point != zero_point.round()][0].item():.3f}); " \
+               f"an integer one is needed"
+    return None
+
+
 @register_quantizer("uniform")
 class UniformQuantizer(Quantizer):
     param_names = ("scale", "zero_point")
