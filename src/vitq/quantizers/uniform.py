@@ -177,15 +177,17 @@ class UniformQuantizer(Quantizer):
         scale, zero_point = uniform_params(lo, hi, self.bits, self.signed, self.symmetric)
         return fake_quant(rows, scale[:, None], zero_point[:, None], self.q_min, self.q_max)
 
-    def calibrate(self, x: torch.Tensor) -> None:
+    def fit_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group clipping ranges ``(lo, hi)`` of ``x`` by the range initialiser (nothing is installed)."""
         rows = self.group_rows(x.detach().float())
         if self.init == "minmax":
-            lo, hi = minmax_range(rows)
-        elif self.init == "percentile":
-            lo, hi = percentile_range(rows, self.percentile)
-        else:
-            lo, hi = mse_range_search(rows, self._quantize_rows, self.search_percentiles)
-        self.set_range(lo, hi)
+            return minmax_range(rows)
+        if self.init == "percentile":
+            return percentile_range(rows, self.percentile)
+        return mse_range_search(rows, self._quantize_rows, self.search_percentiles)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        self.set_range(*self.fit_range(x))
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set Δ and z from per-group clipping ranges."""
