@@ -16,6 +16,8 @@ import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import imagenet_wnids
 from vitq.cli import _compare_grid, _compare_plan, build_parser, main, parse_variants
+from vitq.config import ReconConfig
+from vitq.errors import VitqError
 from vitq.export.checkpoint import read_header
 from vitq.methods import method_names
 
@@ -271,6 +273,23 @@ def test_compare_variant_options_merge_over_global_options():
     assert options["dopq-vit"] == {"softmax": "tanq", "ratio_bound": 4}
     assert options["dopq-vit[ratio_bound=null;tan_variant=tan]"] == {"softmax": "tanq", "ratio_bound": None,
                                                                      "tan_variant": "tan"}
+
+
+def test_compare_variants_choose_their_own_reconstruction():
+    args = build_parser().parse_args(["compare", "--recon", "batch_size=4", "--out-dir", "x"])
+    variants = parse_variants("dopq-vit,dopq-vit[recon=true],dopq-vit[recon.iterations=7;softmax=log2],qdrop")
+    grid = dict(_compare_grid(args, [(v, [(4, 4)]) for v in variants], [0])[0])
+    assert grid["dopq-vit"].reconstruct == ReconConfig(batch_size=4)  # the global --recon reaches every run
+    assert grid["dopq-vit[recon=true]"].reconstruct == ReconConfig(batch_size=4)
+    assert grid["dopq-vit[recon=true]"].options == {}
+    variant = grid["dopq-vit[recon.iterations=7;softmax=log2]"]
+    assert variant.reconstruct == ReconConfig(batch_size=4, iterations=7) and variant.options == {"softmax": "log2"}
+    plain = dict(_compare_grid(build_parser().parse_args(["compare", "--out-dir", "x"]),
+                               [(v, [(4, 4)]) for v in variants], [0])[0])
+    assert plain["dopq-vit"].reconstruct is None and plain["qdrop"].reconstruct is None  # qdrop: its defaults
+    assert plain["dopq-vit[recon.iterations=7;softmax=log2]"].reconstruct == ReconConfig(iterations=7)
+    with pytest.raises(VitqError, match="recon must be true or false"):
+        _compare_grid(args, [(parse_variants("dopq-vit[recon=7]")[0], [(4, 4)])], [0])
 
 
 def test_leaderboard_preset_plan():

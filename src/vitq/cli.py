@@ -64,6 +64,8 @@ MB = 1e6
 BACKENDS = ("torch", "onnxruntime", "integer")
 DEFAULT_COMPARE_METHODS, DEFAULT_COMPARE_BITS = "minmax,percentile", "W8A8,W6A6,W4A4"
 PRESETS = ("leaderboard",)
+#: a compare variant's bracket key for its own reconstruction settings (``recon``, ``recon.iterations``, ...)
+RECON_KEY = "recon"
 LEADERBOARD_BITS = "W8A8,W6A6,W4A4,W3A3"
 LEADERBOARD_DIR = Path("benchmarks/results/leaderboard")
 EXPORT_FORMATS = ("onnx",)
@@ -205,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods",
                    help="comma-separated methods, each optionally with its own options in brackets, e.g. "
                         "'dopq-vit[softmax=log2;target=mean]' (merged over --option; the text is the report "
-                        f"label) (default {DEFAULT_COMPARE_METHODS})")
+                        "label); 'recon=true' or 'recon.KEY=VALUE' in the brackets reconstruct that variant only, "
+                        f"e.g. 'dopq-vit[recon.iterations=100]' (default {DEFAULT_COMPARE_METHODS})")
     p.add_argument("--preset", choices=PRESETS,
                    help="leaderboard: every calibration-only method at W8A8, W6A6, W4A4, W3A3 (and the settings a "
                         "method adds, e.g. W3A4 for gptq/erq), writing leaderboard.md next to compare.md (default "
@@ -263,12 +266,24 @@ def _config(args: argparse.Namespace, options: dict[str, Any] | None = None, **g
     values = {"method": getattr(args, "method", None), "w_bits": getattr(args, "w_bits", None),
               "a_bits": getattr(args, "a_bits", None), "calib_size": getattr(args, "calib_size", None),
               "seed": getattr(args, "seed", None), **given}
-    recon = [_parse_option(text) for text in getattr(args, "recon", [])]
-    if recon or getattr(args, "reconstruct", False):
-        values["reconstruct"] = make(ReconConfig, **dict(recon))
+    options = {**dict(_parse_option(text) for text in args.option), **(options or {})}
+    # reconstruction: --reconstruct / --recon for every run, or a compare variant's own "recon" (true: the defaults)
+    # and "recon.KEY" settings, e.g. 'dopq-vit[recon.iterations=100]'
+    recon = dict(_parse_option(text) for text in getattr(args, "recon", []))
+    reconstruct = bool(recon) or getattr(args, "reconstruct", False)
+    for key in [k for k in options if k == RECON_KEY or k.startswith(RECON_KEY + ".")]:
+        value = options.pop(key)
+        if key == RECON_KEY:
+            if not isinstance(value, bool):
+                raise VitqError(f"{RECON_KEY} must be true or false, got {value!r}")
+            reconstruct = reconstruct or value
+        else:
+            recon[key.removeprefix(RECON_KEY + ".")] = value
+            reconstruct = True
+    if reconstruct:
+        values["reconstruct"] = make(ReconConfig, **recon)
     return make(QuantConfig, **{k: v for k, v in values.items() if v is not None},
-                overrides=[PointOverride.parse(text) for text in args.override],
-                options={**dict(_parse_option(text) for text in args.option), **(options or {})})
+                overrides=[PointOverride.parse(text) for text in args.override], options=options)
 
 
 def _load_float_model(args: argparse.Namespace) -> nn.Module:
