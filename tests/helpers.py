@@ -18,9 +18,9 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def quantized_test_vit(method: str, w_bits: int, a_bits: int, **options):
+def quantized_test_vit(method: str, w_bits: int, a_bits: int, reconstruct=None, **options):
     """timm's random-init ``test_vit`` (seed 0), 4 random 160 px images, and the model quantized with ``method``
-    on the first two: ``(model, images, qmodel)``."""
+    on the first two: ``(model, images, qmodel)``. ``reconstruct``: a :class:`~vitq.config.ReconConfig`."""
     import timm
 
     import vitq
@@ -28,5 +28,6 @@ def quantized_test_vit(method: str, w_bits: int, a_bits: int, **options):
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False).eval()
     images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-    config = vitq.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=2, options=options)
+    config = vitq.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=2, options=options,
+                              reconstruct=reconstruct)
     return model, images, vitq.quantize(model, config, images[:2], progress=False)

@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import imagenet_wnids
 from vitq.cli import _compare_grid, _compare_plan, build_parser, main, parse_variants
+from vitq.config import ReconConfig
+from vitq.errors import VitqError
 from vitq.export.checkpoint import read_header
 from vitq.methods import method_names
 
@@ -272,10 +275,27 @@ def test_compare_variant_options_merge_over_global_options():
                                                                      "tan_variant": "tan"}
 
 
+def test_compare_variants_choose_their_own_reconstruction():
+    args = build_parser().parse_args(["compare", "--recon", "batch_size=4", "--out-dir", "x"])
+    variants = parse_variants("dopq-vit,dopq-vit[recon=true],dopq-vit[recon.iterations=7;softmax=log2],qdrop")
+    grid = dict(_compare_grid(args, [(v, [(4, 4)]) for v in variants], [0])[0])
+    assert grid["dopq-vit"].reconstruct == ReconConfig(batch_size=4)  # the global --recon reaches every run
+    assert grid["dopq-vit[recon=true]"].reconstruct == ReconConfig(batch_size=4)
+    assert grid["dopq-vit[recon=true]"].options == {}
+    variant = grid["dopq-vit[recon.iterations=7;softmax=log2]"]
+    assert variant.reconstruct == ReconConfig(batch_size=4, iterations=7) and variant.options == {"softmax": "log2"}
+    plain = dict(_compare_grid(build_parser().parse_args(["compare", "--out-dir", "x"]),
+                               [(v, [(4, 4)]) for v in variants], [0])[0])
+    assert plain["dopq-vit"].reconstruct is None and plain["qdrop"].reconstruct is None  # qdrop: its defaults
+    assert plain["dopq-vit[recon.iterations=7;softmax=log2]"].reconstruct == ReconConfig(iterations=7)
+    with pytest.raises(VitqError, match="recon must be true or false"):
+        _compare_grid(args, [(parse_variants("dopq-vit[recon=7]")[0], [(4, 4)])], [0])
+
+
 def test_leaderboard_preset_plan():
     plan, settings = _compare_plan(build_parser().parse_args(["compare", "--preset", "leaderboard"]))
     bits = {variant.label: [f"W{w}A{a}" for w, a in b] for variant, b in plan}
-    assert set(bits) == set(method_names()) - {"float"}
+    assert set(bits) == set(method_names()) - {"float", "brecq", "qdrop", "is-vit"}  # calibration-only methods
     assert bits["repq-vit"] == ["W8A8", "W6A6", "W4A4", "W3A3"]
     assert bits["gptq"] == bits["erq"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]
     assert settings == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]
@@ -429,3 +449,28 @@ def test_quantize_no_pack_keeps_float_weights(cli, files, tmp_path):
     code, out, err = cli("quantize", "--method", "minmax", *_inputs(files), "--output", tmp_path / "u", "--no-pack")
     assert code == 0, err
     assert read_header(tmp_path / "u" / "model.safetensors")["packed"] == {}
+
+
+def test_quantize_with_reconstruction_saves_the_reconstructed_model(cli, files, tmp_path):
+    """--recon settings reach the config (saved in the file), the reconstruction runs after calibration, resumes
+    from --recon-checkpoint, and the reloaded model is the reconstructed one; bad settings are named."""
+    common = ["--method", "minmax", "--w-bits", "4", "--a-bits", "4", *_inputs(files), "--recon-checkpoint",
+              tmp_path / "ckpt", "--recon", "iterations=2", "--recon", "batch_size=2"]
+    code, _, err = cli("quantize", *common, "--output", tmp_path / "q")
+    assert code == 0, err
+    info = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    assert info["config"]["reconstruct"]["iterations"] == 2 and info["config"]["reconstruct"]["drop_prob"] == 0.0
+    assert (tmp_path / "ckpt" / "reconstruction.safetensors").is_file()
+    code, _, err = cli("quantize", *common, "--output", tmp_path / "again")  # resumes: every block is done
+    assert code == 0, err
+    first = vitq.load(tmp_path / "q" / "model.safetensors").model.state_dict()
+    again = vitq.load(tmp_path / "again" / "model.safetensors").model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    code, _, err = cli("quantize", *common[:-6], "--output", tmp_path / "plain")  # no reconstruction
+    assert code == 0, err
+    plain = vitq.load(tmp_path / "plain" / "model.safetensors").model.state_dict()
+    assert not torch.equal(plain["blocks.0.mlp.fc1.weight"], first["blocks.0.mlp.fc1.weight"])
+    code, _, err = cli("quantize", "--method", "minmax", *_inputs(files), "--recon", "drop_prob=1.5",
+                       "--output", tmp_path / "bad")
+    assert code != 0 and "drop_prob" in err
+

@@ -242,3 +242,20 @@ def test_adalog_structure_and_round_trip(tmp_path):
     path = vitq.save(qmodel, tmp_path / "adalog.safetensors")
     with torch.no_grad():
         assert torch.equal(vitq.load(path)(images), qmodel(images))
+
+
+def test_adalog_fpcs_option():
+    """FPCS (default) moves the uniform Linear quantizers off the percentile ranges that ``fpcs=false`` keeps;
+    the AdaLog quantizers are searched the same way in both; bad options are named."""
+    _, _, searched = quantized_test_vit("adalog", 4, 4)
+    _, _, plain = quantized_test_vit("adalog", 4, 4, fpcs=False)
+    q_searched, q_plain = searched.quantizers(), plain.quantizers()
+    for name in ("blocks.0.attn.proj.weight_quantizer", "blocks.0.attn.proj.input_quantizer",
+                 "blocks.1.mlp.fc2.weight_quantizer"):
+        assert not torch.equal(q_searched[name].scale, q_plain[name].scale), name
+    assert torch.equal(q_searched["blocks.0.attn.softmax.quantizer"].base,
+                       q_plain["blocks.0.attn.softmax.quantizer"].base)
+    with pytest.raises(VitqError, match="fpcs must be true or false"):
+        quantized_test_vit("adalog", 4, 4, fpcs="yes")
+    with pytest.raises(VitqError, match="rounds"):
+        quantized_test_vit("adalog", 4, 4, fpcs_rounds=0)

@@ -95,3 +95,13 @@ def test_noisyquant_method_on_a_tiny_vit(tmp_path):
         assert torch.equal(vitq.load(path)(images), qmodel(images))
     exported = export_onnx(qmodel, tmp_path / "noisy.onnx")
     assert {p.slot for p in exported.float_points} >= set(noisy)
+
+
+def test_search_candidates_install_nothing():
+    quantizer = build_quantizer({"kind": "noisy_uniform", "bits": 4, "init": "mse"})
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    quantizer.calibrate(x)
+    before = quantizer.get_params()
+    candidates = quantizer.search_candidates(3 * x + 1)
+    assert len(candidates) == len(quantizer.amplitudes)
+    assert all(torch.equal(value, quantizer.get_params()[name]) for name, value in before.items())

@@ -428,3 +428,21 @@ def test_state_dict_round_trip(layout, options):
     assert torch.equal(fresh.int_repr(x), q.int_repr(x))
     y = torch.randn_like(x) * 5
     assert torch.equal(fresh(y), q(y))
+
+
+def test_integer_grid_problem_names_what_deployment_cannot_take():
+    from vitq.quantizers.uniform import integer_grid_problem
+
+    x = torch.randn(4, 6)
+    per_row = build_quantizer({"kind": "uniform", "bits": 4, "granularity": "channel", "axis": 0})
+    per_row.calibrate(x)
+    assert integer_grid_problem(per_row, per_row=True) is None
+    assert "per-channel" in integer_grid_problem(per_row, per_row=False)
+    per_tensor = build_quantizer({"kind": "uniform", "bits": 4})
+    per_tensor.calibrate(x)
+    assert integer_grid_problem(per_tensor, per_row=False) is None
+    per_tensor.set_params({"zero_point": torch.tensor([2.5])})
+    assert "fractional zero point (e.g. 2.500)" in integer_grid_problem(per_tensor, per_row=False)
+    log = build_quantizer({"kind": "log2", "bits": 4})
+    assert integer_grid_problem(log, per_row=False) == "log2 quantizer (not uniform)"
+    assert "not quantized" in integer_grid_problem(None, per_row=True)

@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from vitq.calib.data import load_tensors
+from vitq.calib.recon import reconstruct_model
 from vitq.config import QuantConfig
 from vitq.methods import Method, method_class
 from vitq.models import adapter_for
@@ -51,11 +53,14 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib_data, *, model_name: str | None = None,
-             inplace: bool = False, progress: bool = True) -> QuantizedModel:
-    """Quantize ``model`` with ``config.method``, calibrated on ``calib_data``.
+             inplace: bool = False, progress: bool = True,
+             recon_checkpoint: str | Path | None = None) -> QuantizedModel:
+    """Quantize ``model`` with ``config.method``, calibrated on ``calib_data``, then block-reconstructed on the
+    same images when the method asks for it (``config.reconstruct``, see :mod:`vitq.calib.recon`).
 
     ``calib_data`` is an image tensor ``[N, 3, H, W]`` (already preprocessed) or a dataset of
-    ``(image, label)`` pairs. The input model is left untouched unless ``inplace``.
+    ``(image, label)`` pairs. The input model is left untouched unless ``inplace``. ``recon_checkpoint``: a
+    folder where the reconstruction saves its progress after every block and from which a rerun resumes.
     """
     method = method_class(config.method)(config)
     qmodel = _prepare(model, config, method, model_name, inplace)
@@ -63,4 +68,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, *, model_name: s
         calib_data, _ = load_tensors(calib_data, progress=progress, desc="loading calibration images")
     torch.manual_seed(config.seed)
     method.calibrate(qmodel, calib_data, progress=progress)
+    reconstruction = method.reconstruction()
+    if reconstruction is not None:
+        reconstruct_model(qmodel, calib_data, reconstruction, seed=config.seed, checkpoint_dir=recon_checkpoint,
+                          progress=progress)
     return qmodel.eval()

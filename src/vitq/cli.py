@@ -39,7 +39,7 @@ from torch import nn
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib.data import ImageNetImages, load_tensors, split_calib_eval, transform_for_model
-from vitq.config import PointOverride, QuantConfig, make
+from vitq.config import PointOverride, QuantConfig, ReconConfig, make
 from vitq.errors import VitqError
 from vitq.eval.accuracy import EvalResult
 from vitq.eval.errors import PointError, point_sqnr
@@ -64,6 +64,8 @@ MB = 1e6
 BACKENDS = ("torch", "onnxruntime", "integer")
 DEFAULT_COMPARE_METHODS, DEFAULT_COMPARE_BITS = "minmax,percentile", "W8A8,W6A6,W4A4"
 PRESETS = ("leaderboard",)
+#: a compare variant's bracket key for its own reconstruction settings (``recon``, ``recon.iterations``, ...)
+RECON_KEY = "recon"
 LEADERBOARD_BITS = "W8A8,W6A6,W4A4,W3A3"
 LEADERBOARD_DIR = Path("benchmarks/results/leaderboard")
 EXPORT_FORMATS = ("onnx",)
@@ -126,6 +128,20 @@ def _tuning_options() -> argparse.ArgumentParser:
     return p
 
 
+def _recon_options(*, checkpoint: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--reconstruct", action="store_true",
+                   help="block reconstruction after calibration (AdaRound weights + LSQ activation steps, on the "
+                        "calibration images; pair it with a larger --calib-size, e.g. 256)")
+    p.add_argument("--recon", action="append", default=[], metavar="KEY=VALUE",
+                   help="reconstruction setting (implies --reconstruct), e.g. iterations=100, batch_size=16, "
+                        "drop_prob=0.5 (QDrop); VALUE is parsed as JSON (repeatable)")
+    if checkpoint:
+        p.add_argument("--recon-checkpoint", type=Path, metavar="DIR",
+                       help="save the reconstruction after every block here, and resume from it if it is there")
+    return p
+
+
 def _data_options(*, seed: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--data", type=Path, help=f"ImageNet image folder (default $VITQ_ASSETS/{IMAGENET_SAMPLE})")
@@ -154,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list every quantizer slot of a model (no data, no calibration)")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("quantize", parents=[common, method, tuning, _data_options(seed=True)],
+    p = sub.add_parser("quantize", parents=[common, method, tuning, _recon_options(checkpoint=True),
+                                            _data_options(seed=True)],
                        help="quantize on the calibration split and save the model")
     p.add_argument("--output", type=Path, required=True, metavar="DIR",
                    help=f"folder for {MODEL_FILE} and {QUANTIZE_FILE}")
@@ -163,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the float weights in the file (default: quantized weights as bit-packed codes)")
     p.set_defaults(run=cmd_quantize)
 
-    p = sub.add_parser("eval", parents=[common, method, tuning, _data_options(seed=True), _eval_options()],
+    p = sub.add_parser("eval", parents=[common, method, tuning, _recon_options(checkpoint=True),
+                                        _data_options(seed=True), _eval_options()],
                        help="top-1/top-5 on the evaluation split (quantizing first, or --quantized DIR)")
     p.add_argument("--quantized", type=Path, metavar="DIR", help="evaluate the model saved by 'vitq quantize'")
     p.add_argument("--sqnr", action="store_true", help="print the per-point SQNR table (and put it in the JSON)")
@@ -183,16 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX opset, >= 13 for per-channel QDQ (default %(default)s)")
     p.set_defaults(run=cmd_export)
 
-    p = sub.add_parser("compare", parents=[common, tuning, _data_options(seed=False), _eval_options()],
+    p = sub.add_parser("compare", parents=[common, tuning, _recon_options(checkpoint=False),
+                                           _data_options(seed=False), _eval_options()],
                        help="methods x bit settings x seeds against float: markdown, CSV and a plot")
     p.add_argument("--methods",
                    help="comma-separated methods, each optionally with its own options in brackets, e.g. "
                         "'dopq-vit[softmax=log2;target=mean]' (merged over --option; the text is the report "
-                        f"label) (default {DEFAULT_COMPARE_METHODS})")
+                        "label); 'recon=true' or 'recon.KEY=VALUE' in the brackets reconstruct that variant only, "
+                        f"e.g. 'dopq-vit[recon.iterations=100]' (default {DEFAULT_COMPARE_METHODS})")
     p.add_argument("--preset", choices=PRESETS,
-                   help="leaderboard: every registered method at W8A8, W6A6, W4A4, W3A3 (and the settings a method "
-                        "adds, e.g. W3A4 for gptq/erq), writing leaderboard.md next to compare.md (default --out-dir "
-                        f"{LEADERBOARD_DIR})")
+                   help="leaderboard: every calibration-only method at W8A8, W6A6, W4A4, W3A3 (and the settings a "
+                        "method adds, e.g. W3A4 for gptq/erq), writing leaderboard.md next to compare.md (default "
+                        f"--out-dir {LEADERBOARD_DIR})")
     p.add_argument("--reference", metavar="LABEL",
                    help="one of the --methods labels: add the paired top-1 difference to it (per seed, same images)")
     p.add_argument("--bits", help=f"comma-separated WxAy settings (default {DEFAULT_COMPARE_BITS})")
@@ -246,9 +266,24 @@ def _config(args: argparse.Namespace, options: dict[str, Any] | None = None, **g
     values = {"method": getattr(args, "method", None), "w_bits": getattr(args, "w_bits", None),
               "a_bits": getattr(args, "a_bits", None), "calib_size": getattr(args, "calib_size", None),
               "seed": getattr(args, "seed", None), **given}
+    options = {**dict(_parse_option(text) for text in args.option), **(options or {})}
+    # reconstruction: --reconstruct / --recon for every run, or a compare variant's own "recon" (true: the defaults)
+    # and "recon.KEY" settings, e.g. 'dopq-vit[recon.iterations=100]'
+    recon = dict(_parse_option(text) for text in getattr(args, "recon", []))
+    reconstruct = bool(recon) or getattr(args, "reconstruct", False)
+    for key in [k for k in options if k == RECON_KEY or k.startswith(RECON_KEY + ".")]:
+        value = options.pop(key)
+        if key == RECON_KEY:
+            if not isinstance(value, bool):
+                raise VitqError(f"{RECON_KEY} must be true or false, got {value!r}")
+            reconstruct = reconstruct or value
+        else:
+            recon[key.removeprefix(RECON_KEY + ".")] = value
+            reconstruct = True
+    if reconstruct:
+        values["reconstruct"] = make(ReconConfig, **recon)
     return make(QuantConfig, **{k: v for k, v in values.items() if v is not None},
-                overrides=[PointOverride.parse(text) for text in args.override],
-                options={**dict(_parse_option(text) for text in args.option), **(options or {})})
+                overrides=[PointOverride.parse(text) for text in args.override], options=options)
 
 
 def _load_float_model(args: argparse.Namespace) -> nn.Module:
@@ -307,13 +342,15 @@ class ImageCache:
 
 
 def _quantize(model: nn.Module, name: str, config: QuantConfig, cache: ImageCache, split: Split, *,
-              progress: bool, inplace: bool) -> tuple[QuantizedModel, float]:
-    """``model`` quantized with ``config`` on the split's calibration images, and the calibration seconds."""
+              progress: bool, inplace: bool, recon_checkpoint: Path | None = None) -> tuple[QuantizedModel, float]:
+    """``model`` quantized with ``config`` on the split's calibration images, and the calibration seconds
+    (reconstruction included)."""
     if config.method == "float":  # nothing to calibrate: skip loading the calibration images
         return vitq.prepare(model, config, model_name=name, inplace=inplace), 0.0
     images, _ = cache.tensors(split.calib, "loading calibration images")
     start = time.perf_counter()
-    qmodel = vitq.quantize(model, config, images, model_name=name, inplace=inplace, progress=progress)
+    qmodel = vitq.quantize(model, config, images, model_name=name, inplace=inplace, progress=progress,
+                           recon_checkpoint=recon_checkpoint)
     return qmodel, time.perf_counter() - start
 
 
@@ -400,7 +437,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model = _load_float_model(args)
     cache = ImageCache(_data_dir(args), model, progress=_progress(args))
     split = cache.split(config.calib_size, config.seed)
-    qmodel, calib_seconds = _quantize(model, name, config, cache, split, progress=_progress(args), inplace=True)
+    qmodel, calib_seconds = _quantize(model, name, config, cache, split, progress=_progress(args), inplace=True,
+                                      recon_checkpoint=args.recon_checkpoint)
     model_path = vitq.save(qmodel, args.output / MODEL_FILE, packed=not args.no_pack)
     size = model_size(qmodel)
     worst = sorted(_sqnr(qmodel, cache, split), key=lambda e: e.sqnr_db)[:WORST_POINTS]
@@ -475,7 +513,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache = ImageCache(_data_dir(args), model, progress=progress)
         split = cache.split(config.calib_size, config.seed, args.limit)
         qmodel, calib_seconds = _quantize(model, _model_name(args), config, cache, split,
-                                          progress=progress, inplace=True)
+                                          progress=progress, inplace=True, recon_checkpoint=args.recon_checkpoint)
     evaluated: nn.Module = qmodel
     if args.backend == "integer":
         from vitq.export.integer_vit import IntegerViT
@@ -674,15 +712,15 @@ def _compare_grid(args: argparse.Namespace, plan: Sequence[tuple[Variant, Sequen
 def _compare_plan(args: argparse.Namespace) -> tuple[list[tuple[Variant, list[tuple[int, int]]]], list[str]]:
     """The variants with their bit settings, and every setting in order (the report's columns).
 
-    ``--preset leaderboard``: every registered method (float aside) at :data:`LEADERBOARD_BITS` plus its own
-    ``extra_settings``; otherwise ``--methods`` x ``--bits``."""
+    ``--preset leaderboard``: every calibration-only method (float and reconstruction-based methods aside) at
+    :data:`LEADERBOARD_BITS` plus its own ``extra_settings``; otherwise ``--methods`` x ``--bits``."""
     if args.preset == "leaderboard":
         if args.methods is not None or args.bits is not None or args.reference is not None:
             raise VitqError("--preset leaderboard chooses the methods and bits itself: drop --methods, --bits "
                             "and --reference")
         common = [_parse_bits(text) for text in LEADERBOARD_BITS.split(",")]
         plan = [(Variant(name, name, {}), common + [b for b in method_class(name).extra_settings if b not in common])
-                for name in method_names() if name != FLOAT]
+                for name in method_names() if name != FLOAT and not method_class(name).reconstructs]
     else:
         bits = [_parse_bits(text) for text in _parse_list(args.bits or DEFAULT_COMPARE_BITS, "bits")]
         plan = [(variant, bits) for variant in parse_variants(args.methods or DEFAULT_COMPARE_METHODS)]

@@ -71,6 +71,33 @@ class PointOverride(BaseModel):
         return spec
 
 
+class ReconConfig(BaseModel):
+    """Block reconstruction after calibration (:mod:`vitq.calib.recon`; BRECQ/QDrop hyper-parameters, with fewer
+    iterations than the papers' 1000 per block so that DeiT-tiny fits a CPU budget)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iterations: int = Field(200, ge=1, description="optimizer steps per stage")
+    batch_size: int = Field(16, ge=1, description="calibration images per step")
+    weight_lr: float = Field(1e-3, gt=0, description="Adam learning rate of AdaRound's rounding variables")
+    scale_lr: float = Field(4e-5, gt=0, description="Adam learning rate of the LSQ activation steps")
+    round_weight: float = Field(0.01, ge=0, description="weight λ of the rounding regulariser")
+    beta: tuple[float, float] = Field((20.0, 2.0), description="β of the regulariser: start and end of its decay")
+    warmup: float = Field(0.2, ge=0, lt=1, description="fraction of the steps without the regulariser")
+    drop_prob: float = Field(0.0, ge=0, lt=1, description="QDrop: probability of keeping an activation float")
+    learn_rounding: bool = Field(True, description="AdaRound the per-row uniform weights")
+    learn_steps: bool = Field(True, description="learn the steps of the uniform activation quantizers (LSQ)")
+    augment: int = Field(0, ge=0, description="random crop/flip copies added per calibration image")
+
+    def beta_at(self, iteration: int) -> float | None:
+        """β of the rounding regulariser at ``iteration`` (``None`` during the warm-up: no regulariser)."""
+        start = self.warmup * self.iterations
+        if iteration < start:
+            return None
+        progress = (iteration - start) / max(self.iterations - start, 1)
+        return self.beta[1] + (self.beta[0] - self.beta[1]) * max(0.0, 1.0 - progress)
+
+
 class QuantConfig(BaseModel):
     """Everything that decides how a model is quantized."""
 
@@ -84,6 +111,7 @@ class QuantConfig(BaseModel):
     seed: int = Field(0, ge=0, description="selects the calibration images and seeds the method")
     overrides: list[PointOverride] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+    reconstruct: ReconConfig | None = Field(None, description="block reconstruction after calibration (None: off)")
 
     @field_validator("method")
     @classmethod

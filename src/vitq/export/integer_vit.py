@@ -42,7 +42,7 @@ from vitq.export.integer_kernels import (
 )
 from vitq.nn import QConv2d, QLinear
 from vitq.quantized_model import QuantizedModel
-from vitq.quantizers.uniform import UniformQuantizer
+from vitq.quantizers.uniform import integer_grid_problem
 
 RESIDUAL_BITS = 22
 HIDDEN_BITS = 16
@@ -63,13 +63,10 @@ class Codes:
 
     @classmethod
     def of(cls, quantizer, slot: str) -> Codes:
-        if getattr(quantizer, "kind", None) != UniformQuantizer.kind or quantizer.granularity != "tensor":
-            raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer, got "
-                            f"{'float' if quantizer is None else quantizer.spec()}")
-        zero_point = float(quantizer.zero_point)
-        if zero_point != round(zero_point):
-            raise VitqError(f"integer runtime: {slot} has a fractional zero point {zero_point:.3f}")
-        return cls(float(quantizer.scale), int(zero_point), quantizer.q_min, quantizer.q_max)
+        problem = integer_grid_problem(quantizer, per_row=False)
+        if problem is not None:
+            raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer: {problem}")
+        return cls(float(quantizer.scale), int(quantizer.zero_point), quantizer.q_min, quantizer.q_max)
 
 
 class Requantizer(nn.Module):
@@ -99,15 +96,13 @@ class IntegerLinear(nn.Module):
         super().__init__()
         inputs = Codes.of(layer.input_quantizer, f"{name}.input_quantizer")
         weights = layer.weight_quantizer
-        per_row = getattr(weights, "kind", None) == UniformQuantizer.kind and (weights.granularity == "tensor" or (
-            weights.granularity == "channel" and weights.axis == 0))
-        if not per_row:
-            raise VitqError(f"integer runtime: {name}.weight_quantizer must be uniform per output channel or tensor")
+        problem = integer_grid_problem(weights, per_row=True)
+        if problem is not None:
+            raise VitqError(f"integer runtime: {name}.weight_quantizer must be uniform per output channel or "
+                            f"tensor: {problem}")
         weight = layer.weight.detach()
         codes = weights.int_repr(weight).to(torch.int64).reshape(weight.shape[0], -1)
         zero = weights.zero_point.detach().reshape(-1, 1)
-        if not bool((zero == zero.round()).all()):
-            raise VitqError(f"integer runtime: {name}.weight_quantizer has fractional zero points")
         w_scale = weights.scale.detach().double().reshape(-1).expand(weight.shape[0])
         acc_scale = inputs.scale * w_scale
         self.register_buffer("weight", codes - zero.to(torch.int64))

@@ -40,7 +40,7 @@ from vitq.errors import VitqError
 from vitq.nn import QLinear
 from vitq.quantized_model import QuantizedModel, Slot
 from vitq.quantizers import Quantizer
-from vitq.quantizers.uniform import UniformQuantizer
+from vitq.quantizers.uniform import UniformQuantizer, integer_grid_problem
 
 DEFAULT_OPSET = 17
 #: ONNX metadata key holding the export header (model name, config, per-point report) as JSON
@@ -98,19 +98,12 @@ def _qdq_params(quantizer: Quantizer, storage: tuple[int, int], *, weight: bool)
     Weights: per tensor or per output channel (axis 0). Activations: per tensor only — an integer GEMM factors
     one input scale out of its sum, and onnxruntime's fused kernels reject per-axis input zero points.
     """
-    if quantizer.kind != UniformQuantizer.kind:  # subclasses (noisy_uniform) compute more than a QDQ pair
-        return f"{quantizer.kind} quantizer (not uniform)"
-    allowed = ("tensor", "channel") if weight else ("tensor",)
-    if quantizer.granularity not in allowed or (quantizer.granularity == "channel" and quantizer.axis != 0):
-        return f"per-{quantizer.granularity} scales (QDQ here: per tensor" + \
-            (", or per output channel for weights)" if weight else " for activations)")
+    problem = integer_grid_problem(quantizer, per_row=weight)
+    if problem is not None:
+        return problem
     lo, hi = storage
     scale = quantizer.scale.detach().float().reshape(-1)
     zero_point = quantizer.zero_point.detach().reshape(-1)
-    if not bool((zero_point == zero_point.round()).all()):
-        # RepQ-ViT's unrounded reparameterization target z̃: its clamp bounds (q_min − z̃)·Δ are off the grid
-        return f"fractional zero point (e.g. {zero_point[zero_point != zero_point.round()][0].item():.3f}); " \
-               f"QDQ needs an integer one"
     # one integer offset o for codes and zero points: q + o and z + o must all lie in [lo, hi]
     z_min, z_max = int(zero_point.min()), int(zero_point.max())
     first, last = max(lo - quantizer.q_min, lo - z_min), min(hi - quantizer.q_max, hi - z_max)

@@ -1,4 +1,4 @@
-"""``adalog``: AdaLog (Wu et al., ECCV 2024), calibration only (NOTES §2.4) — *without FPCS yet*.
+"""``adalog``: AdaLog (Wu et al., ECCV 2024), calibration only (NOTES §2.4).
 
 What AdaLog changes on the RepQ-ViT pipeline (:mod:`vitq.methods.repq_vit`), all implemented here:
 
@@ -11,10 +11,16 @@ What AdaLog changes on the RepQ-ViT pipeline (:mod:`vitq.methods.repq_vit`), all
 - **q, k, v**: uniform asymmetric, one scale per head;
 - **post-LayerNorm**: RepQ-ViT's reparameterization with target ``mean(s)`` and ``round(mean(z))`` (an integer
   zero point), then the per-tensor quantizer re-calibrated on the folded activations;
+- **FPCS** (:mod:`vitq.calib.fpcs`): then, in forward order, every Linear of the stage searches its uniform
+  weight (per row) and input (per tensor) (scale, zero point) pairs by its output error, weights and input
+  alternating (fc2: its weights, against its AdaLog input); q and k (per head) by the logits error
+  ‖q·kᵀ − Q(q)·Q(k)ᵀ‖², alternating; v (per head) by the attention-output error ‖A·v − Q(A)·Q(v)‖²;
 - calibration in forward order, stage by stage, each quantizer seeing inputs quantized upstream.
 
-Not yet: AdaLog's Fast Progressive Combining Search (FPCS) of every uniform (scale, zero point) pair by the
-layer's output MSE. Weights and the other uniform activations use RepQ-ViT's percentile MSE search instead.
+Options: ``fpcs`` (default true; false = the percentile MSE ranges of RepQ-ViT for the uniform quantizers, the
+ablation) and ``fpcs_rounds`` (weight/input alternations, default :attr:`FpcsSettings.rounds`).
+Not done: AdaLog's joint (scale x base) FPCS refinement of the post-GELU quantizer (its grid search is kept),
+and re-searching the softmax base after v's search.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from typing import Any
 
 import torch
 
+from vitq.calib.fpcs import FpcsSettings, fpcs_stage
 from vitq.calib.reparam import reparameterize_stage
 from vitq.calib.runner import run_stagewise
 from vitq.calib.search import attention_output_calibration, linear_output_calibration
+from vitq.errors import VitqError
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.models import Stage
@@ -38,6 +46,17 @@ GELU_BASE_STEP = 4
 
 @register_method("adalog")
 class AdaLog(RepQViT):
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return ("fpcs", "fpcs_rounds")
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.fpcs = config.options.get("fpcs", True)
+        if not isinstance(self.fpcs, bool):
+            raise VitqError(f"adalog option fpcs must be true or false, got {self.fpcs!r}")
+        self.fpcs_settings = FpcsSettings(rounds=config.options.get("fpcs_rounds", FpcsSettings.rounds))
+
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         bits = self.config.a_bits
         if role == "softmax":
@@ -54,6 +73,8 @@ class AdaLog(RepQViT):
             with attention_output_calibration(qmodel.attention_modules(stage)), \
                     linear_output_calibration(post_gelu, row_stride=GELU_SEARCH_STRIDE):
                 reparameterize_stage(qmodel, stage, x, target="mean", round_zero_point=True, recalibrate_input=True)
+            if self.fpcs:
+                fpcs_stage(qmodel, stage, x, self.fpcs_settings)
 
         run_stagewise(qmodel, images, visit, progress=progress)
 

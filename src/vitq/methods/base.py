@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.config import QuantConfig
+from vitq.config import QuantConfig, ReconConfig, make
 from vitq.errors import VitqError
 from vitq.registry import Registry
 
@@ -35,6 +35,10 @@ class Method:
     #: (w_bits, a_bits) settings the leaderboard runs for this method beyond the common ones (e.g. W3A4 for the
     #: weight-rounding methods, whose papers report it)
     extra_settings: ClassVar[tuple[tuple[int, int], ...]] = ()
+    #: a reconstruction-based method always reconstructs (with :attr:`recon_defaults` under the user's settings);
+    #: the calibration-only leaderboard leaves it out (not like-for-like, NOTES §4.1)
+    reconstructs: ClassVar[bool] = False
+    recon_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
@@ -68,6 +72,18 @@ class Method:
         Default: every quantizer initialises on the whole calibration batch in forward order.
         """
         calibrate_in_forward_order(qmodel, images, progress=progress)
+
+
+    def reconstruction(self) -> ReconConfig | None:
+        """The block reconstruction to run after :meth:`calibrate` (:mod:`vitq.calib.recon`), ``None`` for
+        none: ``config.reconstruct`` (so any method can be reconstructed: ``vitq quantize --reconstruct``), or
+        for a reconstruction-based method always, its :attr:`recon_defaults` overridden by the settings the
+        user gave explicitly."""
+        given = self.config.reconstruct
+        if given is None and not self.reconstructs:
+            return None
+        explicit = {} if given is None else given.model_dump(include=given.model_fields_set)
+        return make(ReconConfig, **{**self.recon_defaults, **explicit})
 
 
 METHODS: Registry[type[Method]] = Registry("method", attribute="name")

@@ -71,6 +71,7 @@ from vitq.errors import VitqError
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.models import Stage
+from vitq.quantizers.ranges import WEIGHT_PERCENTILES
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,6 @@ log = logging.getLogger(__name__)
 INPUTS = ("float", "quantized")
 #: the reference calibration set size that ``lam`` is given for
 REFERENCE_IMAGES = 32
-#: ERQ's weight range search: per row, the percentile clip with the lowest ‖w − Q(w)‖² (NOTES §2.0), wider
-#: than RepQ-ViT's {0.999, 0.9999, 0.99999}
-WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0)
 
 
 def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:

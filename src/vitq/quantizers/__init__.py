@@ -7,11 +7,12 @@ from vitq.quantizers.log import Log2Quantizer, LogSqrt2Quantizer
 from vitq.quantizers.noisy import NoisyUniformQuantizer
 from vitq.quantizers.ptf import PowerOfTwoFactorQuantizer
 from vitq.quantizers.registry import build_quantizer, quantizer_kinds, register_quantizer
+from vitq.quantizers.sulq import ShiftUniformLog2Quantizer
 from vitq.quantizers.tan import TanQuantizer
 from vitq.quantizers.twin_uniform import TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer
 from vitq.quantizers.uniform import UniformQuantizer
 
 __all__ = ["AdaLogQuantizer", "DualUniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "NoisyUniformQuantizer",
-           "PowerOfTwoFactorQuantizer", "Quantizer", "TanQuantizer", "TwinUniformGeluQuantizer",
-           "TwinUniformSoftmaxQuantizer", "UniformQuantizer", "build_quantizer", "check_bits", "quantizer_kinds",
-           "register_quantizer"]
+           "PowerOfTwoFactorQuantizer", "Quantizer", "ShiftUniformLog2Quantizer", "TanQuantizer",
+           "TwinUniformGeluQuantizer", "TwinUniformSoftmaxQuantizer", "UniformQuantizer", "build_quantizer",
+           "check_bits", "quantizer_kinds", "register_quantizer"]

@@ -22,7 +22,7 @@ import torch
 
 from vitq.errors import VitqError
 from vitq.quantizers.registry import register_quantizer
-from vitq.quantizers.uniform import UniformQuantizer
+from vitq.quantizers.uniform import UniformQuantizer, uniform_params
 
 DEFAULT_AMPLITUDES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -50,8 +50,8 @@ class NoisyUniformQuantizer(UniformQuantizer):
         return torch.rand(channels, generator=generator) - 0.5
 
     def _uniform_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        super().calibrate(x)
-        return self.scale, self.zero_point
+        """Step and zero point the range initialiser gives ``x`` (nothing is installed)."""
+        return uniform_params(*self.fit_range(x), self.bits, self.signed, self.symmetric)
 
     def search_candidates(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """One candidate per amplitude: the noise, and the uniform range calibrated on ``x + noise``."""

@@ -35,7 +35,7 @@ class PowerOfTwoFactorQuantizer(UniformQuantizer):
         self.max_factor = max_factor
 
     def calibrate(self, x: torch.Tensor) -> None:
-        rows = self._rows(x.detach().float())  # [channels, elements]
+        rows = self.group_rows(x.detach().float())  # [channels, elements]
         low, high = rows.min(), rows.max()
         full_step = ((high - low) / (self.q_max - self.q_min)).clamp_min(MIN_SCALE)
         zero_point = (self.q_min - torch.round(low / full_step)).clamp(self.q_min, self.q_max)

@@ -18,6 +18,8 @@ import torch
 
 #: RepQ-ViT's candidate percentiles for the MSE search.
 REPQ_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+#: the wider per-row weight search of the ERQ code (NOTES §2.0; I&S-ViT uses it without 1.0)
+WEIGHT_PERCENTILES: tuple[float, ...] = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0)
 
 RangeQuantizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -71,6 +71,25 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     return out.add_(zero_point).clamp_(q_min, q_max).sub_(zero_point).mul_(scale)
 
 
+def integer_grid_problem(quantizer, *, per_row: bool) -> str | None:
+    """Why ``quantizer`` is not a plain integer affine quantizer — codes ``clamp(round(x/Δ) + z)`` with integer
+    zero points, one (Δ, z) per tensor or, with ``per_row``, per output row — or ``None`` when it is. The
+    deployment paths (ONNX QDQ, the integer-only runtime) need exactly this."""
+    kind = getattr(quantizer, "kind", None)
+    if kind != UniformQuantizer.kind:  # subclasses (noisy_uniform) compute more than a grid
+        return "float (not quantized)" if quantizer is None else f"{kind} quantizer (not uniform)"
+    allowed = ("tensor", "channel") if per_row else ("tensor",)
+    if quantizer.granularity not in allowed or (quantizer.granularity == "channel" and quantizer.axis != 0):
+        return f"per-{quantizer.granularity} scales (here: per tensor" + \
+            (", or per output channel for weights)" if per_row else " for activations)")
+    zero_point = quantizer.zero_point.detach().reshape(-1)
+    if not bool((zero_point == zero_point.round()).all()):
+        # RepQ-ViT's unrounded reparameterization target z̃: its clamp bounds (q_min − z̃)·Δ are off the grid
+        return f"fractional zero point (e.g. {zero_point[zero_point != zero_point.round()][0].item():.3f}); " \
+               f"an integer one is needed"
+    return None
+
+
 @register_quantizer("uniform")
 class UniformQuantizer(Quantizer):
     param_names = ("scale", "zero_point")
@@ -117,7 +136,7 @@ class UniformQuantizer(Quantizer):
         self.q_min, self.q_max = code_range(bits, signed)
 
     # --------------------------------------------------------------- group layout
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+    def group_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as a [groups, elements] matrix, one row per quantization group."""
         if self.granularity == "tensor":
             return x.reshape(1, -1)
@@ -138,7 +157,7 @@ class UniformQuantizer(Quantizer):
             raise VitqError(f"cannot split rows of {rows.shape[1]} elements into groups of {self.group_size}")
         return rows.reshape(x.shape[0], -1, self.group_size)
 
-    def _broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-group parameter reshaped to broadcast against ``x``."""
         if self.granularity == "tensor":
             return param.reshape(())
@@ -158,15 +177,17 @@ class UniformQuantizer(Quantizer):
         scale, zero_point = uniform_params(lo, hi, self.bits, self.signed, self.symmetric)
         return fake_quant(rows, scale[:, None], zero_point[:, None], self.q_min, self.q_max)
 
-    def calibrate(self, x: torch.Tensor) -> None:
-        rows = self._rows(x.detach().float())
+    def fit_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group clipping ranges ``(lo, hi)`` of ``x`` by the range initialiser (nothing is installed)."""
+        rows = self.group_rows(x.detach().float())
         if self.init == "minmax":
-            lo, hi = minmax_range(rows)
-        elif self.init == "percentile":
-            lo, hi = percentile_range(rows, self.percentile)
-        else:
-            lo, hi = mse_range_search(rows, self._quantize_rows, self.search_percentiles)
-        self.set_range(lo, hi)
+            return minmax_range(rows)
+        if self.init == "percentile":
+            return percentile_range(rows, self.percentile)
+        return mse_range_search(rows, self._quantize_rows, self.search_percentiles)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        self.set_range(*self.fit_range(x))
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set Δ and z from per-group clipping ranges."""
@@ -174,13 +195,13 @@ class UniformQuantizer(Quantizer):
 
     # --------------------------------------------------------------- quantization
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+        scale, zero_point = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         return torch.clamp(torch.round(x / scale) + zero_point, self.q_min, self.q_max).to(torch.int32)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = self._broadcast(self.scale, codes), self._broadcast(self.zero_point, codes)
+        scale, zero_point = self.broadcast(self.scale, codes), self.broadcast(self.zero_point, codes)
         return (codes.float() - zero_point) * scale
 
     def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x),
+        return fake_quant(x, self.broadcast(self.scale, x), self.broadcast(self.zero_point, x),
                           self.q_min, self.q_max)

@@ -34,6 +34,9 @@ PAPER_TOP1: dict[tuple[str, str, str], tuple[float, str]] = {
     ("deit_tiny_patch16_224", "ptq4vit", "W3A3"): (3.50, "APHQ-ViT T1"),
     ("deit_tiny_patch16_224", "dopq-vit", "W4A4"): (65.54, "DopQ-ViT, recon."),
     ("deit_tiny_patch16_224", "dopq-vit", "W3A3"): (44.71, "DopQ-ViT, recon."),
+    ("deit_tiny_patch16_224", "adalog", "W6A6"): (71.38, "AdaLog README"),
+    ("deit_tiny_patch16_224", "adalog", "W4A4"): (63.52, "AdaLog README"),
+    ("deit_tiny_patch16_224", "adalog", "W3A3"): (31.56, "AdaLog README"),
     ("deit_tiny_patch16_224", "fqvit", "W4A4"): (0.10, "ERQ table"),
     ("deit_tiny_patch16_224", "fqvit", "W3A4"): (0.10, "ERQ (re-run)"),
 }

@@ -1,0 +1,220 @@
+"""Block reconstruction (BRECQ / QDrop style): optimize each stage's quantization so that the quantized stage
+reproduces the float stage's output on the calibration images (NOTES §1.5, §2.7, §4.1).
+
+Per stage, in forward order (:func:`reconstruct_model`):
+
+- inputs: the stage's input in the *quantized* model (upstream already reconstructed) and the target, the
+  *float* model's output of the stage (computed from the float stream with the original weights, before
+  anything in the stage changes);
+- learnable parts (:mod:`vitq.calib.learnable`): the rounding of every per-row uniform weight (AdaRound), the
+  step of every uniform activation quantizer (LSQ, optionally with QDrop's random drop); every other quantizer
+  is kept fixed with a straight-through gradient;
+- loss, over a random mini-batch of calibration images per iteration (Adam):
+  ``mean over tokens of ‖f_q(x_q) − f(x)‖²`` (summed over channels) ``+ λ·Σ (1 − |2h − 1|^β)``, with the
+  regulariser off for the first ``warmup`` fraction of the iterations and β decayed linearly from
+  ``beta[0]`` to ``beta[1]`` afterwards (BRECQ's schedule);
+- then the learned values are written back (hard rounding → on-grid weights, learned steps → the quantizers).
+
+Optional augmentation (``augment = k``): the calibration set gets ``k`` extra copies of every image, each randomly
+cropped (a square of 50-100 % of the side, resized back) and flipped (probability ½), drawn from ``seed``.
+
+Reproducible and resumable: the mini-batches and QDrop masks of stage ``i`` come from a generator seeded with
+``(seed, i)``; with ``checkpoint_dir`` the model state is saved after every stage and a rerun with the same
+directory (and settings) loads it and goes on after the last finished stage, giving the same result as an
+uninterrupted run. Memory: one stage's calibration inputs and targets, plus one mini-batch's autograd graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
+from vitq.calib.runner import run_batched
+from vitq.config import ReconConfig
+from vitq.errors import VitqError
+from vitq.models import Stage
+from vitq.quantizers import UniformQuantizer
+
+#: the checkpoint in ``checkpoint_dir``: the model state, with the progress in its metadata (one atomic file)
+CHECKPOINT_FILE = "reconstruction.safetensors"
+
+
+@dataclass(frozen=True)
+class StageRecon:
+    """What reconstructing one stage did: loss on all calibration images before and after (hard rounding)."""
+
+    stage: str
+    learned_roundings: int
+    learned_steps: int
+    loss_before: float
+    loss_after: float
+
+
+def _is_row_uniform(quantizer) -> bool:
+    return (isinstance(quantizer, UniformQuantizer) and quantizer.granularity == "channel" and quantizer.axis == 0)
+
+
+def _wrap(qmodel, stage: Stage, settings: ReconConfig, generator: torch.Generator) -> list[tuple[object, nn.Module]]:
+    """Swap every enabled quantizer of ``stage`` for its learnable stand-in; returns ``(slot, stand-in)`` pairs."""
+    swapped = []
+    for slot in qmodel.slots():
+        quantizer = slot.quantizer
+        if quantizer is None or not quantizer.enabled or not stage.contains(slot.point):
+            continue
+        if slot.role == "weight" and settings.learn_rounding and _is_row_uniform(quantizer):
+            stand_in = AdaRoundWeight(quantizer, slot.module.weight)
+        elif slot.role != "weight" and settings.learn_steps and type(quantizer) is UniformQuantizer:
+            stand_in = LearnedStep(quantizer, settings.drop_prob, generator)
+        else:
+            stand_in = StraightThrough(quantizer)
+        slot.quantizer = stand_in
+        swapped.append((slot, stand_in))
+    return swapped
+
+
+def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over images and tokens."""
+    return (output - target).square().sum(-1).mean()
+
+
+@torch.no_grad()
+def _full_loss(stage: Stage, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
+    return float(_stage_loss(run_batched(stage.run, x, batch_size), target))
+
+
+def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tensor, settings: ReconConfig,
+                      *, seed: int = 0, index: int = 0, progress: bool = True) -> StageRecon:
+    """Reconstruct one stage of ``qmodel`` (calibrated) from its quantized input ``x`` to the float output
+    ``target``; ``(seed, index)`` seed its random stream. The learned values are written back into the model."""
+    loss_before = _full_loss(stage, x, target, settings.batch_size)
+    generator = torch.Generator().manual_seed(seed * 100_003 + index)
+    frozen = [p for p in qmodel.model.parameters() if p.requires_grad]  # the model's own parameters
+    swapped = _wrap(qmodel, stage, settings, generator)
+    roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
+    steps = [m for _, m in swapped if isinstance(m, LearnedStep)]
+    groups = [{"params": [m.alpha for m in roundings], "lr": settings.weight_lr},
+              {"params": [m.scale for m in steps], "lr": settings.scale_lr}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        if groups:
+            optimizer = torch.optim.Adam(groups)
+            for m in steps:
+                m.train()
+            bar = tqdm(range(settings.iterations), desc=f"reconstructing {stage.name}", unit="it", leave=False,
+                       disable=not progress)
+            for iteration in bar:
+                batch = torch.randint(len(x), (min(settings.batch_size, len(x)),), generator=generator)
+                with torch.enable_grad():
+                    loss = _stage_loss(stage.run(x[batch]), target[batch])
+                    beta = settings.beta_at(iteration)
+                    if beta is not None and roundings:
+                        loss = loss + settings.round_weight * sum(m.regularizer(beta) for m in roundings)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+            for m in steps:
+                m.eval()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for slot, stand_in in swapped:
+            stand_in.commit(slot.module)
+            slot.quantizer = stand_in.quantizer
+    return StageRecon(stage.name, sum(m.alpha.numel() for m in roundings), len(steps), loss_before,
+                      _full_loss(stage, x, target, settings.batch_size))
+
+
+#: augmentation: side of the random square crop, as a fraction of the image side
+CROP_RANGE = (0.5, 1.0)
+
+
+def augmented(images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
+    """``images`` followed by ``copies`` randomly cropped-and-resized, randomly flipped versions of each
+    (preprocessed ``[N, C, H, W]`` tensors, so a crop is resized back to ``H x W`` bilinearly)."""
+    if copies == 0:
+        return images
+    generator = torch.Generator().manual_seed(seed)
+    height, width = images.shape[-2:]
+    out = [images]
+    for _ in range(copies):
+        for image in images:
+            side = torch.empty(1).uniform_(*CROP_RANGE, generator=generator).item()
+            h, w = max(1, round(side * height)), max(1, round(side * width))
+            top = int(torch.randint(height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(width - w + 1, (1,), generator=generator))
+            crop = image[None, :, top:top + h, left:left + w]
+            crop = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+            if torch.rand(1, generator=generator).item() < 0.5:
+                crop = crop.flip(-1)
+            out.append(crop)
+    return torch.cat(out)
+
+
+def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
+    return json.dumps({"settings": settings.model_dump(mode="json"), "seed": seed, "images": n_images},
+                      sort_keys=True)
+
+
+def _save_checkpoint(qmodel, path: Path, done: int, fingerprint: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file({k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}, partial,
+              metadata={"done": str(done), "fingerprint": fingerprint})
+    os.replace(partial, path)  # atomic: a checkpoint is either the old one or the new one
+
+
+def _checkpoint_progress(path: Path, fingerprint: str) -> int:
+    """The index of the last stage finished in the checkpoint at ``path`` (which must match ``fingerprint``)."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("fingerprint") != fingerprint:
+        raise VitqError(f"{path} holds a reconstruction with other settings or images; remove it or use another "
+                        "checkpoint directory")
+    return int(metadata["done"])
+
+
+def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, seed: int = 0,
+                      checkpoint_dir: str | Path | None = None, progress: bool = True) -> list[StageRecon]:
+    """Reconstruct every stage of a calibrated ``qmodel`` in forward order on ``images`` (see the module
+    docstring). With ``checkpoint_dir``: save after every stage, and resume from it when it holds a run with
+    the same settings, seed and image count (a different one is an error, so nothing is silently mixed)."""
+    fingerprint = _fingerprint(settings, seed, len(images))
+    images = augmented(images, settings.augment, seed)
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
+    stages = qmodel.stages()
+    x_float = images
+    done = -1
+    if checkpoint is not None and checkpoint.is_file():
+        # the float stream through the finished stages needs their weights from *before* reconstruction (AdaRound
+        # changed them), i.e. the ones this model still has until the checkpoint is loaded
+        done = _checkpoint_progress(checkpoint, fingerprint)
+        with torch.no_grad(), qmodel.quantization_disabled():
+            for stage in stages[:done + 1]:
+                x_float = run_batched(stage.run, x_float, settings.batch_size)
+        qmodel.model.load_state_dict(load_file(checkpoint))
+    records: list[StageRecon] = []
+    x = images
+    for index, stage in enumerate(tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)):
+        if index > done:
+            with torch.no_grad(), qmodel.quantization_disabled():
+                target = run_batched(stage.run, x_float, settings.batch_size)
+            records.append(reconstruct_stage(qmodel, stage, x, target, settings, seed=seed, index=index,
+                                             progress=progress))
+            if checkpoint is not None:
+                _save_checkpoint(qmodel, checkpoint, index, fingerprint)
+            x_float = target
+        with torch.no_grad():
+            x = run_batched(stage.run, x, settings.batch_size)
+    return records

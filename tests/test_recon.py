@@ -1,0 +1,152 @@
+"""Tests of the block-reconstruction engine (vitq.calib.recon) and its learnable stand-ins (vitq.calib.learnable)."""
+
+import copy
+
+import pytest
+import torch
+from helpers import quantized_test_vit
+
+import vitq.calib.recon as recon
+from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
+from vitq.calib.recon import reconstruct_model, reconstruct_stage
+from vitq.config import ReconConfig, make
+from vitq.errors import VitqError
+from vitq.quantizers import build_quantizer
+
+FAST = ReconConfig(iterations=30, batch_size=2)
+#: the resume test runs three reconstructions of the whole test model
+TINY = ReconConfig(iterations=3, batch_size=2)
+
+
+def _uniform(bits=4, **spec):
+    return build_quantizer({"kind": "uniform", "bits": bits, **spec})
+
+
+def test_learned_step_has_lsq_gradients():
+    quantizer = _uniform(4)
+    quantizer.set_params({"scale": torch.tensor([0.1]), "zero_point": torch.tensor([3.0])})
+    step = LearnedStep(quantizer)
+    x = torch.tensor([0.123, -0.2, -5.0, 5.0])  # inside, inside, below and above the range
+    x_hat = step(x)
+    assert torch.allclose(x_hat, quantizer(x))
+    grads = [torch.autograd.grad(x_hat[i], step.scale, retain_graph=True)[0].item() for i in range(4)]
+    inside = [round(v / 0.1) - v / 0.1 for v in (0.123, -0.2)]
+    assert grads == pytest.approx([*inside, 0 - 3.0, 15 - 3.0], abs=1e-4)
+    step.scale.data.fill_(0.2)
+    step.commit(None)
+    assert float(quantizer.scale) == pytest.approx(0.2)
+
+
+def test_qdrop_keeps_float_values_while_training_only():
+    quantizer = _uniform(3)
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    quantizer.calibrate(x)
+    step = LearnedStep(quantizer, drop_prob=0.5, generator=torch.Generator().manual_seed(1))
+    kept = (step(x) == x).float().mean().item()
+    assert 0.45 < kept < 0.55
+    step.eval()
+    assert torch.equal(step(x), quantizer(x))
+
+
+def test_straight_through_passes_the_identity_gradient():
+    quantizer = build_quantizer({"kind": "log2", "bits": 4})
+    a = torch.rand(3, 5).softmax(-1).requires_grad_(True)
+    quantizer.calibrate(a.detach())
+    out = StraightThrough(quantizer)(a)
+    assert torch.equal(out, quantizer(a.detach()))
+    out.sum().backward()
+    assert torch.equal(a.grad, torch.ones_like(a))
+
+
+def test_adaround_starts_at_the_weight_and_hardens_onto_the_grid():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    quantizer = _uniform(3, granularity="channel", axis=0)
+    quantizer.calibrate(layer.weight.detach())
+    original = layer.weight.detach().clone()
+    rounding = AdaRoundWeight(quantizer, layer.weight)
+    soft = rounding(layer.weight)
+    step = quantizer.broadcast(quantizer.scale, original)
+    zero_point = quantizer.broadcast(quantizer.zero_point, original)
+    # h(α) = the fractional part (kept in [1e-4, 1 − 1e-4]): W itself, clamped to the code range
+    unrounded = (torch.clamp(original / step + zero_point, quantizer.q_min, quantizer.q_max) - zero_point) * step
+    assert torch.allclose(soft, unrounded, atol=2e-4 * float(step.max()))
+    assert rounding.regularizer(2.0).item() > 0
+    rounding.alpha.data = torch.where(rounding.alpha > 0, 50.0, -50.0)  # decided roundings
+    assert rounding.regularizer(2.0).item() == pytest.approx(0.0, abs=1e-6)
+    rounding.commit(layer)
+    assert torch.equal(quantizer(layer.weight.detach()), layer.weight.detach())  # on the grid
+    assert torch.all((layer.weight.detach() - original).abs() <= step * (1 + 1e-5))  # floor or ceil
+
+
+def test_stage_reconstruction_lowers_the_output_error_and_leaves_weights_on_the_grid():
+    _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
+    stage = qmodel.stages()[1]
+    x = qmodel.stages()[0].run(images[:2])
+    with torch.no_grad(), qmodel.quantization_disabled():
+        target = stage.run(x)
+    block = qmodel.model.blocks[0]
+    before = block.mlp.fc1.weight.detach().clone()
+    record = reconstruct_stage(qmodel, stage, x.detach(), target, FAST, progress=False)
+    assert record.loss_after < record.loss_before
+    assert record.learned_roundings == sum(block.get_submodule(n).weight.numel()
+                                           for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+    for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        layer = block.get_submodule(name)
+        assert torch.equal(layer.weight_quantizer(layer.weight.detach()), layer.weight.detach()), name
+    assert not torch.equal(before, block.mlp.fc1.weight.detach())
+    assert all(type(q).__name__ != "LearnedStep" for q in qmodel.quantizers().values())  # stand-ins are gone
+    assert all(p.requires_grad for p in qmodel.model.parameters())
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
+    interrupted = copy.deepcopy(qmodel)
+    reconstruct_model(qmodel, images[:2], TINY, progress=False)
+
+    original = recon.reconstruct_stage
+
+    def stop_at_block_2(qm, stage, *args, index, **kwargs):
+        if index == 3:
+            raise KeyboardInterrupt
+        return original(qm, stage, *args, index=index, **kwargs)
+
+    monkeypatch.setattr(recon, "reconstruct_stage", stop_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_model(interrupted, images[:2], TINY, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(recon, "reconstruct_stage", original)
+    _, _, resumed = quantized_test_vit("repq-vit", 4, 4)  # a fresh process would rebuild the calibrated model
+    records = reconstruct_model(resumed, images[:2], TINY, checkpoint_dir=tmp_path, progress=False)
+    assert [r.stage for r in records][0] == "blocks.2"
+    expected, got = qmodel.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    with pytest.raises(VitqError, match="other settings"):
+        reconstruct_model(resumed, images[:2], TINY, seed=1, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_settings_are_validated_and_beta_decays():
+    with pytest.raises(VitqError, match="invalid iterations"):
+        make(ReconConfig, iterations=0)
+    with pytest.raises(VitqError, match="invalid drop_prob"):
+        make(ReconConfig, drop_prob=1.0)
+    settings = ReconConfig(iterations=100, warmup=0.2, beta=(20.0, 2.0))
+    assert settings.beta_at(10) is None
+    assert settings.beta_at(20) == pytest.approx(20.0) and settings.beta_at(100) == pytest.approx(2.0)
+    assert settings.beta_at(60) == pytest.approx(11.0)
+
+
+def test_augmentation_adds_seeded_crops_and_flips(monkeypatch):
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert recon.augmented(images, 0, seed=0) is images
+    out = recon.augmented(images, 2, seed=5)
+    assert out.shape == (9, 3, 16, 16) and torch.equal(out[:3], images)
+    assert torch.equal(out, recon.augmented(images, 2, seed=5))
+    assert not torch.equal(out, recon.augmented(images, 2, seed=6))
+    monkeypatch.setattr(recon, "CROP_RANGE", (1.0, 1.0))  # full-size crops: each copy is the image or its mirror
+    copies = recon.augmented(images, 4, seed=1)[3:].reshape(4, 3, 3, 16, 16)
+    mirrored = [[torch.equal(c[i], images[i].flip(-1)) for i in range(3)] for c in copies]
+    same = [[torch.equal(c[i], images[i]) for i in range(3)] for c in copies]
+    assert all(m or s for row_m, row_s in zip(mirrored, same, strict=True) for m, s in zip(row_m, row_s, strict=True))
+    assert any(any(row) for row in mirrored) and any(any(row) for row in same)

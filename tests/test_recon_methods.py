@@ -1,0 +1,62 @@
+"""The reconstruction-based methods (brecq, qdrop) and reconstruction as an option of any method."""
+
+import torch
+from helpers import quantized_test_vit
+
+import vitq
+from vitq.config import QuantConfig, ReconConfig, make
+from vitq.methods import method_class
+
+
+def _reconstruction(method: str, **recon):
+    given = None if not recon else make(ReconConfig, **recon)
+    config = QuantConfig(method=method, w_bits=4, a_bits=4, reconstruct=given)
+    return method_class(config.method)(config).reconstruction()
+
+
+def test_who_reconstructs_and_with_which_settings():
+    assert _reconstruction("repq-vit") is None  # calibration only unless asked
+    assert _reconstruction("repq-vit", iterations=7).iterations == 7
+    assert _reconstruction("brecq") == ReconConfig()
+    qdrop = _reconstruction("qdrop")
+    assert qdrop.drop_prob == 0.5 and qdrop.iterations == ReconConfig().iterations
+    # the user's explicit settings win over the method's defaults; the others keep them
+    assert _reconstruction("qdrop", iterations=3) == ReconConfig(iterations=3, drop_prob=0.5)
+    assert _reconstruction("qdrop", drop_prob=0.1).drop_prob == 0.1
+
+
+def test_qdrop_is_repq_vit_plus_reconstruction():
+    """Same calibration as repq-vit, then weights move onto learned roundings (still on the grid)."""
+    _, _, repq = quantized_test_vit("repq-vit", 4, 4)
+    _, _, qdrop = quantized_test_vit("qdrop", 4, 4, reconstruct=make(ReconConfig, iterations=3, batch_size=2))
+    fc1_repq, fc1_qdrop = repq.model.blocks[0].mlp.fc1, qdrop.model.blocks[0].mlp.fc1
+    assert not torch.equal(fc1_repq.weight, fc1_qdrop.weight)
+    assert torch.equal(fc1_qdrop.weight_quantizer(fc1_qdrop.weight), fc1_qdrop.weight)
+    assert torch.equal(fc1_repq.weight_quantizer.scale, fc1_qdrop.weight_quantizer.scale)  # AdaRound keeps Δ
+
+
+def test_is_vit_three_stages(tmp_path, monkeypatch):
+    """SULQ softmax; stage 1 reconstructs activation steps only (float weights, per-channel post-LN inputs),
+    stage 2 folds them to per tensor, stage 3 reconstructs weights too; the result saves and reloads exactly."""
+    import vitq.methods.is_vit as is_vit
+
+    stages = []
+    original = is_vit.reconstruct_model
+
+    def record(qmodel, images, settings, **kwargs):
+        qkv = qmodel.model.blocks[0].attn.qkv
+        stages.append((settings.learn_rounding, qkv.weight_quantizer.enabled, qkv.input_quantizer.granularity))
+        return original(qmodel, images, settings, **kwargs)
+
+    monkeypatch.setattr(is_vit, "reconstruct_model", record)
+    tiny = make(ReconConfig, iterations=3, batch_size=2)
+    _, images, qmodel = quantized_test_vit("is-vit", 4, 4, reconstruct=tiny)  # vitq.quantize runs the last one
+    assert stages == [(False, False, "channel")]
+    quantizers = qmodel.quantizers()
+    assert quantizers["blocks.0.attn.softmax.quantizer"].kind == "sulq"
+    assert quantizers["blocks.0.attn.qkv.input_quantizer"].scale.numel() == 1
+    fc1 = qmodel.model.blocks[0].mlp.fc1
+    assert torch.equal(fc1.weight_quantizer(fc1.weight), fc1.weight)  # hardened by the final reconstruction
+    path = vitq.save(qmodel, tmp_path / "isvit.safetensors")
+    with torch.no_grad():
+        assert torch.equal(vitq.load(path)(images), qmodel(images))
