@@ -12,6 +12,8 @@ from vitq.calib.products import softmax_input_grad, stage_products, straight_thr
 from vitq.errors import VitqError
 from vitq.export.integer_vit import IntegerViT
 from vitq.export.onnx import export_onnx
+from vitq.nn import QAct
+from vitq.quantized_model import Slot
 from vitq.quantizers import build_quantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,16 +119,18 @@ def test_softmax_input_grad_is_the_softmax_backward():
     torch.testing.assert_close(softmax_input_grad(probs.detach(), upstream), scores.grad)
 
 
-def test_straight_through_passes_gradients_and_is_removed():
+def test_straight_through_passes_gradients_and_is_restored():
     quantizer = build_quantizer(_symmetric(3))
     x = torch.randn(20, requires_grad=True)
     quantizer.calibrate(x.detach())
-    with straight_through([quantizer]):
-        y = quantizer(x)
+    point = QAct("act")
+    point.quantizer = quantizer
+    with straight_through([Slot("p", "quantizer", "act", point)]):
+        y = point(x)
         y.sum().backward()
-        torch.testing.assert_close(y.detach(), quantizer.quantize_dequantize(x.detach()))
+        torch.testing.assert_close(y.detach(), quantizer(x.detach()))
     assert torch.equal(x.grad, torch.ones(20))
-    assert "quantize_dequantize" not in vars(quantizer)
+    assert point.quantizer is quantizer
 
 
 def test_task_gradients_are_the_kl_gradient_and_never_all_zero():

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitq.calib.learnable import StraightThrough
 from vitq.calib.runner import run_batched
 from vitq.errors import VitqError
 from vitq.models import Stage
@@ -253,22 +254,18 @@ def _set_attr(objects: Iterable, attr: str, value) -> Iterator[None]:
 
 
 @contextmanager
-def straight_through(quantizers: Iterable[Quantizer]) -> Iterator[None]:
-    """Quantizers whose fake-quant passes gradients unchanged: ``x + (Q(x) − x).detach()`` (the rounding's own
-    gradient is zero almost everywhere, which would cut the backward pass at the first quantizer)."""
-    quantizers = list(quantizers)
-    for q in quantizers:
-        def ste(x, fake_quant=q.quantize_dequantize):
-            with torch.no_grad():
-                delta = fake_quant(x) - x
-            return x + delta
-
-        q.quantize_dequantize = ste  # an instance attribute shadows the method
+def straight_through(slots: Iterable) -> Iterator[None]:
+    """The quantizers of ``slots`` wrapped in :class:`~vitq.calib.learnable.StraightThrough` (forward ``Q(x)``,
+    gradient of the identity: the rounding's own gradient is zero almost everywhere, which would cut the backward
+    pass at the first quantizer); restored on exit."""
+    swapped = [(slot, slot.quantizer) for slot in slots if slot.quantizer is not None]
+    for slot, quantizer in swapped:
+        slot.quantizer = StraightThrough(quantizer)
     try:
         yield
     finally:
-        for q in quantizers:
-            del q.quantize_dequantize
+        for slot, quantizer in swapped:
+            slot.quantizer = quantizer
 
 
 def task_gradients(qmodel, stage_index: int, x: torch.Tensor, target: torch.Tensor, products: list[Product], *,
@@ -283,13 +280,12 @@ def task_gradients(qmodel, stage_index: int, x: torch.Tensor, target: torch.Tens
     stage, rest = stages[stage_index], stages[stage_index + 1:]
     grads: dict[str, list[torch.Tensor]] = {p.name: [] for p in products}
     hooks = [h for p in products for h in p.gradient_hooks(grads[p.name].append)]
-    own = {id(q) for q in qmodel.stage_quantizers(stage)}
-    quantizers = list(qmodel.quantizers().values())
+    own = [slot for slot in qmodel.slots() if stage.contains(slot.name)]
+    others = [slot.quantizer for slot in qmodel.slots() if slot.quantizer is not None and not stage.contains(slot.name)]
     trainable = [p for p in qmodel.parameters() if p.requires_grad]
     try:
-        with _set_attr([q for q in quantizers if id(q) not in own], "enabled", False), \
-                _set_attr(trainable, "requires_grad", False), \
-                straight_through(q for q in quantizers if id(q) in own), torch.enable_grad():
+        with _set_attr(others, "enabled", False), _set_attr(trainable, "requires_grad", False), \
+                straight_through(own), torch.enable_grad():
             for xs, ts in zip(x.split(batch_size), target.split(batch_size), strict=True):
                 z = stage.run(xs.detach().requires_grad_())
                 for later in rest:
