@@ -92,13 +92,27 @@ def _output_grad_hook(module: nn.Module, transform: Callable[[torch.Tensor], tor
     return module.register_forward_hook(hook)
 
 
-class LinearProduct(Product):
-    first = "b"
-    b_channel_dim = -1
+class _WeightProduct(Product):
+    """A layer ``op(x, W)`` with a weight: the input is captured by a hook, the weight is the parameter."""
 
-    def __init__(self, name: str, module: QLinear, row_stride: int) -> None:
+    first = "b"
+
+    def __init__(self, name: str, module: QLinear | QConv2d, row_stride: int) -> None:
         super().__init__(name, module.input_quantizer, module.weight_quantizer, row_stride)
         self.module = module
+
+    def weight(self):
+        return self.module.weight.detach()
+
+    def operand_hooks(self, a_sink, b_sink):
+        return [self.module.register_forward_pre_hook(lambda _m, args: a_sink(args[0].detach()))]
+
+    def gradient_hooks(self, sink):
+        return [_output_grad_hook(self.module, self.rows, sink)]
+
+
+class LinearProduct(_WeightProduct):
+    b_channel_dim = -1
 
     def op(self, a, b):
         return F.linear(a, b)
@@ -106,36 +120,13 @@ class LinearProduct(Product):
     def rows(self, t):
         return token_rows(t, self.row_stride)
 
-    def weight(self):
-        return self.module.weight.detach()
 
-    def operand_hooks(self, a_sink, b_sink):
-        return [self.module.register_forward_pre_hook(lambda _m, args: a_sink(args[0].detach()))]
-
-    def gradient_hooks(self, sink):
-        return [_output_grad_hook(self.module, self.rows, sink)]
-
-
-class ConvProduct(Product):
-    first = "b"
+class ConvProduct(_WeightProduct):
     b_channel_dim = 1
-
-    def __init__(self, name: str, module: QConv2d, row_stride: int) -> None:
-        super().__init__(name, module.input_quantizer, module.weight_quantizer, row_stride)
-        self.module = module
 
     def op(self, a, b):
         m = self.module
         return F.conv2d(a, b, None, m.stride, m.padding, m.dilation, m.groups)
-
-    def weight(self):
-        return self.module.weight.detach()
-
-    def operand_hooks(self, a_sink, b_sink):
-        return [self.module.register_forward_pre_hook(lambda _m, args: a_sink(args[0].detach()))]
-
-    def gradient_hooks(self, sink):
-        return [_output_grad_hook(self.module, self.rows, sink)]
 
 
 class _AttentionProduct(Product):
