@@ -166,10 +166,23 @@ def input_output_error(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.
     return score
 
 
-def _searchable(quantizer: Quantizer | None, granularity: str) -> bool:
-    """A uniform, asymmetric quantizer of the given granularity (per-row weights: channel axis 0)."""
-    return (type(quantizer) is UniformQuantizer and quantizer.enabled and not quantizer.symmetric
-            and quantizer.granularity == granularity and (granularity == "tensor" or quantizer.axis == 0))
+def _searchable(quantizer: Quantizer | None, *, tensor: bool, channel_axis: int | None) -> bool:
+    """An enabled uniform asymmetric quantizer, per tensor (if ``tensor``) or per channel along ``channel_axis``."""
+    if type(quantizer) is not UniformQuantizer or not quantizer.enabled or quantizer.symmetric:
+        return False
+    if quantizer.granularity == "tensor":
+        return tensor
+    return quantizer.granularity == "channel" and quantizer.axis == channel_axis
+
+
+def _fake_quant(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
+    return x if quantizer is None or not quantizer.enabled else quantizer.quantize_dequantize(x)
+
+
+def _install(quantizer: UniformQuantizer, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """Install a search's ``(scale, zero_point)`` in the quantizer's own dtypes."""
+    quantizer.set_params({"scale": scale.to(quantizer.scale.dtype),
+                          "zero_point": zero_point.to(quantizer.zero_point.dtype)})
 
 
 @torch.no_grad()
@@ -178,7 +191,8 @@ def fpcs_linear(linear: QLinear, x: torch.Tensor, settings: FpcsSettings = FpcsS
     input ``x`` (its calibration input, upstream quantized). A quantizer of another kind or granularity is
     kept as it is and only enters the other quantizer's error; both must already be calibrated."""
     wq, aq = linear.weight_quantizer, linear.input_quantizer
-    search_w, search_a = _searchable(wq, "channel"), _searchable(aq, "tensor")
+    search_w = _searchable(wq, tensor=False, channel_axis=0)  # per output row
+    search_a = _searchable(aq, tensor=True, channel_axis=None)
     if not (search_w or search_a):
         return
     x = x.detach().float().reshape(-1, x.shape[-1])
@@ -191,21 +205,11 @@ def fpcs_linear(linear: QLinear, x: torch.Tensor, settings: FpcsSettings = FpcsS
                              zero_points=2 ** aq.bits) if search_a else None
     for _ in range(settings.rounds):
         if search_w:
-            x_hat = x if aq is None or not aq.enabled else aq.quantize_dequantize(x)
-            scale, zero_point = progressive_search(weight_output_error(x, x_hat, weight, wq.q_min, wq.q_max),
-                                                   *w_grid, settings)
-            wq.set_params({"scale": scale.to(wq.scale.dtype), "zero_point": zero_point.to(wq.zero_point.dtype)})
+            score = weight_output_error(x, _fake_quant(aq, x), weight, wq.q_min, wq.q_max)
+            _install(wq, *progressive_search(score, *w_grid, settings))
         if search_a:
-            w_hat = weight if wq is None or not wq.enabled else wq.quantize_dequantize(weight)
-            scale, zero_point = progressive_search(input_output_error(x_rows, weight, w_hat, aq.q_min, aq.q_max),
-                                                   *a_grid, settings)
-            aq.set_params({"scale": scale.to(aq.scale.dtype), "zero_point": zero_point.to(aq.zero_point.dtype)})
-
-
-def _searchable_operand(quantizer: Quantizer | None) -> bool:
-    """A uniform, asymmetric quantizer of an attention operand [B, heads, T, D]: per tensor or per head."""
-    return (type(quantizer) is UniformQuantizer and quantizer.enabled and not quantizer.symmetric
-            and (quantizer.granularity == "tensor" or (quantizer.granularity == "channel" and quantizer.axis == 1)))
+            score = input_output_error(x_rows, weight, _fake_quant(wq, weight), aq.q_min, aq.q_max)
+            _install(aq, *progressive_search(score, *a_grid, settings))
 
 
 def matmul_operand_error(left: torch.Tensor, right: torch.Tensor, right_hat: torch.Tensor,
@@ -228,17 +232,16 @@ def matmul_operand_error(left: torch.Tensor, right: torch.Tensor, right_hat: tor
     return score
 
 
+def _searchable_operand(quantizer: Quantizer | None) -> bool:
+    """An attention operand [B, heads, T, D] quantizer FPCS searches: per tensor or per head (axis 1)."""
+    return _searchable(quantizer, tensor=True, channel_axis=1)
+
+
 def _search_operand(quantizer: UniformQuantizer, left: torch.Tensor, right: torch.Tensor, right_hat: torch.Tensor,
                     settings: FpcsSettings) -> None:
     grid = grid_candidates(quantizer.group_rows(left), quantizer.q_min, quantizer.q_max,
                            candidates=settings.candidates, zero_points=2 ** quantizer.bits)
-    scale, zero_point = progressive_search(matmul_operand_error(left, right, right_hat, quantizer), *grid, settings)
-    quantizer.set_params({"scale": scale.to(quantizer.scale.dtype),
-                          "zero_point": zero_point.to(quantizer.zero_point.dtype)})
-
-
-def _fake_quant(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
-    return x if quantizer is None or not quantizer.enabled else quantizer.quantize_dequantize(x)
+    _install(quantizer, *progressive_search(matmul_operand_error(left, right, right_hat, quantizer), *grid, settings))
 
 
 @torch.no_grad()
