@@ -82,6 +82,10 @@ class FoldResult:
     degenerate: torch.Tensor  # channels left unfolded (NOTES §7), [C]
     bounded: torch.Tensor  # channels whose ratio s_c/s̃ was clamped to [1/ρ, ρ], [C]
 
+    def target_params(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``(s̃, z̃)`` as the parameters of a per-tensor quantizer of ``dtype``."""
+        return {"scale": self.scale.to(dtype).reshape(1), "zero_point": self.zero_point.to(dtype).reshape(1)}
+
     @property
     def num_degenerate(self) -> int:
         return int(self.degenerate.sum())
@@ -289,8 +293,7 @@ class PairContext:
         weight = self.linear.weight.detach() * r
         bias = weight @ b if self.linear.bias is None else self.linear.bias.detach() + weight @ b
         act = build_quantizer(self.input_spec)
-        act.set_params({"scale": result.scale.to(dtype).reshape(1),
-                        "zero_point": result.zero_point.to(dtype).reshape(1)})
+        act.set_params(result.target_params(dtype))
         x = act((self.inputs / r).sub_(b))  # X' = X/r − b, in place on the one fresh tensor
         wq = self.linear.weight_quantizer
         if wq is not None and wq.enabled:
@@ -355,9 +358,14 @@ def _plan(qmodel, norm_name: str, linear_name: str) -> _Plan | None:
     if not isinstance(quantizer, UniformQuantizer) or quantizer.granularity != "tensor":
         raise VitqError(f"{linear_name}.input_quantizer must be a per-tensor uniform quantizer to be "
                         f"reparameterized, got {quantizer.spec()}")
-    per_channel = build_quantizer({**quantizer.spec(), "granularity": "channel", "axis": -1})
-    per_channel.enabled = quantizer.enabled
-    return _Plan(norm_name, linear_name, norm, linear, quantizer, per_channel)
+    return _Plan(norm_name, linear_name, norm, linear, quantizer, per_channel_twin(quantizer))
+
+
+def per_channel_twin(quantizer: Quantizer) -> Quantizer:
+    """An uncalibrated copy of a post-LayerNorm input quantizer, per channel (last axis) instead of per tensor."""
+    twin = build_quantizer({**quantizer.spec(), "granularity": "channel", "axis": -1})
+    twin.enabled = quantizer.enabled
+    return twin
 
 
 @torch.no_grad()
@@ -431,8 +439,7 @@ def reparameterize_stage(qmodel, stage: Stage, x: torch.Tensor, *, target: Targe
             dtype = inputs.dtype
             quantizer.calibrate(inputs / result.ratio.to(dtype) - result.shift.to(dtype))
         else:
-            quantizer.set_params({"scale": result.scale.to(pc.scale.dtype).reshape(1),
-                                  "zero_point": result.zero_point.to(pc.zero_point.dtype).reshape(1)})
+            quantizer.set_params(result.target_params(pc.scale.dtype))
         plan.inputs.clear()
         plan.linear.input_quantizer = quantizer
         recalibrate_weight(plan.linear)

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from vitq.calib.recon import reconstruct_model
-from vitq.calib.reparam import fold_channel_scales, recalibrate_weight
+from vitq.calib.reparam import fold_channel_scales, per_channel_twin, recalibrate_weight
 from vitq.calib.runner import calibrate_in_forward_order
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
-from vitq.quantizers import UniformQuantizer, build_quantizer
+from vitq.quantizers import UniformQuantizer
 from vitq.quantizers.ranges import WEIGHT_PERCENTILES
 
 #: stage 1 initialises the activation quantizers on this many calibration images (the code's 64)
@@ -60,8 +60,7 @@ class ISViT(RepQViT):
         per_tensor = {}
         for _, linear in pairs:
             per_tensor[linear] = linear.input_quantizer
-            linear.input_quantizer = build_quantizer({**linear.input_quantizer.spec(), "granularity": "channel",
-                                                      "axis": -1})
+            linear.input_quantizer = per_channel_twin(linear.input_quantizer)
         enabled = [q.enabled for q in weights]
         for q in weights:
             q.enabled = False
@@ -77,10 +76,8 @@ class ISViT(RepQViT):
             channel = linear.input_quantizer
             folded = fold_channel_scales(norm, linear, channel.scale, channel.zero_point, target="mean",
                                          code_range=(channel.q_min, channel.q_max))
-            quantizer = per_tensor[linear]
-            quantizer.set_params({"scale": folded.scale.to(channel.scale.dtype).reshape(1),
-                                  "zero_point": folded.zero_point.to(channel.zero_point.dtype).reshape(1)})
-            linear.input_quantizer = quantizer
+            per_tensor[linear].set_params(folded.target_params(channel.scale.dtype))
+            linear.input_quantizer = per_tensor[linear]
 
         # stage 3: weights on, initialised on the folded weights (the final reconstruction follows)
         for point in qmodel.points().values():
