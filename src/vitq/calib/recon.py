@@ -246,7 +246,8 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
         qmodel.model.load_state_dict(load_file(checkpoint))
     records: list[StageRecon] = []
     x = images
-    for index, stage in enumerate(tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)):
+    bar = tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)
+    for index, stage in enumerate(bar):
         if index > done:
             with torch.no_grad(), qmodel.quantization_disabled():
                 target = run_batched(stage.run, x_float, settings.batch_size)
@@ -259,6 +260,9 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
             if checkpoint is not None:
                 _save_checkpoint(qmodel, checkpoint, index, fingerprint)
             x_float = target
+            if records:
+                last = records[-1]
+                bar.set_postfix_str(f"{last.stage}: loss {last.loss_before:.3g} -> {last.loss_after:.3g}")
         with torch.no_grad():
             x = run_batched(stage.run, x, settings.batch_size)
     return records
