@@ -99,6 +99,32 @@ def test_stage_reconstruction_lowers_the_output_error_and_leaves_weights_on_the_
     assert all(p.requires_grad for p in qmodel.model.parameters())
 
 
+def test_layer_unit_fits_each_weight_layer_to_its_float_output():
+    _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
+    embed, stage = qmodel.stages()[:2]
+    block = qmodel.model.blocks[0]
+    with torch.no_grad():
+        x = embed.run(images[:2])
+        with qmodel.quantization_disabled():
+            x_float = embed.run(images[:2])
+            qkv_float = block.attn.qkv(block.norm1(x_float))
+        qkv_error = (block.attn.qkv(block.norm1(x)) - qkv_float).square().sum(-1).mean().item()
+    steps = {name: q.scale.clone() for name, q in qmodel.quantizers().items() if hasattr(q, "scale")
+             and name.endswith("input_quantizer") and name.startswith("blocks.0.")}
+    records = recon.reconstruct_layers(qmodel, stage, x, x_float, make(ReconConfig, **{**FAST.model_dump(),
+                                       "unit": "layer", "learn_steps": False}), progress=False)
+    names = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert [r.stage for r in records] == names
+    assert records[0].loss_before == pytest.approx(qkv_error, rel=1e-5)  # quantized input vs float layer output
+    for record in records:
+        assert record.loss_after < record.loss_before, record.stage
+        assert record.learned_steps == 0 and record.learned_roundings > 0
+    for name in names:
+        layer = qmodel.model.get_submodule(name)
+        assert torch.equal(layer.weight_quantizer(layer.weight.detach()), layer.weight.detach()), name
+    assert all(torch.equal(qmodel.quantizers()[name].scale, scale) for name, scale in steps.items())
+
+
 def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
     interrupted = copy.deepcopy(qmodel)

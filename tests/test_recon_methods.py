@@ -25,6 +25,19 @@ def test_who_reconstructs_and_with_which_settings():
     assert _reconstruction("qdrop", drop_prob=0.1).drop_prob == 0.1
 
 
+def test_adaround_rounds_layer_by_layer_and_keeps_the_activation_steps():
+    adaround = _reconstruction("adaround")
+    assert adaround.unit == "layer" and not adaround.learn_steps and adaround.learn_rounding
+    _, images, repq = quantized_test_vit("repq-vit", 4, 4)
+    _, _, rounded = quantized_test_vit("adaround", 4, 4, reconstruct=make(ReconConfig, iterations=3, batch_size=2))
+    fc1 = rounded.model.blocks[1].mlp.fc1
+    assert torch.equal(fc1.weight_quantizer(fc1.weight), fc1.weight)
+    assert not torch.equal(fc1.weight, repq.model.blocks[1].mlp.fc1.weight)
+    for name, quantizer in repq.quantizers().items():
+        if "weight" not in name and hasattr(quantizer, "scale"):
+            assert torch.equal(quantizer.scale, rounded.quantizers()[name].scale), name
+
+
 def test_qdrop_is_repq_vit_plus_reconstruction():
     """Same calibration as repq-vit, then weights move onto learned roundings (still on the grid)."""
     _, _, repq = quantized_test_vit("repq-vit", 4, 4)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -88,6 +88,8 @@ class ReconConfig(BaseModel):
     learn_rounding: bool = Field(True, description="AdaRound the per-row uniform weights")
     learn_steps: bool = Field(True, description="learn the steps of the uniform activation quantizers (LSQ)")
     augment: int = Field(0, ge=0, description="random crop/flip copies added per calibration image")
+    unit: Literal["block", "layer"] = Field(
+        "block", description="what is fitted to its float output: each stage (BRECQ) or each weight layer (AdaRound)")
 
     def beta_at(self, iteration: int) -> float | None:
         """β of the rounding regulariser at ``iteration`` (``None`` during the warm-up: no regulariser)."""

@@ -15,6 +15,10 @@ Per stage, in forward order (:func:`reconstruct_model`):
   ``beta[0]`` to ``beta[1]`` afterwards (BRECQ's schedule);
 - then the learned values are written back (hard rounding → on-grid weights, learned steps → the quantizers).
 
+With ``unit = "layer"`` (AdaRound's protocol) the unit is one weight layer instead of a stage: each Linear/conv of
+the stage in turn is fitted from its input in the quantized model (earlier layers already rounded) to its output in
+the float model, the stage's other quantizers staying as they are.
+
 Optional augmentation (``augment = k``): the calibration set gets ``k`` extra copies of every image, each randomly
 cropped (a square of 50-100 % of the side, resized back) and flipped (probability ½), drawn from ``seed``.
 
@@ -38,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitq.calib.layer_inputs import weight_layers
 from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
 from vitq.calib.runner import run_batched
 from vitq.config import ReconConfig
@@ -83,8 +88,9 @@ def _wrap(qmodel, stage: Stage, settings: ReconConfig, generator: torch.Generato
 
 
 def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels, averaged over images and tokens."""
-    return (output - target).square().sum(-1).mean()
+    """Squared error summed over channels (the last dim of tokens, dim 1 of a conv's NCHW output), averaged over
+    images and tokens (or pixels)."""
+    return (output - target).square().sum(1 if output.dim() == 4 else -1).mean()
 
 
 @torch.no_grad()
@@ -162,6 +168,40 @@ def augmented(images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+#: layer ``j`` of stage ``i`` draws its mini-batches from seed index ``i * LAYER_SEED_STRIDE + j``
+LAYER_SEED_STRIDE = 1000
+
+
+@torch.no_grad()
+def _layer_tensor(stage: Stage, x: torch.Tensor, layer: nn.Module, batch_size: int, *, output: bool) -> torch.Tensor:
+    """What ``layer`` receives (its input, before its own input quantizer) or returns when ``stage`` runs on
+    ``x``."""
+    seen = []
+    hook = layer.register_forward_hook(lambda _, args, out: seen.append(out if output else args[0]))
+    try:
+        run_batched(stage.run, x, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(seen)
+
+
+def reconstruct_layers(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Tensor, settings: ReconConfig,
+                       *, seed: int = 0, index: int = 0, progress: bool = True) -> list[StageRecon]:
+    """AdaRound's unit: reconstruct the weight layers of ``stage`` one at a time, in module order, each from its
+    input in the quantized stage (input ``x``, earlier layers already reconstructed) to its float output (float
+    stage input ``x_float``, float weights: all targets are taken before anything changes)."""
+    layers = weight_layers(qmodel, stage)
+    with torch.no_grad(), qmodel.quantization_disabled():
+        targets = [_layer_tensor(stage, x_float, layer, settings.batch_size, output=True) for _, layer in layers]
+    records = []
+    for offset, ((name, layer), target) in enumerate(zip(layers, targets, strict=True)):
+        inputs = _layer_tensor(stage, x, layer, settings.batch_size, output=False)
+        records.append(reconstruct_stage(qmodel, Stage(name, (name,), layer), inputs, target, settings, seed=seed,
+                                         index=index * LAYER_SEED_STRIDE + offset, progress=progress))
+    return records
+
+
+
 def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
     return json.dumps({"settings": settings.model_dump(mode="json"), "seed": seed, "images": n_images},
                       sort_keys=True)
@@ -206,15 +246,23 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
         qmodel.model.load_state_dict(load_file(checkpoint))
     records: list[StageRecon] = []
     x = images
-    for index, stage in enumerate(tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)):
+    bar = tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)
+    for index, stage in enumerate(bar):
         if index > done:
             with torch.no_grad(), qmodel.quantization_disabled():
                 target = run_batched(stage.run, x_float, settings.batch_size)
-            records.append(reconstruct_stage(qmodel, stage, x, target, settings, seed=seed, index=index,
-                                             progress=progress))
+            if settings.unit == "layer":
+                records += reconstruct_layers(qmodel, stage, x, x_float, settings, seed=seed, index=index,
+                                              progress=progress)
+            else:
+                records.append(reconstruct_stage(qmodel, stage, x, target, settings, seed=seed, index=index,
+                                                 progress=progress))
             if checkpoint is not None:
                 _save_checkpoint(qmodel, checkpoint, index, fingerprint)
             x_float = target
+            if records:
+                last = records[-1]
+                bar.set_postfix_str(f"{last.stage}: loss {last.loss_before:.3g} -> {last.loss_after:.3g}")
         with torch.no_grad():
             x = run_batched(stage.run, x, settings.batch_size)
     return records
