@@ -1,10 +1,12 @@
 """The reconstruction-based methods (brecq, qdrop) and reconstruction as an option of any method."""
 
+import pytest
 import torch
 from helpers import quantized_test_vit
 
 import vitq
 from vitq.config import QuantConfig, ReconConfig, make
+from vitq.errors import VitqError
 from vitq.methods import method_class
 
 
@@ -48,28 +50,45 @@ def test_qdrop_is_repq_vit_plus_reconstruction():
     assert torch.equal(fc1_repq.weight_quantizer.scale, fc1_qdrop.weight_quantizer.scale)  # AdaRound keeps Δ
 
 
-def test_is_vit_three_stages(tmp_path, monkeypatch):
-    """SULQ softmax; stage 1 reconstructs activation steps only (float weights, per-channel post-LN inputs),
-    stage 2 folds them to per tensor, stage 3 reconstructs weights too; the result saves and reloads exactly."""
-    import vitq.methods.is_vit as is_vit
+@pytest.mark.parametrize(("method", "options", "softmax", "target"), [
+    ("is-vit", {}, "sulq", torch.mean),
+    ("dopq-vit", {"smooth": True}, "tanq", lambda s: torch.quantile(s, 0.5)),
+])
+def test_smooth_optimization_three_stages(tmp_path, monkeypatch, method, options, softmax, target):
+    """Stage 1 reconstructs activation steps only (float weights, per-channel post-LN inputs), stage 2 folds the
+    learned steps to per tensor (I&S-ViT: their mean, DopQ-ViT: their median), stage 3 reconstructs weights too;
+    the result saves and reloads exactly."""
+    import vitq.calib.smooth as smooth
 
-    stages = []
-    original = is_vit.reconstruct_model
+    stages, learned = [], []
+    original = smooth.reconstruct_model
 
     def record(qmodel, images, settings, **kwargs):
         qkv = qmodel.model.blocks[0].attn.qkv
         stages.append((settings.learn_rounding, qkv.weight_quantizer.enabled, qkv.input_quantizer.granularity))
-        return original(qmodel, images, settings, **kwargs)
+        records = original(qmodel, images, settings, **kwargs)
+        learned.append(qkv.input_quantizer.scale.detach().clone())
+        return records
 
-    monkeypatch.setattr(is_vit, "reconstruct_model", record)
+    monkeypatch.setattr(smooth, "reconstruct_model", record)
     tiny = make(ReconConfig, iterations=3, batch_size=2)
-    _, images, qmodel = quantized_test_vit("is-vit", 4, 4, reconstruct=tiny)  # vitq.quantize runs the last one
+    _, images, qmodel = quantized_test_vit(method, 4, 4, reconstruct=tiny, **options)  # quantize runs the last one
     assert stages == [(False, False, "channel")]
     quantizers = qmodel.quantizers()
-    assert quantizers["blocks.0.attn.softmax.quantizer"].kind == "sulq"
-    assert quantizers["blocks.0.attn.qkv.input_quantizer"].scale.numel() == 1
+    assert quantizers["blocks.0.attn.softmax.quantizer"].kind == softmax
+    qkv_input = quantizers["blocks.0.attn.qkv.input_quantizer"]
+    assert qkv_input.scale.numel() == 1
+    # the final reconstruction moved the folded step by at most 3 Adam steps of lr 4e-5
+    assert float(qkv_input.scale) == pytest.approx(float(target(learned[0].double())), abs=3 * tiny.scale_lr + 1e-6)
     fc1 = qmodel.model.blocks[0].mlp.fc1
     assert torch.equal(fc1.weight_quantizer(fc1.weight), fc1.weight)  # hardened by the final reconstruction
-    path = vitq.save(qmodel, tmp_path / "isvit.safetensors")
+    path = vitq.save(qmodel, tmp_path / f"{method}.safetensors")
     with torch.no_grad():
         assert torch.equal(vitq.load(path)(images), qmodel(images))
+
+
+def test_dopq_smooth_needs_reconstruction_and_a_fixed_target():
+    with pytest.raises(VitqError, match="--reconstruct"):
+        quantized_test_vit("dopq-vit", 4, 4, smooth=True)
+    with pytest.raises(VitqError, match="fixed target"):
+        quantized_test_vit("dopq-vit", 4, 4, reconstruct=ReconConfig(iterations=1), smooth=True, target="search")

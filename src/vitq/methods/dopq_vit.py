@@ -19,7 +19,12 @@ Options (``QuantConfig.options`` / ``--option KEY=VALUE``), also used for the ab
   images, ``benchmarks/results/dopq_default_selection.md``), ``"mean"`` (RepQ-ViT), ``"search"`` (SOSF) or ``"none"``
   (keep the post-LayerNorm activations per channel: more accurate, **not hardware-friendly**, the
   RepQ-ViT issue #11 trap; reported only as a reference);
-- ``ratio_bound``: fold only ``clamp(s_c/s̃, 1/ρ, ρ)`` (``None``: unbounded, as RepQ-ViT).
+- ``ratio_bound``: fold only ``clamp(s_c/s̃, 1/ρ, ρ)`` (``None``: unbounded, as RepQ-ViT);
+- ``smooth`` (with ``--reconstruct``): reach the reconstructed model through I&S-ViT's smooth optimization
+  (:mod:`vitq.calib.smooth`: calibrate with per-channel post-LayerNorm inputs and float weights, reconstruct the
+  activation steps, fold the learned steps to ``target``, then the final reconstruction) instead of
+  reconstructing the calibrated model directly (``false``, default). NOTES §2.2 infers that the paper's numbers
+  come from such a pipeline.
 
 The paper's reported numbers also include block reconstruction (a separate stage, issue 7); this file
 is the calibration-only method, and a reconstruction pass can run after :meth:`DopQViT.calibrate`.
@@ -35,6 +40,7 @@ import torch
 from vitq.calib.reparam import PairContext, reparameterize_stage
 from vitq.calib.runner import calibrating, run_stagewise
 from vitq.calib.search import attention_output_calibration
+from vitq.calib.smooth import smooth_optimization
 from vitq.errors import VitqError
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
@@ -49,7 +55,8 @@ SOSF_RATIO_BOUNDS = (None, 8.0, 4.0, 2.0)
 
 @register_method("dopq-vit")
 class DopQViT(RepQViT):
-    DEFAULTS: dict[str, Any] = {"softmax": "tanq", "tan_variant": "tan_log", "target": "median", "ratio_bound": None}
+    DEFAULTS: dict[str, Any] = {"softmax": "tanq", "tan_variant": "tan_log", "target": "median", "ratio_bound": None,
+                                "smooth": False}
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -58,6 +65,12 @@ class DopQViT(RepQViT):
             raise VitqError(f"dopq-vit option softmax must be one of {SOFTMAX_KINDS}, got {self.options['softmax']!r}")
         if self.options["target"] not in TARGETS:
             raise VitqError(f"dopq-vit option target must be one of {TARGETS}, got {self.options['target']!r}")
+        if self.options["smooth"]:
+            if config.reconstruct is None:
+                raise VitqError("dopq-vit option smooth is a reconstruction protocol: add --reconstruct")
+            if self.options["target"] not in ("mean", "median") or self.options["ratio_bound"] is not None:
+                raise VitqError("dopq-vit option smooth folds the learned steps to a fixed target: use target=median "
+                                "or target=mean, without ratio_bound")
         bound = self.options["ratio_bound"]
         if bound is not None and not (isinstance(bound, int | float) and bound > 1):
             raise VitqError(f"dopq-vit option ratio_bound must be a number > 1 or null, got {bound!r}")
@@ -80,7 +93,16 @@ class DopQViT(RepQViT):
         return super().quantizer_spec(role)
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
-        target = self.options["target"]
+        if self.options["smooth"]:
+            smooth_optimization(qmodel, images, self.reconstruction(),
+                                lambda: self._calibrate_stages(qmodel, images, "none", progress),
+                                target=self.options["target"], seed=self.config.seed, progress=progress)
+        else:
+            self._calibrate_stages(qmodel, images, self.options["target"], progress)
+
+    def _calibrate_stages(self, qmodel, images: torch.Tensor, target: str, progress: bool) -> None:
+        """Stage by stage, TanQ (or the chosen softmax quantizer) by the attention-output error, the post-LayerNorm
+        inputs reparameterized to ``target`` (``none``: left as they are)."""
 
         def visit(stage: Stage, x: torch.Tensor) -> None:
             with attention_output_calibration(qmodel.attention_modules(stage)):
