@@ -222,6 +222,17 @@ def test_compare_writes_markdown_csv_and_plot(cli, files, tmp_path):
     for row in rows:
         assert again[(row["method"], row["setting"])] == row
     assert len((out_dir / "runs.jsonl").read_text().splitlines()) == 5
+    # a line written before a setting existed (here: no "reconstruct") matches the run with that setting's default
+    entries = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+    for entry in entries:
+        key = json.loads(entry["key"])
+        del key["config"]["reconstruct"]
+        entry["key"] = json.dumps(key)
+    (out_dir / "runs.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    code, out, err = cli("compare", "--methods", "minmax,percentile", "--bits", "W8A8", "--seeds", "0",
+                         *_inputs(files), "--out-dir", out_dir, "--resume")
+    assert code == 0, err
+    assert out.count("(from runs.jsonl)") == 3
     # a broken journal is a one-line error (without --resume it would simply be started afresh)
     (out_dir / "runs.jsonl").write_text("not json\n")
     code, out, err = cli("compare", "--methods", "minmax", "--bits", "W8A8", "--seeds", "0", *_inputs(files),

@@ -739,7 +739,7 @@ class Journal:
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 try:
                     entry = json.loads(line)
-                    self.done[entry["key"]] = CompareRun(**entry["run"])
+                    self.done[_canonical_key(entry["key"])] = CompareRun(**entry["run"])
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise VitqError(f"{path} line {number} is not a compare run ({err}); remove it or drop "
                                     "--resume") from None
@@ -750,6 +750,18 @@ class Journal:
     def add(self, key: str, run: CompareRun) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"key": key, "run": asdict(run)}) + "\n")
+
+
+def _canonical_key(key: str) -> str:
+    """A journaled run key as the current code writes it: its configuration re-validated, so settings added
+    since the line was written take their defaults (every new setting defaults to the old behaviour) and a line
+    from before a setting existed still matches the same run. A key that no longer validates stays as it is."""
+    fields = json.loads(key)
+    try:
+        fields["config"] = QuantConfig.model_validate(fields["config"]).model_dump(mode="json")
+    except (KeyError, TypeError, ValueError):
+        return key
+    return json.dumps(fields, sort_keys=True)
 
 
 def _run_key(args: argparse.Namespace, name: str, label: str, config: QuantConfig, split: Split) -> str:
