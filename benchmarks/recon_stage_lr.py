@@ -45,7 +45,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, calib, _ = deit_tiny_split(args.calib_size, args.seed, 0)
+    model, calib, _ = deit_tiny_split(args.calib_size, args.seed, 1)  # evaluation images unused
     rows = []
     for bits in args.bits:
         config = vitq.QuantConfig(method=args.method, w_bits=bits, a_bits=bits, calib_size=args.calib_size,
