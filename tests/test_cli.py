@@ -306,7 +306,7 @@ def test_compare_variants_choose_their_own_reconstruction():
 def test_leaderboard_preset_plan():
     plan, settings = _compare_plan(build_parser().parse_args(["compare", "--preset", "leaderboard"]))
     bits = {variant.label: [f"W{w}A{a}" for w, a in b] for variant, b in plan}
-    assert set(bits) == set(method_names()) - {"float", "adaround", "brecq", "qdrop", "is-vit"}  # calibration-only methods
+    assert set(bits) == set(method_names()) - {"float", "adaround", "brecq", "qdrop", "is-vit"}  # calibration only
     assert bits["repq-vit"] == ["W8A8", "W6A6", "W4A4", "W3A3"]
     assert bits["gptq"] == bits["erq"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]
     assert settings == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]

@@ -159,7 +159,8 @@ def test_dopq_option_validation(models, options):
 
 def test_dopq_valid_options_and_defaults():
     method = method_class("dopq-vit")(QuantConfig(method="dopq-vit", options={"ratio_bound": 2.0, "target": "search"}))
-    assert method.options == {"softmax": "tanq", "tan_variant": "tan_log", "target": "search", "ratio_bound": 2.0}
+    assert method.options == {"softmax": "tanq", "tan_variant": "tan_log", "target": "search", "ratio_bound": 2.0,
+                              "smooth": False}
     assert method.quantizer_spec("softmax") == {"kind": "tanq", "bits": 8, "variant": "tan_log"}
     with pytest.raises(VitqError):
         method_class("repq-vit")(QuantConfig(method="repq-vit", options={"target": "median"}))
