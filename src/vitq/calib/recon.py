@@ -173,16 +173,19 @@ LAYER_SEED_STRIDE = 1000
 
 
 @torch.no_grad()
-def _layer_tensor(stage: Stage, x: torch.Tensor, layer: nn.Module, batch_size: int, *, output: bool) -> torch.Tensor:
-    """What ``layer`` receives (its input, before its own input quantizer) or returns when ``stage`` runs on
-    ``x``."""
-    seen = []
-    hook = layer.register_forward_hook(lambda _, args, out: seen.append(out if output else args[0]))
+def _layer_tensors(stage: Stage, x: torch.Tensor, layers: list[nn.Module], batch_size: int, *,
+                   output: bool) -> list[torch.Tensor]:
+    """What each of ``layers`` receives (its input, before its own input quantizer) or returns when ``stage`` runs
+    on ``x`` (one pass for all of them)."""
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.register_forward_hook(lambda _, args, out, found=found: found.append(out if output else args[0]))
+             for layer, found in zip(layers, seen, strict=True)]
     try:
         run_batched(stage.run, x, batch_size)
     finally:
-        hook.remove()
-    return torch.cat(seen)
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(found) for found in seen]
 
 
 def reconstruct_layers(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Tensor, settings: ReconConfig,
@@ -191,15 +194,15 @@ def reconstruct_layers(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Ten
     input in the quantized stage (input ``x``, earlier layers already reconstructed) to its float output (float
     stage input ``x_float``, float weights: all targets are taken before anything changes)."""
     layers = weight_layers(qmodel, stage)
-    with torch.no_grad(), qmodel.quantization_disabled():
-        targets = [_layer_tensor(stage, x_float, layer, settings.batch_size, output=True) for _, layer in layers]
+    with qmodel.quantization_disabled():
+        targets = _layer_tensors(stage, x_float, [layer for _, layer in layers], settings.batch_size, output=True)
     records = []
     for offset, ((name, layer), target) in enumerate(zip(layers, targets, strict=True)):
-        inputs = _layer_tensor(stage, x, layer, settings.batch_size, output=False)
+        # one pass per layer: the layers before it have just been reconstructed
+        inputs, = _layer_tensors(stage, x, [layer], settings.batch_size, output=False)
         records.append(reconstruct_stage(qmodel, Stage(name, (name,), layer), inputs, target, settings, seed=seed,
                                          index=index * LAYER_SEED_STRIDE + offset, progress=progress))
     return records
-
 
 
 def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
