@@ -3,8 +3,10 @@
 With a few hundred steps per stage (our CPU budget; the papers run 10-20k for AdaRound, 1000-20000 for block
 reconstruction), Adam at ``weight_lr`` moves each rounding variable α by at most about ``iterations · weight_lr``,
 while flipping a weight's rounding from its initial fractional part f needs |logit((f+0.1)/1.2)| (0.69 for f = 0.3).
-This measures the effect: the stage's output error on the calibration images before and after reconstruction
-(hard rounding) for each learning rate — a calibration-only criterion, no evaluation image is used.
+This measures the effect: the stage's output error before and after reconstruction (hard rounding) for each
+learning rate, on the reconstruction images and, with ``--holdout K``, on K further calibration images the
+reconstruction never saw (a lower loss there is not just fitting the reconstruction images). A calibration-only
+criterion: no evaluation image is used.
 
     python benchmarks/recon_stage_lr.py --method repq-vit --bits 3,4 --stages 0,1 --lrs 0.001,0.01,0.03 \
         --out benchmarks/results/recon_stage_lr.md
@@ -20,7 +22,7 @@ import torch
 from common import deit_tiny_split, report_header, write_report
 
 import vitq
-from vitq.calib.recon import reconstruct_stage
+from vitq.calib.recon import full_loss, reconstruct_stage
 from vitq.config import ReconConfig, make
 from vitq.report.tables import markdown_table
 
@@ -35,7 +37,9 @@ def main() -> None:
     parser.add_argument("--bits", type=_list(int), default=[3, 4], help="WxAx settings (same bits for both)")
     parser.add_argument("--stages", type=_list(int), default=[0, 1], help="stage indices (0: patch embedding)")
     parser.add_argument("--lrs", type=_list(float), default=[1e-3, 1e-2, 3e-2])
-    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--calib-size", type=int, default=32, help="calibration images, held-out ones included")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="the last K calibration images are left out of the reconstruction and scored")
     parser.add_argument("--iterations", type=int, default=ReconConfig().iterations)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,12 +49,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if not 0 <= args.holdout < args.calib_size:
+        parser.error(f"--holdout must be in [0, --calib-size), got {args.holdout}")
     model, calib, _ = deit_tiny_split(args.calib_size, args.seed, 1)  # evaluation images unused
+    fit_images = args.calib_size - args.holdout
     rows = []
     for bits in args.bits:
-        config = vitq.QuantConfig(method=args.method, w_bits=bits, a_bits=bits, calib_size=args.calib_size,
+        config = vitq.QuantConfig(method=args.method, w_bits=bits, a_bits=bits, calib_size=fit_images,
                                   seed=args.seed)
-        calibrated = vitq.quantize(model, config, calib, progress=False)
+        calibrated = vitq.quantize(model, config, calib[:fit_images], progress=False)  # held-out images unseen
         stages = calibrated.stages()
         for index in args.stages:
             with torch.no_grad():  # the stage's quantized input and its float output
@@ -64,18 +71,27 @@ def main() -> None:
             for lr in args.lrs:
                 qmodel = copy.deepcopy(calibrated)
                 settings = make(ReconConfig, iterations=args.iterations, batch_size=args.batch_size, weight_lr=lr)
-                record = reconstruct_stage(qmodel, qmodel.stages()[index], x, target, settings, seed=args.seed,
-                                           index=index, progress=False)
-                rows.append([f"W{bits}A{bits}", record.stage, f"{lr:g}", f"{record.loss_before:.3f}",
-                             f"{record.loss_after:.3f}", f"{record.loss_after / record.loss_before:.3f}"])
+                stage = qmodel.stages()[index]
+                held_x, held_target = x[fit_images:], target[fit_images:]
+                held_before = full_loss(stage, held_x, held_target, args.batch_size) if args.holdout else None
+                record = reconstruct_stage(qmodel, stage, x[:fit_images], target[:fit_images], settings,
+                                           seed=args.seed, index=index, progress=False)
+                row = [f"W{bits}A{bits}", record.stage, f"{lr:g}", f"{record.loss_before:.3f}",
+                       f"{record.loss_after:.3f}", f"{record.loss_after / record.loss_before:.3f}"]
+                if args.holdout:
+                    held_after = full_loss(stage, held_x, held_target, args.batch_size)
+                    row += [f"{held_before:.3f}", f"{held_after:.3f}", f"{held_after / held_before:.3f}"]
+                rows.append(row)
                 print(rows[-1], flush=True)
 
     lines = report_header(
         f"Stage reconstruction loss vs AdaRound learning rate: {args.method}, DeiT-tiny",
-        f"- calibration images: {args.calib_size} (seed {args.seed}); the loss is measured on them (no evaluation "
-        "images)",
+        f"- calibration images: {args.calib_size} (seed {args.seed}): reconstruction on {fit_images}, "
+        f"{args.holdout} held out; losses are measured on them (no evaluation images)",
         f"- reconstruction: {args.iterations} iterations, batch {args.batch_size}, other settings the defaults")
     columns = ["bits", "stage", "weight_lr", "loss before", "loss after", "after / before"]
+    if args.holdout:
+        columns += ["held-out before", "held-out after", "held-out after / before"]
     write_report(args.out, [*lines, markdown_table(columns, rows), ""])
 
 

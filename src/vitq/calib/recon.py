@@ -94,7 +94,8 @@ def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _full_loss(stage: Stage, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
+def full_loss(stage: Stage, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
+    """The stage's reconstruction loss over all of ``x`` (evaluated ``batch_size`` images at a time)."""
     return float(_stage_loss(run_batched(stage.run, x, batch_size), target))
 
 
@@ -102,7 +103,7 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
                       *, seed: int = 0, index: int = 0, progress: bool = True) -> StageRecon:
     """Reconstruct one stage of ``qmodel`` (calibrated) from its quantized input ``x`` to the float output
     ``target``; ``(seed, index)`` seed its random stream. The learned values are written back into the model."""
-    loss_before = _full_loss(stage, x, target, settings.batch_size)
+    loss_before = full_loss(stage, x, target, settings.batch_size)
     generator = torch.Generator().manual_seed(seed * 100_003 + index)
     frozen = [p for p in qmodel.model.parameters() if p.requires_grad]  # the model's own parameters
     swapped = _wrap(qmodel, stage, settings, generator)
@@ -139,7 +140,7 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
             stand_in.commit(slot.module)
             slot.quantizer = stand_in.quantizer
     return StageRecon(stage.name, sum(m.alpha.numel() for m in roundings), len(steps), loss_before,
-                      _full_loss(stage, x, target, settings.batch_size))
+                      full_loss(stage, x, target, settings.batch_size))
 
 
 #: augmentation: side of the random square crop, as a fraction of the image side
