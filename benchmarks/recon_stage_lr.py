@@ -1,4 +1,4 @@
-"""One stage's reconstruction loss against the AdaRound learning rate, on calibration images only.
+"""One stage's reconstruction loss against the AdaRound (and LSQ step) learning rate, on calibration images only.
 
 With a few hundred steps per stage (our CPU budget; the papers run 10-20k for AdaRound, 1000-20000 for block
 reconstruction), Adam at ``weight_lr`` moves each rounding variable α by at most about ``iterations · weight_lr``,
@@ -6,7 +6,8 @@ while flipping a weight's rounding from its initial fractional part f needs |log
 This measures the effect: the stage's output error before and after reconstruction (hard rounding) for each
 learning rate, on the reconstruction images and, with ``--holdout K``, on K further calibration images the
 reconstruction never saw (a lower loss there is not just fitting the reconstruction images). A calibration-only
-criterion: no evaluation image is used.
+criterion: no evaluation image is used. ``--scale-lrs`` adds the LSQ activation-step learning rate to the grid
+(the same argument: the papers' 4e-5 is meant for thousands of steps).
 
     python benchmarks/recon_stage_lr.py --method repq-vit --bits 3,4 --stages 0,1 --lrs 0.001,0.01,0.03 \
         --out benchmarks/results/recon_stage_lr.md
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 from pathlib import Path
 
 import torch
@@ -36,7 +38,9 @@ def main() -> None:
     parser.add_argument("--method", default="repq-vit")
     parser.add_argument("--bits", type=_list(int), default=[3, 4], help="WxAx settings (same bits for both)")
     parser.add_argument("--stages", type=_list(int), default=[0, 1], help="stage indices (0: patch embedding)")
-    parser.add_argument("--lrs", type=_list(float), default=[1e-3, 1e-2, 3e-2])
+    parser.add_argument("--lrs", type=_list(float), default=[1e-3, 1e-2, 3e-2], help="AdaRound weight_lr values")
+    parser.add_argument("--scale-lrs", type=_list(float), default=[ReconConfig().scale_lr],
+                        help="LSQ scale_lr values (the grid is every weight_lr x scale_lr pair)")
     parser.add_argument("--calib-size", type=int, default=32, help="calibration images, held-out ones included")
     parser.add_argument("--holdout", type=int, default=0,
                         help="the last K calibration images are left out of the reconstruction and scored")
@@ -68,15 +72,16 @@ def main() -> None:
                 with calibrated.quantization_disabled():
                     for stage in stages[:index + 1]:
                         target = stage.run(target)
-            for lr in args.lrs:
+            for lr, scale_lr in itertools.product(args.lrs, args.scale_lrs):
                 qmodel = copy.deepcopy(calibrated)
-                settings = make(ReconConfig, iterations=args.iterations, batch_size=args.batch_size, weight_lr=lr)
+                settings = make(ReconConfig, iterations=args.iterations, batch_size=args.batch_size, weight_lr=lr,
+                                scale_lr=scale_lr)
                 stage = qmodel.stages()[index]
                 held_x, held_target = x[fit_images:], target[fit_images:]
                 held_before = full_loss(stage, held_x, held_target, args.batch_size) if args.holdout else None
                 record = reconstruct_stage(qmodel, stage, x[:fit_images], target[:fit_images], settings,
                                            seed=args.seed, index=index, progress=False)
-                row = [f"W{bits}A{bits}", record.stage, f"{lr:g}", f"{record.loss_before:.3f}",
+                row = [f"W{bits}A{bits}", record.stage, f"{lr:g}", f"{scale_lr:g}", f"{record.loss_before:.3f}",
                        f"{record.loss_after:.3f}", f"{record.loss_after / record.loss_before:.3f}"]
                 if args.holdout:
                     held_after = full_loss(stage, held_x, held_target, args.batch_size)
@@ -85,11 +90,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
 
     lines = report_header(
-        f"Stage reconstruction loss vs AdaRound learning rate: {args.method}, DeiT-tiny",
+        f"Stage reconstruction loss vs reconstruction learning rates: {args.method}, DeiT-tiny",
         f"- calibration images: {args.calib_size} (seed {args.seed}): reconstruction on {fit_images}, "
         f"{args.holdout} held out; losses are measured on them (no evaluation images)",
         f"- reconstruction: {args.iterations} iterations, batch {args.batch_size}, other settings the defaults")
-    columns = ["bits", "stage", "weight_lr", "loss before", "loss after", "after / before"]
+    columns = ["bits", "stage", "weight_lr", "scale_lr", "loss before", "loss after", "after / before"]
     if args.holdout:
         columns += ["held-out before", "held-out after", "held-out after / before"]
     write_report(args.out, [*lines, markdown_table(columns, rows), ""])
