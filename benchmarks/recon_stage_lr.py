@@ -72,13 +72,14 @@ def main() -> None:
                 with calibrated.quantization_disabled():
                     for stage in stages[:index + 1]:
                         target = stage.run(target)
+            held_x, held_target = x[fit_images:], target[fit_images:]
+            # the same for every learning rate: each reconstruction starts from a copy of the calibrated model
+            held_before = full_loss(stages[index], held_x, held_target, args.batch_size) if args.holdout else None
             for lr, scale_lr in itertools.product(args.lrs, args.scale_lrs):
                 qmodel = copy.deepcopy(calibrated)
                 settings = make(ReconConfig, iterations=args.iterations, batch_size=args.batch_size, weight_lr=lr,
                                 scale_lr=scale_lr)
                 stage = qmodel.stages()[index]
-                held_x, held_target = x[fit_images:], target[fit_images:]
-                held_before = full_loss(stage, held_x, held_target, args.batch_size) if args.holdout else None
                 record = reconstruct_stage(qmodel, stage, x[:fit_images], target[:fit_images], settings,
                                            seed=args.seed, index=index, progress=False)
                 row = [f"W{bits}A{bits}", record.stage, f"{lr:g}", f"{scale_lr:g}", f"{record.loss_before:.3f}",
