@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +16,8 @@ import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.calib import ImageNetImages, load_tensors, split_calib_eval, transform_for_model
 from vitq.report.runinfo import machine_summary
+
+T = TypeVar("T")
 
 
 def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module, torch.Tensor, tuple]:
@@ -25,6 +29,11 @@ def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module,
     calib_idx, eval_idx = split_calib_eval(len(dataset), calib_size, seed)
     calib, _ = load_tensors(dataset, calib_idx, progress=False)
     return model, calib, load_tensors(dataset, eval_idx[:n_eval], progress=False)
+
+
+def comma_list(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
+    """An argparse ``type`` for comma-separated values: ``comma_list(int)("0,50")`` is ``[0, 50]``."""
+    return lambda text: [kind(part) for part in text.split(",")]
 
 
 def report_header(title: str, *details: str) -> list[str]:

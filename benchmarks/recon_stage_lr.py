@@ -21,7 +21,7 @@ import itertools
 from pathlib import Path
 
 import torch
-from common import deit_tiny_split, report_header, write_report
+from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.calib.recon import full_loss, reconstruct_stage
@@ -29,17 +29,13 @@ from vitq.config import ReconConfig, make
 from vitq.report.tables import markdown_table
 
 
-def _list(kind):
-    return lambda text: [kind(part) for part in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="repq-vit")
-    parser.add_argument("--bits", type=_list(int), default=[3, 4], help="WxAx settings (same bits for both)")
-    parser.add_argument("--stages", type=_list(int), default=[0, 1], help="stage indices (0: patch embedding)")
-    parser.add_argument("--lrs", type=_list(float), default=[1e-3, 1e-2, 3e-2], help="AdaRound weight_lr values")
-    parser.add_argument("--scale-lrs", type=_list(float), default=[ReconConfig().scale_lr],
+    parser.add_argument("--bits", type=comma_list(int), default=[3, 4], help="WxAx settings (same bits for both)")
+    parser.add_argument("--stages", type=comma_list(int), default=[0, 1], help="stage indices (0: patch embedding)")
+    parser.add_argument("--lrs", type=comma_list(float), default=[1e-3, 1e-2, 3e-2], help="AdaRound weight_lr values")
+    parser.add_argument("--scale-lrs", type=comma_list(float), default=[ReconConfig().scale_lr],
                         help="LSQ scale_lr values (the grid is every weight_lr x scale_lr pair)")
     parser.add_argument("--calib-size", type=int, default=32, help="calibration images, held-out ones included")
     parser.add_argument("--holdout", type=int, default=0,

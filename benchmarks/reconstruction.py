@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import deit_tiny_split, report_header, write_report
+from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.calib.recon import reconstruct_model
@@ -26,18 +26,14 @@ from vitq.report.runinfo import peak_rss_mb
 from vitq.report.tables import markdown_table
 
 
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="dopq-vit")
     parser.add_argument("--w-bits", type=int, default=4)
     parser.add_argument("--a-bits", type=int, default=4)
     parser.add_argument("--calib-size", type=int, default=256)
-    parser.add_argument("--seeds", type=_ints, default=[0])
-    parser.add_argument("--iterations", type=_ints, default=[0, 50, 100, 200])
+    parser.add_argument("--seeds", type=comma_list(int), default=[0])
+    parser.add_argument("--iterations", type=comma_list(int), default=[0, 50, 100, 200])
     parser.add_argument("--batch-size", type=int, default=ReconConfig().batch_size, help="reconstruction batch")
     parser.add_argument("--drop-prob", type=float, default=0.0, help="QDrop probability")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
