@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import deit_tiny_split, report_header, write_report
+from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, assets_dir
@@ -22,7 +22,8 @@ from vitq.report.tables import markdown_table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="minmax")
-    parser.add_argument("--bits", default="8,6,4,3,2", help="weight bit widths (activations stay at 8)")
+    parser.add_argument("--bits", type=comma_list(int), default="8,6,4,3,2",
+                        help="weight bit widths (activations stay at 8)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/checkpoint_size.md"))
     args = parser.parse_args()
 
@@ -30,7 +31,7 @@ def main() -> None:
     float_bytes = (assets_dir() / DEIT_TINY_CHECKPOINT).stat().st_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        for bits in (int(b) for b in args.bits.split(",")):
+        for bits in args.bits:
             qmodel = vitq.quantize(model, vitq.QuantConfig(method=args.method, w_bits=bits, a_bits=8), calib,
                                    progress=False)
             packed = vitq.save(qmodel, Path(tmp) / f"w{bits}.safetensors")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import deit_tiny_split, report_header, write_report
+from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.cli import parse_variants
@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", required=True, help="variants, as for vitq compare --methods")
     parser.add_argument("--bits", default="W4A4")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", type=comma_list(int), default="0,1,2")
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, required=True)
@@ -47,10 +47,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     variants = parse_variants(args.methods)
     w_bits, a_bits = (int(part) for part in args.bits.upper().lstrip("W").split("A"))
-    seeds = [int(s) for s in args.seeds.split(",")]
 
     scores: dict[str, list[tuple[float, float]]] = {v.label: [] for v in variants}
-    for seed in seeds:
+    for seed in args.seeds:
         model, calib, _ = deit_tiny_split(args.calib_size, seed, 1)
         half = len(calib) // 2
         folds = [(calib[:half], calib[half:]), (calib[half:], calib[:half])]
@@ -75,8 +74,9 @@ def main() -> None:
     write_report(args.out, [
         *report_header(
             f"Cross-fit selection on calibration images: DeiT-tiny W{w_bits}A{a_bits}",
-            f"- seeds: {', '.join(map(str, seeds))}; per seed the {args.calib_size} calibration images, 2 folds of "
-            f"{args.calib_size // 2} (calibrate on one half, score on the other); no evaluation image is used"),
+            f"- seeds: {', '.join(map(str, args.seeds))}; per seed the {args.calib_size} calibration images, "
+            f"2 folds of {args.calib_size // 2} (calibrate on one half, score on the other); no evaluation image "
+            "is used"),
         "Held-out KL(float ‖ quantized) of the class distribution, mean ± std over seeds (lower is better):",
         "",
         markdown_table(["rank", "variant", "held-out KL", "top-1 agreement with float %"], rows),

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from common import deit_tiny_split, report_header, write_report
+from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.calib.runner import run_batched
@@ -77,15 +77,15 @@ def ops_rows(methods: list[str]) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="percentile")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--ops-methods", default="minmax,percentile,repq-vit,dopq-vit,gptq,erq")
+    parser.add_argument("--seeds", type=comma_list(int), default="0")
+    parser.add_argument("--ops-methods", type=comma_list(str), default="minmax,percentile,repq-vit,dopq-vit,gptq,erq")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/integer_only.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    accuracy = accuracy_rows(args.method, [int(s) for s in args.seeds.split(",")])
-    ops = ops_rows(args.ops_methods.split(","))
+    accuracy = accuracy_rows(args.method, args.seeds)
+    ops = ops_rows(args.ops_methods)
     write_report(args.out, [
         *report_header(
             "Integer-only DeiT-tiny (W8A8)",

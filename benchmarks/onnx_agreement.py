@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import deit_tiny_split, report_header, write_report
+from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.calib.runner import run_batched
@@ -37,17 +37,17 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="percentile,repq-vit")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", type=comma_list(str), default="percentile,repq-vit")
+    parser.add_argument("--seeds", type=comma_list(int), default="0,1,2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/onnx_agreement.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     rows, gaps = [], []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in args.seeds:
         model, calib, (images, labels) = deit_tiny_split(32, seed, 10_000)
-        for method in args.methods.split(","):
+        for method in args.methods:
             qmodel = vitq.quantize(model, vitq.QuantConfig(method=method, w_bits=8, a_bits=8, seed=seed), calib,
                                    progress=False)
             with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,8 @@ def main() -> None:
     write_report(args.out, [
         *report_header(
             "ONNX export vs fake-quant: DeiT-tiny W8A8",
-            f"- {len(images)} evaluation images per seed (32 calibration images, disjoint), seeds {args.seeds}",
+            f"- {len(images)} evaluation images per seed (32 calibration images, disjoint), "
+            f"seeds {','.join(map(str, args.seeds))}",
             "- ONNX: `vitq export` graph in onnxruntime, all graph optimisations (integer kernels "
             "MatMulIntegerToFloat/QLinearMatMul)"),
         markdown_table(["seed", "method", "float-path points", "torch fp32 top-1", "torch fp64 top-1",
