@@ -1,4 +1,4 @@
-"""Tests of AdaLog's FPCS (vitq.calib.fpcs): the Gram-matrix errors against direct GEMMs, the progressive
+"""Tests of AdaLog's FPCS (vitq.methods.adalog.fpcs): the Gram-matrix errors against direct GEMMs, the progressive
 search against exhaustive grids, and the search of a Linear's quantizers."""
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from vitq.calib.fpcs import (
+from vitq.methods.adalog.fpcs import (
     FpcsSettings,
     fpcs_linear,
     fpcs_query_key,
@@ -212,7 +212,7 @@ def test_query_key_and_value_searches_lower_their_errors():
 def test_stage_searches_in_forward_order_on_the_inputs_the_model_computes(monkeypatch):
     """Every search runs once, in forward order, and sees exactly the input that the searched model gives the
     point afterwards (its upstream already searched)."""
-    import vitq.calib.fpcs as fpcs
+    import vitq.methods.adalog.fpcs as fpcs
 
     _, images, qmodel = quantized_test_vit("adalog", 4, 4, fpcs=False)
     stage = next(s for s in qmodel.stages() if s.contains("blocks.0.attn.qkv"))

@@ -8,7 +8,7 @@ from helpers import quantized_test_vit, randomize_norms
 from torch import nn
 
 import vitq
-from vitq.calib.reparam import reparameterize_model
+from vitq.methods.repq_vit.reparam import reparameterize_model
 from vitq.config import QuantConfig
 from vitq.errors import VitqError
 from vitq.methods import method_class

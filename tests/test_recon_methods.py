@@ -58,7 +58,7 @@ def test_smooth_optimization_three_stages(tmp_path, monkeypatch, method, options
     """Stage 1 reconstructs activation steps only (float weights, per-channel post-LN inputs), stage 2 folds the
     learned steps to per tensor (I&S-ViT: their mean, DopQ-ViT: their median), stage 3 reconstructs weights too;
     the result saves and reloads exactly."""
-    import vitq.calib.smooth as smooth
+    import vitq.methods.is_vit.smooth as smooth
 
     stages, learned = [], []
     original = smooth.reconstruct_model

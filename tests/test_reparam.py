@@ -1,4 +1,4 @@
-"""RepQ-ViT scale reparameterization (vitq.calib.reparam; NOTES §2.1, §6, §7)."""
+"""RepQ-ViT scale reparameterization (vitq.methods.repq_vit.reparam; NOTES §2.1, §6, §7)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from vitq.api import prepare
-from vitq.calib.reparam import (
+from vitq.methods.repq_vit.reparam import (
     fold_channel_scales,
     fold_parameters,
     reparameterize_model,

@@ -65,7 +65,7 @@ from vitq.calib.layer_inputs import (
     weight_layers,
     weight_matrix,
 )
-from vitq.calib.reparam import recalibrate_weight, reparameterize_stage
+from vitq.methods.repq_vit.reparam import recalibrate_weight, reparameterize_stage
 from vitq.calib.runner import run_batched, run_stagewise_with_float
 from vitq.errors import VitqError
 from vitq.methods.base import register_method

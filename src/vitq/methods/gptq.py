@@ -34,7 +34,7 @@ from vitq.calib.layer_inputs import (
     weight_layers,
     weight_matrix,
 )
-from vitq.calib.reparam import reparameterize_stage
+from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.calib.runner import run_stagewise
 from vitq.errors import VitqError
 from vitq.methods.base import register_method

@@ -31,7 +31,7 @@ m = 0 .. ⌈log2(1.2·max(x)/(H − ½)/Δ−)⌉; ``"linear"`` (PTQ4ViT's relea
 Δ+ ∈ linspace(0.01, 1.2, ``eq_n``)·max(x)/(H − ½).
 
 Both kinds' :meth:`calibrate` picks their candidate with the smallest ‖x − Q(x)‖²; PTQ4ViT itself picks by the
-Hessian-guided output error (:mod:`vitq.calib.hessian`).
+Hessian-guided output error (:mod:`vitq.methods.ptq4vit.hessian`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The product layers of a quantized model, their operands and the task-loss gradients of their outputs.
 
-A product layer computes ``O = op(a, b)`` from two quantizer slots (see :mod:`vitq.calib.hessian`):
+A product layer computes ``O = op(a, b)`` from two quantizer slots (see :mod:`vitq.methods.ptq4vit.hessian`):
 
 - :class:`LinearProduct` — a ``QLinear``: ``a`` = input (its ``input_quantizer``), ``b`` = weight;
 - :class:`ConvProduct` — a ``QConv2d`` (the patch embedding): ``a`` = image, ``b`` = weight;

@@ -9,7 +9,7 @@ candidate is scored by::
     metric(Ô) = −mean( (∂L/∂O ⊙ (O − Ô))² )                                  (larger is better)
 
 with ``∂L/∂O`` the gradient of the task loss (the KL divergence to the float model's prediction) w.r.t. the
-layer's output on the calibration images (:mod:`vitq.calib.products` collects it).
+layer's output on the calibration images (:mod:`vitq.methods.ptq4vit.products` collects it).
 
 :func:`alternating_search` chooses the parameters of ``Q_a`` and ``Q_b`` in turn — weight then activation for
 Linear/conv layers, A then B for matmuls — for ``rounds`` rounds (3 in PTQ4ViT), the other operand fixed at its

@@ -4,7 +4,7 @@ Structure: the papers' convention (per-row asymmetric weights, per-tensor asymme
 with the **shift-uniform-log2** quantizer (SULQ, :mod:`vitq.quantizers.sulq`) on the attention map, weight
 ranges by the wider percentile search (:data:`~vitq.quantizers.ranges.WEIGHT_PERCENTILES`).
 
-Calibration is I&S-ViT's **smooth optimization strategy** (:mod:`vitq.calib.smooth`) in three stages:
+Calibration is I&S-ViT's **smooth optimization strategy** (:mod:`vitq.methods.is_vit.smooth`) in three stages:
 
 1. activations only: the weights stay float and the post-LayerNorm inputs (qkv, fc1) are quantized *per
    channel*; every activation quantizer is initialised on the first :data:`INIT_IMAGES` calibration images in
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.calib.smooth import smooth_optimization
+from vitq.methods.is_vit.smooth import smooth_optimization
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.quantizers.ranges import WEIGHT_PERCENTILES

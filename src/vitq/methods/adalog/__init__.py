@@ -11,7 +11,7 @@ What AdaLog changes on the RepQ-ViT pipeline (:mod:`vitq.methods.repq_vit`), all
 - **q, k, v**: uniform asymmetric, one scale per head;
 - **post-LayerNorm**: RepQ-ViT's reparameterization with target ``mean(s)`` and ``round(mean(z))`` (an integer
   zero point), then the per-tensor quantizer re-calibrated on the folded activations;
-- **FPCS** (:mod:`vitq.calib.fpcs`): then, in forward order, every Linear of the stage searches its uniform
+- **FPCS** (:mod:`vitq.methods.adalog.fpcs`): then, in forward order, every Linear of the stage searches its uniform
   weight (per row) and input (per tensor) (scale, zero point) pairs by its output error, weights and input
   alternating (fc2: its weights, against its AdaLog input); q and k (per head) by the logits error
   ‖q·kᵀ − Q(q)·Q(k)ᵀ‖², alternating; v (per head) by the attention-output error ‖A·v − Q(A)·Q(v)‖²;
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from vitq.calib.fpcs import FpcsSettings, fpcs_stage
-from vitq.calib.reparam import reparameterize_stage
+from vitq.methods.adalog.fpcs import FpcsSettings, fpcs_stage
+from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.calib.runner import run_stagewise
 from vitq.calib.search import attention_output_calibration, linear_output_calibration
 from vitq.errors import VitqError

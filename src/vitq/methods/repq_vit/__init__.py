@@ -6,14 +6,14 @@
 - Calibration, block by block in forward order: the post-LayerNorm inputs of ``qkv``/``fc1`` (Swin:
   ``reduction``) are calibrated per channel, then their scales are folded into the LayerNorm affine
   and the next Linear so that inference is per tensor with target ``(mean(s), mean(z))``, and the
-  folded Linear's weight quantizer is re-calibrated (:mod:`vitq.calib.reparam`).
+  folded Linear's weight quantizer is re-calibrated (:mod:`vitq.methods.repq_vit.reparam`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vitq.calib.reparam import reparameterize_model
+from vitq.methods.repq_vit.reparam import reparameterize_model
 from vitq.methods.base import Method, register_method
 
 

@@ -14,10 +14,10 @@ Structure (PTQ4ViT's granularity; every quantizer symmetric and signed):
 Calibration, stage by stage in forward order (:func:`vitq.calib.runner.run_stagewise_with_float`):
 
 1. every quantizer of the stage is initialised on the stage's calibration input (min-max, twin: by MSE);
-2. ∂L/∂O of each product layer's output (:mod:`vitq.calib.products`), L = KL(float prediction ‖ prediction
+2. ∂L/∂O of each product layer's output (:mod:`vitq.methods.ptq4vit.products`), L = KL(float prediction ‖ prediction
    with this stage quantized, later stages float);
 3. layer by layer (qkv, q·kᵀ, A·v, proj, fc1, fc2; conv; head), the layer's operands are captured with the layers
-   before it already searched, and its two quantizers are chosen by :func:`vitq.calib.hessian.alternating_search`
+   before it already searched, and its two quantizers are chosen by :func:`vitq.methods.ptq4vit.hessian.alternating_search`
    (3 rounds; weight/activation, A/B).
 
 ``inputs`` option: ``"quantized"`` (default) — each layer's operands come from the quantized upstream, as the
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from vitq.calib.hessian import ROUNDS, SearchProblem, alternating_search
-from vitq.calib.products import capture_operands, stage_products, task_gradients
+from vitq.methods.ptq4vit.hessian import ROUNDS, SearchProblem, alternating_search
+from vitq.methods.ptq4vit.products import capture_operands, stage_products, task_gradients
 from vitq.calib.runner import calibrating, run_batched, run_stagewise_with_float
 from vitq.errors import VitqError
 from vitq.methods.base import Method, register_method
