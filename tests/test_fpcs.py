@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from vitq.errors import VitqError
 from vitq.methods.adalog.fpcs import (
     FpcsSettings,
     fpcs_linear,
@@ -20,7 +21,6 @@ from vitq.methods.adalog.fpcs import (
     progressive_search,
     weight_output_error,
 )
-from vitq.errors import VitqError
 from vitq.nn import QLinear
 from vitq.quantizers import build_quantizer
 from vitq.quantizers.uniform import fake_quant

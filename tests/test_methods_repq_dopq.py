@@ -8,11 +8,11 @@ from helpers import quantized_test_vit, randomize_norms
 from torch import nn
 
 import vitq
-from vitq.methods.repq_vit.reparam import reparameterize_model
 from vitq.config import QuantConfig
 from vitq.errors import VitqError
 from vitq.methods import method_class
 from vitq.methods.dopq_vit import sosf_search
+from vitq.methods.repq_vit.reparam import reparameterize_model
 from vitq.nn import QLinear
 from vitq.quantizers import UniformQuantizer, build_quantizer
 

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from helpers import quantized_test_vit
 
 import vitq
-from vitq.methods.ptq4vit.hessian import SearchProblem, alternating_search, hessian_metric, ptq4vit_candidates
-from vitq.methods.ptq4vit.products import softmax_input_grad, stage_products, straight_through, task_gradients
 from vitq.errors import VitqError
 from vitq.export.integer_vit import IntegerViT
 from vitq.export.onnx import export_onnx
+from vitq.methods.ptq4vit.hessian import SearchProblem, alternating_search, hessian_metric, ptq4vit_candidates
+from vitq.methods.ptq4vit.products import softmax_input_grad, stage_products, straight_through, task_gradients
 from vitq.nn import QAct
 from vitq.quantized_model import Slot
 from vitq.quantizers import build_quantizer

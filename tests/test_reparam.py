@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from vitq.api import prepare
+from vitq.calib.runner import run_stagewise
+from vitq.config import QuantConfig
 from vitq.methods.repq_vit.reparam import (
     fold_channel_scales,
     fold_parameters,
     reparameterize_model,
     reparameterize_stage,
 )
-from vitq.calib.runner import run_stagewise
-from vitq.config import QuantConfig
 from vitq.nn import QLinear
 from vitq.quantizers import UniformQuantizer
 

@@ -21,8 +21,8 @@ Options (``QuantConfig.options`` / ``--option KEY=VALUE``), also used for the ab
   RepQ-ViT issue #11 trap; reported only as a reference);
 - ``ratio_bound``: fold only ``clamp(s_c/s̃, 1/ρ, ρ)`` (``None``: unbounded, as RepQ-ViT);
 - ``smooth`` (with ``--reconstruct``): reach the reconstructed model through I&S-ViT's smooth optimization
-  (:mod:`vitq.methods.is_vit.smooth`: calibrate with per-channel post-LayerNorm inputs and float weights, reconstruct the
-  activation steps, fold the learned steps to ``target``, then the final reconstruction) instead of
+  (:mod:`vitq.methods.is_vit.smooth`: calibrate with per-channel post-LayerNorm inputs and float weights,
+  reconstruct the activation steps, fold the learned steps to ``target``, then the final reconstruction) instead of
   reconstructing the calibrated model directly (``false``, default). NOTES §2.2 infers that the paper's numbers
   come from such a pipeline.
 
@@ -37,13 +37,13 @@ from typing import Any
 
 import torch
 
-from vitq.methods.repq_vit.reparam import PairContext, reparameterize_stage
 from vitq.calib.runner import calibrating, run_stagewise
 from vitq.calib.search import attention_output_calibration
-from vitq.methods.is_vit.smooth import smooth_optimization
 from vitq.errors import VitqError
 from vitq.methods.base import register_method
+from vitq.methods.is_vit.smooth import smooth_optimization
 from vitq.methods.repq_vit import RepQViT
+from vitq.methods.repq_vit.reparam import PairContext, reparameterize_stage
 from vitq.models import Stage
 
 SOFTMAX_KINDS = ("tanq", "log_sqrt2", "log2", "uniform")

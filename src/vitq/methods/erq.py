@@ -65,11 +65,11 @@ from vitq.calib.layer_inputs import (
     weight_layers,
     weight_matrix,
 )
-from vitq.methods.repq_vit.reparam import recalibrate_weight, reparameterize_stage
 from vitq.calib.runner import run_batched, run_stagewise_with_float
 from vitq.errors import VitqError
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
+from vitq.methods.repq_vit.reparam import recalibrate_weight, reparameterize_stage
 from vitq.models import Stage
 from vitq.quantizers.ranges import WEIGHT_PERCENTILES
 

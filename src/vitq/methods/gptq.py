@@ -34,11 +34,11 @@ from vitq.calib.layer_inputs import (
     weight_layers,
     weight_matrix,
 )
-from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.calib.runner import run_stagewise
 from vitq.errors import VitqError
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
+from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.models import Stage
 from vitq.quantizers import build_quantizer
 

@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from vitq.methods.adalog.fpcs import FpcsSettings, fpcs_stage
-from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.calib.runner import run_stagewise
 from vitq.calib.search import attention_output_calibration, linear_output_calibration
 from vitq.errors import VitqError
+from vitq.methods.adalog.fpcs import FpcsSettings, fpcs_stage
 from vitq.methods.base import register_method
 from vitq.methods.repq_vit import RepQViT
+from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.models import Stage
 from vitq.quantizers.adalog import DEFAULT_BASES, GELU_SHIFT
 

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.methods.is_vit.smooth import smooth_optimization
 from vitq.methods.base import register_method
+from vitq.methods.is_vit.smooth import smooth_optimization
 from vitq.methods.repq_vit import RepQViT
 from vitq.quantizers.ranges import WEIGHT_PERCENTILES
 

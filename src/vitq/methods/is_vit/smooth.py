@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from vitq.calib.recon import reconstruct_model
-from vitq.methods.repq_vit.reparam import Target, fold_channel_scales, per_channel_twin, recalibrate_weight
 from vitq.config import ReconConfig
+from vitq.methods.repq_vit.reparam import Target, fold_channel_scales, per_channel_twin, recalibrate_weight
 from vitq.quantizers import UniformQuantizer
 
 

@@ -17,8 +17,8 @@ Calibration, stage by stage in forward order (:func:`vitq.calib.runner.run_stage
 2. ∂L/∂O of each product layer's output (:mod:`vitq.methods.ptq4vit.products`), L = KL(float prediction ‖ prediction
    with this stage quantized, later stages float);
 3. layer by layer (qkv, q·kᵀ, A·v, proj, fc1, fc2; conv; head), the layer's operands are captured with the layers
-   before it already searched, and its two quantizers are chosen by :func:`vitq.methods.ptq4vit.hessian.alternating_search`
-   (3 rounds; weight/activation, A/B).
+   before it already searched, and its two quantizers are chosen by
+   :func:`vitq.methods.ptq4vit.hessian.alternating_search` (3 rounds; weight/activation, A/B).
 
 ``inputs`` option: ``"quantized"`` (default) — each layer's operands come from the quantized upstream, as the
 paper's sequential description; ``"float"`` — every layer sees the float model's activations (PTQ4ViT's released
@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from vitq.methods.ptq4vit.hessian import ROUNDS, SearchProblem, alternating_search
-from vitq.methods.ptq4vit.products import capture_operands, stage_products, task_gradients
 from vitq.calib.runner import calibrating, run_batched, run_stagewise_with_float
 from vitq.errors import VitqError
 from vitq.methods.base import Method, register_method
+from vitq.methods.ptq4vit.hessian import ROUNDS, SearchProblem, alternating_search
+from vitq.methods.ptq4vit.products import capture_operands, stage_products, task_gradients
 from vitq.models import Stage
 from vitq.nn import QConv2d
 

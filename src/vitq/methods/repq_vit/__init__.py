@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitq.methods.repq_vit.reparam import reparameterize_model
 from vitq.methods.base import Method, register_method
+from vitq.methods.repq_vit.reparam import reparameterize_model
 
 
 @register_method("repq-vit")
