@@ -12,9 +12,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-import vitq
-from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
-from vitq.calib import ImageNetImages, load_tensors, split_calib_eval, transform_for_model
+from vitq.experiment import RunSpec
 from vitq.report.runinfo import machine_summary
 
 T = TypeVar("T")
@@ -23,12 +21,11 @@ T = TypeVar("T")
 def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module, torch.Tensor, tuple]:
     """The float DeiT-tiny, its calibration images, and the first ``n_eval`` (images, labels) of the
     evaluation split drawn with ``seed`` (the same split as ``vitq eval --calib-size --seed``)."""
-    assets = assets_dir()
-    model = vitq.create_model("deit_tiny_patch16_224", checkpoint=assets / DEIT_TINY_CHECKPOINT)
-    dataset = ImageNetImages(assets / IMAGENET_SAMPLE, transform_for_model(model))
-    calib_idx, eval_idx = split_calib_eval(len(dataset), calib_size, seed)
-    calib, _ = load_tensors(dataset, calib_idx, progress=False)
-    return model, calib, load_tensors(dataset, eval_idx[:n_eval], progress=False)
+    spec = RunSpec.resolve(progress=False)
+    model = spec.float_model()
+    cache = spec.image_cache(model)
+    split = cache.split(calib_size, seed, n_eval)
+    return model, cache.tensors(split.calib)[0], cache.tensors(split.eval)
 
 
 def comma_list(kind: Callable[[str], T]) -> Callable[[str], list[T]]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
-from vitq.cli import parse_variants
+from vitq.experiment import parse_variants
 from vitq.report.tables import markdown_table
 
 

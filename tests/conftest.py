@@ -26,7 +26,7 @@ def deit_tiny(assets):
 @pytest.fixture(scope="session")
 def sample_tensors(assets, deit_tiny) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1000 sample images preprocessed with DeiT-tiny's timm transform, and their labels."""
-    from vitq.calib import ImageNetImages, load_tensors, transform_for_model
+    from vitq.data import ImageNetImages, load_tensors, transform_for_model
 
     dataset = ImageNetImages(assets / IMAGENET_SAMPLE, transform_for_model(deit_tiny))
     return load_tensors(dataset, progress=False)
@@ -35,7 +35,7 @@ def sample_tensors(assets, deit_tiny) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="session")
 def split_seed0(sample_tensors):
     """(calibration images, (eval images, eval labels)) for the default 32/968 split, seed 0."""
-    from vitq.calib import split_calib_eval
+    from vitq.data import split_calib_eval
 
     images, labels = sample_tensors
     calib_idx, eval_idx = split_calib_eval(len(images), 32, seed=0)

@@ -14,10 +14,12 @@ from safetensors.torch import save_file
 
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
-from vitq.calib import imagenet_wnids
-from vitq.cli import _compare_grid, _compare_plan, build_parser, main, parse_variants
+from vitq.cli import main
 from vitq.config import ReconConfig
+from vitq.data import imagenet_wnids
 from vitq.errors import VitqError
+from vitq.experiment import CompareSpec, ConfigRequest, parse_option, parse_variants
+from vitq.experiment.compare import compare_grid, compare_plan
 from vitq.export.checkpoint import read_header
 from vitq.methods import method_names
 
@@ -273,11 +275,10 @@ def test_compare_method_variants_with_paired_reference(cli, files, tmp_path):
 
 
 def test_compare_variant_options_merge_over_global_options():
-    args = build_parser().parse_args(["compare", "--option", "softmax=tanq", "--option", "ratio_bound=4",
-                                      "--out-dir", "x"])
+    request = ConfigRequest(options=dict(parse_option(text) for text in ("softmax=tanq", "ratio_bound=4")))
     variants = parse_variants(f"{LOG2},dopq-vit, dopq-vit[ratio_bound=null;tan_variant=tan] ,dopq-vit[]")
     assert [v.label for v in variants] == [LOG2, "dopq-vit", "dopq-vit[ratio_bound=null;tan_variant=tan]"]
-    grid = _compare_grid(args, [(v, [(8, 8), (4, 4)]) for v in variants], [0, 1])
+    grid = compare_grid(request, [(v, [(8, 8), (4, 4)]) for v in variants], [0, 1])
     assert [(label, c.w_bits, c.seed) for label, c in grid[1]][:3] == [(LOG2, 8, 1), (LOG2, 4, 1), ("dopq-vit", 8, 1)]
     options = {label: c.options for label, c in grid[0]}
     assert options[LOG2] == {"softmax": "log2", "target": "mean", "ratio_bound": 4}
@@ -287,24 +288,23 @@ def test_compare_variant_options_merge_over_global_options():
 
 
 def test_compare_variants_choose_their_own_reconstruction():
-    args = build_parser().parse_args(["compare", "--recon", "batch_size=4", "--out-dir", "x"])
+    request = ConfigRequest(recon={"batch_size": 4})
     variants = parse_variants("dopq-vit,dopq-vit[recon=true],dopq-vit[recon.iterations=7;softmax=log2],qdrop")
-    grid = dict(_compare_grid(args, [(v, [(4, 4)]) for v in variants], [0])[0])
+    grid = dict(compare_grid(request, [(v, [(4, 4)]) for v in variants], [0])[0])
     assert grid["dopq-vit"].reconstruct == ReconConfig(batch_size=4)  # the global --recon reaches every run
     assert grid["dopq-vit[recon=true]"].reconstruct == ReconConfig(batch_size=4)
     assert grid["dopq-vit[recon=true]"].options == {}
     variant = grid["dopq-vit[recon.iterations=7;softmax=log2]"]
     assert variant.reconstruct == ReconConfig(batch_size=4, iterations=7) and variant.options == {"softmax": "log2"}
-    plain = dict(_compare_grid(build_parser().parse_args(["compare", "--out-dir", "x"]),
-                               [(v, [(4, 4)]) for v in variants], [0])[0])
+    plain = dict(compare_grid(ConfigRequest(), [(v, [(4, 4)]) for v in variants], [0])[0])
     assert plain["dopq-vit"].reconstruct is None and plain["qdrop"].reconstruct is None  # qdrop: its defaults
     assert plain["dopq-vit[recon.iterations=7;softmax=log2]"].reconstruct == ReconConfig(iterations=7)
     with pytest.raises(VitqError, match="recon must be true or false"):
-        _compare_grid(args, [(parse_variants("dopq-vit[recon=7]")[0], [(4, 4)])], [0])
+        compare_grid(request, [(parse_variants("dopq-vit[recon=7]")[0], [(4, 4)])], [0])
 
 
 def test_leaderboard_preset_plan():
-    plan, settings = _compare_plan(build_parser().parse_args(["compare", "--preset", "leaderboard"]))
+    plan, settings = compare_plan(CompareSpec(preset="leaderboard"))
     bits = {variant.label: [f"W{w}A{a}" for w, a in b] for variant, b in plan}
     assert set(bits) == set(method_names()) - {"float", "adaround", "brecq", "qdrop", "is-vit"}  # calibration only
     assert bits["repq-vit"] == ["W8A8", "W6A6", "W4A4", "W3A3"]
@@ -314,7 +314,7 @@ def test_leaderboard_preset_plan():
 
 def test_leaderboard_preset_end_to_end(cli, files, tmp_path, monkeypatch):
     """The preset's mechanics on three methods (every method's plan is checked above)."""
-    monkeypatch.setattr("vitq.cli.method_names", lambda: ["float", "minmax", "repq-vit", "gptq"])
+    monkeypatch.setattr("vitq.experiment.compare.method_names", lambda: ["float", "minmax", "repq-vit", "gptq"])
     out_dir = tmp_path / "board"
     code, out, err = cli("compare", "--preset", "leaderboard", "--seeds", "0", *_inputs(files), "--limit", "2",
                          "--threads", "1", "--out-dir", out_dir)

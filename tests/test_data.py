@@ -1,4 +1,4 @@
-"""Tests of vitq.calib.data: layouts and labels, errors, seeded splits, tensor loading."""
+"""Tests of vitq.data: layouts and labels, errors, seeded splits, tensor loading."""
 
 import re
 from pathlib import Path
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vitq.assets import assets_dir
-from vitq.calib import (
+from vitq.data import (
     ImageNetImages,
     data_config_for_model,
     imagenet_wnids,

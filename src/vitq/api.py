@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitq.calib.data import load_tensors
 from vitq.calib.recon import reconstruct_model
 from vitq.config import QuantConfig
+from vitq.data import load_tensors
 from vitq.methods import Method, method_class
 from vitq.models import adapter_for
 from vitq.quantized_model import QuantizedModel

@@ -1,21 +1,9 @@
-"""Calibration and evaluation data: ImageNet folders, the model's preprocessing, seeded splits."""
+"""The method-agnostic calibration engine that several methods share.
 
-from vitq.calib.data import (
-    IMAGE_EXTENSIONS,
-    ImageNetImages,
-    data_config_for_model,
-    imagenet_wnids,
-    load_tensors,
-    split_calib_eval,
-    transform_for_model,
-)
+- :mod:`~vitq.calib.runner`: stage-by-stage calibration in forward order (optionally with a float stream);
+- :mod:`~vitq.calib.search`: choose a quantizer's parameters by a downstream output error;
+- :mod:`~vitq.calib.layer_inputs`: float64 input moments of weight layers and the per-row weight grid;
+- :mod:`~vitq.calib.learnable` + :mod:`~vitq.calib.recon`: block (or layer) reconstruction.
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImageNetImages",
-    "data_config_for_model",
-    "imagenet_wnids",
-    "load_tensors",
-    "split_calib_eval",
-    "transform_for_model",
-]
+A method's own algorithm lives in its package under :mod:`vitq.methods`; data loading in :mod:`vitq.data`.
+"""

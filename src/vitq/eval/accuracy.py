@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vitq.calib.data import load_tensors
+from vitq.data import load_tensors
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -51,6 +51,15 @@ def create_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
     return model.eval()
 
 
+def create_architecture(name: str) -> nn.Module:
+    """A randomly initialised timm model in eval mode: the structure only, nothing is downloaded."""
+    import timm
+
+    if not timm.is_model(name):
+        create_model(name)  # raises the "unknown model ..., did you mean ...?" error first
+    return timm.create_model(name, pretrained=False).eval()
+
+
 def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, with readable errors (never unpickles)."""
     from safetensors import SafetensorError

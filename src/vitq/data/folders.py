@@ -1,4 +1,4 @@
-"""ImageNet images for calibration and evaluation.
+"""ImageNet image folders: the supported layouts and the labels of their images.
 
 Class indices always come from the standard ImageNet-1k wnid order shipped with timm, never from the
 folders a user happens to have: a validation subset that misses classes would otherwise get shifted
@@ -7,28 +7,22 @@ labels and silently wrong accuracies. Three on-disk layouts are understood:
 * an ImageFolder tree (``root/n01440764/*.JPEG``),
 * a flat folder whose file names start with the wnid (``n01440764_tench.JPEG``),
 * a flat folder of foolbox-style names ``imagenet_<i>_<label>.jpg`` (label = class index).
-
-Calibration and evaluation images are drawn from the same folder by a seeded split so that they never
-overlap and a run can be reproduced from its seed.
 """
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import timm.data
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from vitq.errors import VitqError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 NUM_CLASSES = 1000
-LOAD_BATCH_SIZE = 32
 
 _WNID_PREFIX = re.compile(r"^(n\d{8})(?!\d)")
 _FOOLBOX_NAME = re.compile(r"^imagenet_\d+_(\d+)$")
@@ -156,65 +150,3 @@ class ImageNetImages(Dataset):
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise VitqError(f"cannot read image {path}: {reason}") from exc
         return (self.transform(rgb) if self.transform is not None else rgb), label
-
-
-def data_config_for_model(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's own timm eval data config (input size, interpolation, crop, mean/std).
-
-    Recorded in reports so that a number can be reproduced with the exact same preprocessing.
-    """
-    return timm.data.resolve_data_config({}, model=model)
-
-
-def transform_for_model(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval preprocessing timm uses for ``model`` (e.g. bicubic resize, center crop, normalize)."""
-    return timm.data.create_transform(**data_config_for_model(model), is_training=False)
-
-
-def split_calib_eval(
-    n_images: int, calib_size: int, seed: int, source: str = "the dataset"
-) -> tuple[list[int], list[int]]:
-    """Disjoint calibration / evaluation index lists over ``range(n_images)``, reproducible from ``seed``.
-
-    A seeded ``torch.randperm`` is drawn; its first ``calib_size`` entries are the calibration set and
-    the rest the evaluation set, each returned sorted ascending. At least one image must remain for
-    evaluation. ``source`` names the image folder in error messages.
-    """
-    if calib_size < 0:
-        raise VitqError(f"calibration size {calib_size} must not be negative")
-    if calib_size > n_images:
-        raise VitqError(f"calibration size {calib_size} is larger than the {n_images} images in {source}")
-    if calib_size == n_images:
-        raise VitqError(
-            f"calibration size {calib_size} uses all {n_images} images in {source}, "
-            "leaving none for evaluation"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    permutation = torch.randperm(n_images, generator=generator).tolist()
-    return sorted(permutation[:calib_size]), sorted(permutation[calib_size:])
-
-
-def load_tensors(
-    dataset: Dataset,
-    indices: Sequence[int] | None = None,
-    *,
-    progress: bool = True,
-    desc: str = "loading images",
-    num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode the selected images (all when ``indices`` is None) into ``[N,3,H,W]`` floats and ``[N]`` labels.
-
-    The dataset's transform must yield equally sized tensors (see :func:`transform_for_model`).
-    Holding the images in memory lets calibration and evaluation reuse them without re-decoding.
-    """
-    subset = Subset(dataset, list(range(len(dataset))) if indices is None else list(indices))
-    if len(subset) == 0:
-        raise VitqError("no images selected to load")
-    loader = DataLoader(subset, batch_size=LOAD_BATCH_SIZE, shuffle=False, num_workers=num_workers)
-    images, labels = [], []
-    with tqdm(total=len(subset), desc=desc, unit="img", disable=not progress) as bar:
-        for batch_images, batch_labels in loader:
-            images.append(batch_images)
-            labels.append(batch_labels)
-            bar.update(len(batch_labels))
-    return torch.cat(images).float(), torch.cat(labels).to(torch.int64)

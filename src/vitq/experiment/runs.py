@@ -1,0 +1,195 @@
+"""One run: what it is run on (:class:`RunSpec`), the config the user asked for (:class:`ConfigRequest`), the
+quantization and evaluation of a model on one seed's split, the saved-model folder, and the JSON record of a run.
+
+The CLI and the comparison engine both go through these functions, so ``vitq quantize``, ``vitq eval`` and
+``vitq compare`` quantize, evaluate and report a run the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitq.api import prepare, quantize
+from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
+from vitq.config import PointOverride, QuantConfig, ReconConfig, make
+from vitq.data import ImageCache, Split
+from vitq.errors import VitqError
+from vitq.eval.accuracy import EvalResult, evaluate
+from vitq.eval.errors import PointError, point_sqnr
+from vitq.eval.size import SizeReport
+from vitq.experiment.grammar import FLOAT
+from vitq.export.checkpoint import load
+from vitq.models.registry import create_model
+from vitq.quantized_model import QuantizedModel
+from vitq.report.runinfo import peak_rss_mb
+
+DEFAULT_MODEL = "deit_tiny_patch16_224"
+#: files of a folder written by ``vitq quantize --output``
+MODEL_FILE = "model.safetensors"
+QUANTIZE_FILE = "quantize.json"
+#: calibration images used for the per-point SQNR (a forward pass of the float and quantized model each)
+SQNR_IMAGES = 8
+#: a variant's option key for its own reconstruction settings (``recon``, ``recon.iterations``, ...)
+RECON_KEY = "recon"
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What runs are run on and how they are evaluated: the model (timm name and local checkpoint, ``None`` =
+    timm's pretrained download), the image folder, the evaluation batch size and image limit, progress bars."""
+
+    model: str
+    checkpoint: Path | None
+    data: Path
+    batch_size: int = 64
+    limit: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def resolve(cls, model: str | None = None, checkpoint: Path | None = None, data: Path | None = None,
+                **rest: Any) -> RunSpec:
+        """The spec with the defaults filled in: :data:`DEFAULT_MODEL`, the shipped DeiT-tiny checkpoint for the
+        default model when it is present (else the download), the shipped image sample."""
+        model = model or DEFAULT_MODEL
+        if checkpoint is None:
+            default = assets_dir() / DEIT_TINY_CHECKPOINT
+            checkpoint = default if model == DEFAULT_MODEL and default.is_file() else None
+        return cls(model, checkpoint, data or assets_dir() / IMAGENET_SAMPLE, **rest)
+
+    def float_model(self) -> nn.Module:
+        return create_model(self.model, checkpoint=self.checkpoint)
+
+    def image_cache(self, model: nn.Module) -> ImageCache:
+        """The image folder, preprocessed for ``model``."""
+        return ImageCache(self.data, model, progress=self.progress)
+
+
+@dataclass(frozen=True)
+class ConfigRequest:
+    """The quantization settings as the user gave them, before validation (``None``: the config's default).
+
+    ``options`` are method options (``--option``), ``overrides`` the ``--override`` texts, ``recon`` the
+    ``--recon`` reconstruction settings (any of them, or ``reconstruct``, turns reconstruction on)."""
+
+    method: str | None = None
+    w_bits: int | None = None
+    a_bits: int | None = None
+    calib_size: int | None = None
+    seed: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Sequence[str] = ()
+    recon: Mapping[str, Any] = field(default_factory=dict)
+    reconstruct: bool = False
+
+    def build(self, options: Mapping[str, Any] | None = None, **given: Any) -> QuantConfig:
+        """The validated config; ``given`` (e.g. ``method=``) takes precedence and ``options`` (a variant's own)
+        are merged over :attr:`options`. A variant's ``recon`` (true: the defaults) and ``recon.KEY`` options
+        reconstruct that variant, e.g. ``dopq-vit[recon.iterations=100]``."""
+        values = {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits,
+                  "calib_size": self.calib_size, "seed": self.seed, **given}
+        options = {**self.options, **(options or {})}
+        recon, reconstruct = dict(self.recon), bool(self.recon) or self.reconstruct
+        for key in [k for k in options if k == RECON_KEY or k.startswith(RECON_KEY + ".")]:
+            value = options.pop(key)
+            if key == RECON_KEY:
+                if not isinstance(value, bool):
+                    raise VitqError(f"{RECON_KEY} must be true or false, got {value!r}")
+                reconstruct = reconstruct or value
+            else:
+                recon[key.removeprefix(RECON_KEY + ".")] = value
+                reconstruct = True
+        if reconstruct:
+            values["reconstruct"] = make(ReconConfig, **recon)
+        return make(QuantConfig, **{k: v for k, v in values.items() if v is not None},
+                    overrides=[PointOverride.parse(text) for text in self.overrides], options=options)
+
+
+def quantize_on_split(model: nn.Module, name: str, config: QuantConfig, cache: ImageCache, split: Split, *,
+                      progress: bool, inplace: bool,
+                      recon_checkpoint: Path | None = None) -> tuple[QuantizedModel, float]:
+    """``model`` quantized with ``config`` on the split's calibration images, and the calibration seconds
+    (reconstruction included)."""
+    if config.method == FLOAT:  # nothing to calibrate: skip loading the calibration images
+        return prepare(model, config, model_name=name, inplace=inplace), 0.0
+    images, _ = cache.tensors(split.calib, "loading calibration images")
+    start = time.perf_counter()
+    qmodel = quantize(model, config, images, model_name=name, inplace=inplace, progress=progress,
+                      recon_checkpoint=recon_checkpoint)
+    return qmodel, time.perf_counter() - start
+
+
+def evaluate_on_split(model: nn.Module, cache: ImageCache, split: Split, spec: RunSpec) -> EvalResult:
+    """Top-1/top-5 of ``model`` on the split's evaluation images."""
+    data = cache.tensors(split.eval, "loading evaluation images")
+    return evaluate(model, data, batch_size=spec.batch_size, progress=spec.progress)
+
+
+def split_sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
+    """Accumulated SQNR of every point on up to :data:`SQNR_IMAGES` calibration images."""
+    images, _ = cache.tensors(split.calib[:SQNR_IMAGES], "loading calibration images")
+    return point_sqnr(qmodel, images)
+
+
+def sqnr_json(errors: Sequence[PointError]) -> list[dict[str, Any]]:
+    """Per-point SQNR for JSON (an infinite SQNR, i.e. no error at all, becomes ``null``)."""
+    return [{"point": e.point, "sqnr_db": e.sqnr_db if math.isfinite(e.sqnr_db) else None} for e in errors]
+
+
+def run_record(model_name: str, config: QuantConfig, split: Split, *, result: EvalResult | None = None,
+               size: SizeReport | None = None, **extra: Any) -> dict[str, Any]:
+    """The JSON record of a run (``vitq quantize --json``, ``vitq eval --json``, every backend): the model,
+    method, bits (``None`` for float), calibration size and seed, the whole ``config`` and ``peak_mem_mb``; the
+    accuracy keys when evaluated (``top1``, ``top5`` in percent, ``top1_ci95``, ``n_images``, ``seconds``,
+    ``images_per_s``); the size keys when ``size`` is given; then ``extra``."""
+    quantized = config.method != FLOAT
+    record: dict[str, Any] = {
+        "model": model_name, "method": config.method,
+        "w_bits": config.w_bits if quantized else None, "a_bits": config.a_bits if quantized else None,
+        "calib_size": len(split.calib), "seed": split.seed, "config": config.model_dump(mode="json"),
+        "peak_mem_mb": peak_rss_mb(),
+    }
+    if result is not None:
+        record |= {"top1": result.top1, "top5": result.top5, "top1_ci95": list(result.top1_ci95),
+                   "n_images": result.n_images, "seconds": result.seconds, "images_per_s": result.images_per_s}
+    if size is not None:
+        record |= {"size_mb": size.quantized_bytes / MB, "float_size_mb": size.float_bytes / MB}
+    return record | extra
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def read_quantized_dir(folder: Path) -> tuple[QuantizedModel, float | None]:
+    """The model saved in ``folder`` by ``vitq quantize`` and its calibration seconds (from ``quantize.json``)."""
+    if not folder.is_dir():
+        raise VitqError(f"quantized model folder {folder} does not exist")
+    qmodel = load(folder / MODEL_FILE)
+    info = folder / QUANTIZE_FILE
+    if not info.is_file():
+        return qmodel, None
+    try:
+        return qmodel, json.loads(info.read_text(encoding="utf-8")).get("calib_seconds")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise VitqError(f"cannot read {info}: {err}") from None
+
+
+def describe(qmodel: QuantizedModel, split: Split, calib_seconds: float | None) -> str:
+    """One line: model, method/bits, calibration images and time."""
+    config = qmodel.config
+    if config.method == FLOAT:
+        how = "not quantized"
+    else:
+        took = "unknown time" if calib_seconds is None else f"{calib_seconds:.1f} s"
+        how = f"calibrated on {len(split.calib)} images (seed {split.seed}) in {took}"
+    return f"{qmodel.model_name}, {config.label}: {how}"
