@@ -485,3 +485,29 @@ def test_quantize_with_reconstruction_saves_the_reconstructed_model(cli, files, 
                        "--output", tmp_path / "bad")
     assert code != 0 and "drop_prob" in err
 
+
+
+def test_methods_lists_every_method_with_its_paper_kind_and_options(cli):
+    code, out, _ = cli("methods")
+    assert code == 0
+    blocks = {block.split(" ", 1)[0]: block for block in out.strip().split("\n\n")}
+    assert sorted(blocks) == method_names()
+    assert blocks["qdrop"].startswith("qdrop (reconstruction-based):")
+    assert blocks["erq"].startswith("erq (calibration-only):")
+    assert "ERQ: Error Reduction for Post-Training Quantization of Vision Transformers (Zhong et al., ICML 2024)" \
+        in blocks["erq"]
+    lam = next(line for line in blocks["erq"].splitlines() if line.split()[:1] == ["lam"])
+    assert lam.split()[1:4] == ["float", ">=", "0"] and "2000.0" in lam
+    assert "paper: none (a baseline)" in blocks["minmax"] and "options: none" in blocks["minmax"]
+    code, out, _ = cli("methods", "gptq")
+    assert code == 0 and out.startswith("gptq (calibration-only)") and "act_order" in out and "erq" not in out
+
+
+@pytest.mark.parametrize("option, message", [
+    ("lam=x", "method 'erq' option lam: Input should be a valid number (got 'x'); valid options: aqer, wqer, lam"),
+    ("lam=Infinity", "method 'erq' option lam: Input should be a finite number"),
+    ("lamda=3", "method 'erq' has no option(s) lamda; valid options: aqer, wqer, lam, lam_head"),
+])
+def test_bad_method_option_names_the_valid_ones(cli, files, option, message):
+    code, _, err = cli("eval", "--method", "erq", "--option", option, *_inputs(files))
+    assert code == 2 and err.startswith("vitq: error: ") and message in err and len(err.splitlines()) == 1

@@ -159,8 +159,8 @@ def test_dopq_option_validation(models, options):
 
 def test_dopq_valid_options_and_defaults():
     method = method_class("dopq-vit")(QuantConfig(method="dopq-vit", options={"ratio_bound": 2.0, "target": "search"}))
-    assert method.options == {"softmax": "tanq", "tan_variant": "tan_log", "target": "search", "ratio_bound": 2.0,
-                              "smooth": False}
+    assert method.options.model_dump() == {"softmax": "tanq", "tan_variant": "tan_log", "target": "search",
+                                           "ratio_bound": 2.0, "smooth": False}
     assert method.quantizer_spec("softmax") == {"kind": "tanq", "bits": 8, "variant": "tan_log"}
     with pytest.raises(VitqError):
         method_class("repq-vit")(QuantConfig(method="repq-vit", options={"target": "median"}))
@@ -245,18 +245,40 @@ def test_adalog_structure_and_round_trip(tmp_path):
         assert torch.equal(vitq.load(path)(images), qmodel(images))
 
 
-def test_adalog_fpcs_option():
-    """FPCS (default) moves the uniform Linear quantizers off the percentile ranges that ``fpcs=false`` keeps;
-    the AdaLog quantizers are searched the same way in both; bad options are named."""
-    _, _, searched = quantized_test_vit("adalog", 4, 4)
+def _layer_input(qmodel, name: str, images: torch.Tensor) -> torch.Tensor:
+    """The input that reaches the Linear ``name`` of ``qmodel`` on ``images`` (before its input quantizer)."""
+    seen = []
+    hook = qmodel.model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        qmodel(images)
+    hook.remove()
+    return seen[0]
+
+
+def test_adalog_fpcs_lowers_the_layer_output_error():
+    """FPCS searches every Linear's uniform (scale, zero point) by the layer's output error: on the calibration
+    images, each block-0 Linear of the searched model has a lower ‖x·Wᵀ − Q(x)·Q(W)ᵀ‖² than the same layer with
+    the ``fpcs=false`` quantizers (same weights: FPCS changes quantizers only), on the very same input x."""
+    _, images, searched = quantized_test_vit("adalog", 4, 4)
     _, _, plain = quantized_test_vit("adalog", 4, 4, fpcs=False)
-    q_searched, q_plain = searched.quantizers(), plain.quantizers()
-    for name in ("blocks.0.attn.proj.weight_quantizer", "blocks.0.attn.proj.input_quantizer",
-                 "blocks.1.mlp.fc2.weight_quantizer"):
-        assert not torch.equal(q_searched[name].scale, q_plain[name].scale), name
-    assert torch.equal(q_searched["blocks.0.attn.softmax.quantizer"].base,
-                       q_plain["blocks.0.attn.softmax.quantizer"].base)
-    with pytest.raises(VitqError, match="fpcs must be true or false"):
-        quantized_test_vit("adalog", 4, 4, fpcs="yes")
-    with pytest.raises(VitqError, match="rounds"):
-        quantized_test_vit("adalog", 4, 4, fpcs_rounds=0)
+    calib = images[:2]
+    for name in ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"):
+        layer_s, layer_p = searched.model.get_submodule(name), plain.model.get_submodule(name)
+        assert torch.equal(layer_s.weight, layer_p.weight), name
+        x = _layer_input(searched, name, calib)
+        with torch.no_grad():
+            exact = torch.nn.functional.linear(x, layer_s.weight, layer_s.bias)
+            error_s, error_p = ((layer(x) - exact).pow(2).sum() for layer in (layer_s, layer_p))
+        assert error_s < error_p, (name, error_s, error_p)
+    assert torch.equal(searched.quantizers()["blocks.0.attn.softmax.quantizer"].base,
+                       plain.quantizers()["blocks.0.attn.softmax.quantizer"].base)  # the AdaLog search is FPCS-free
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"fpcs": "yes"}, "option fpcs: Input should be a valid boolean .*valid options: fpcs, fpcs_rounds"),
+    ({"fpcs_rounds": 0}, "option fpcs_rounds: Input should be greater than or equal to 1"),
+    ({"fpcs_round": 1}, "has no option.* fpcs_round; valid options: fpcs, fpcs_rounds"),
+])
+def test_adalog_bad_options_are_named(options, message):
+    with pytest.raises(VitqError, match=message):
+        method_class("adalog")(QuantConfig(method="adalog", options=options))

@@ -187,11 +187,12 @@ def test_structure_is_ptq4vit_granularity():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"weight_granularity": "row"}, "weight_granularity must be one of .* got 'row'"),
-    ({"eq_n": 1}, "eq_n must be an integer >= 2, got 1"),
-    ({"gelu_grid": "log"}, "gelu_grid must be one of .* got 'log'"),
-    ({"inputs": "both"}, "inputs must be one of .* got 'both'"),
-    ({"rounds": 2}, "no option"),
+    ({"weight_granularity": "row"}, "option weight_granularity: Input should be 'tensor' or 'channel' .*got 'row'"),
+    ({"eq_n": 1}, "option eq_n: Input should be greater than or equal to 2 .*got 1"),
+    ({"eq_n": True}, "option eq_n: Input should be a valid integer"),
+    ({"gelu_grid": "log"}, "option gelu_grid: Input should be 'pow2' or 'linear' .*got 'log'"),
+    ({"inputs": "both"}, "option inputs: Input should be 'quantized' or 'float' .*got 'both'"),
+    ({"rounds": 2}, "has no option.* rounds; valid options: weight_granularity, eq_n, gelu_grid, inputs"),
 ])
 def test_options_are_validated(options, message):
     with pytest.raises(VitqError, match=message):

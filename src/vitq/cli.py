@@ -1,5 +1,6 @@
-"""The ``vitq`` command line: ``inspect``, ``quantize``, ``eval``, ``compare`` and ``export``.
+"""The ``vitq`` command line: ``methods``, ``inspect``, ``quantize``, ``eval``, ``compare`` and ``export``.
 
+    vitq methods                      # every method: paper, kind, options with defaults
     vitq inspect --method percentile --w-bits 4 --a-bits 4 --override head=8
     vitq quantize --method minmax --w-bits 8 --a-bits 8 --output runs/minmax_w8a8
     vitq eval --quantized runs/minmax_w8a8 --json runs/minmax_w8a8/eval.json
@@ -48,7 +49,7 @@ from vitq.experiment.compare import (
 from vitq.experiment.grammar import parse_option
 from vitq.experiment.runs import DEFAULT_MODEL, MB, MODEL_FILE, QUANTIZE_FILE, SQNR_IMAGES, ConfigRequest, RunSpec
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
-from vitq.methods import method_names
+from vitq.methods import method_class, method_names
 from vitq.models.registry import create_architecture, create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import text_table
@@ -149,11 +150,15 @@ def _eval_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``vitq`` argument parser with its five subcommands."""
+    """The ``vitq`` argument parser with its six subcommands."""
     parser = _Parser(prog="vitq", description="Post-training quantization of Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"vitq {vitq.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common, method, tuning = _common_options(), _method_options(), _tuning_options()
+
+    p = sub.add_parser("methods", help="list every method: its paper, kind and options with their defaults")
+    p.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
+    p.set_defaults(run=cmd_methods)
 
     p = sub.add_parser("inspect", parents=[common, method, tuning],
                        help="list every quantizer slot of a model (no data, no calibration)")
@@ -258,6 +263,24 @@ def _emit(record: dict[str, Any], *paths: Path | None) -> None:
 
 
 # ====================================================================== subcommands
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Every method (or the named ones): paper, calibration-only or reconstruction-based, options."""
+    for name in args.names or method_names():
+        cls = method_class(name)
+        kind = "reconstruction-based" if cls.reconstructs else "calibration-only"
+        print(f"{name} ({kind}): {cls.summary}")
+        print(f"  paper: {cls.paper if cls.paper is not None else 'none (a baseline)'}")
+        print(f"  docs: docs/methods/{name}.md")
+        rows = cls.option_rows()
+        if rows:
+            table = text_table(["option", "type", "default", "description"], [list(row) for row in rows])
+            print("".join(f"  {line}\n" for line in table.splitlines()), end="")
+        else:
+            print("  options: none")
+        print()
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

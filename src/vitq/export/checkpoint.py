@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitq import __version__
 from vitq.config import QuantConfig, make
 from vitq.errors import VitqError
 from vitq.export.packing import pack_codes, unpack_codes
+from vitq.methods import method_class
 from vitq.models import adapter_by_family
 from vitq.models.registry import load_state, read_state_file
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import build_quantizer
+from vitq.version import __version__
 
 FORMAT = "vitq-fakequant"
 FORMAT_VERSION = 2  # 2: packed weights
@@ -129,6 +130,7 @@ def load(path: str | Path) -> QuantizedModel:
         # everything the header alone decides is checked before building the (possibly large) model
         adapter = adapter_by_family(family)
         qconfig = make(QuantConfig, **config)
+        method_class(qconfig.method)  # a method this vitq knows
         quantizers = {}
         for slot_name, spec in specs.items():
             if spec is not None and not isinstance(spec, dict):

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitq import __version__
 from vitq.errors import VitqError
 from vitq.nn import QLinear
 from vitq.quantized_model import QuantizedModel, Slot
 from vitq.quantizers import Quantizer
 from vitq.quantizers.uniform import UniformQuantizer, integer_grid_problem
+from vitq.version import __version__
 
 DEFAULT_OPSET = 17
 #: ONNX metadata key holding the export header (model name, config, per-point report) as JSON

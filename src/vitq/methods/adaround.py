@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vitq.methods.base import register_method
+from vitq.methods.base import Paper, register_method
 from vitq.methods.brecq import BRECQ
 
 
 @register_method("adaround")
 class AdaRound(BRECQ):
+    paper = Paper("Up or Down? Adaptive Rounding for Post-Training Quantization", "Nagel et al.", "ICML", 2020)
+    summary = "layer-wise learned rounding of each weight layer against its float output"
     recon_defaults: ClassVar[dict[str, Any]] = {"unit": "layer", "learn_steps": False}

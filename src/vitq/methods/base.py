@@ -8,19 +8,63 @@ A method decides two things:
 2. how the quantizers (and possibly weights) are calibrated (``calibrate``), usually block by
    block with :mod:`vitq.calib.runner`.
 
-Register a method with ``@register_method("name")``; one method per file.
+Its options are a typed :class:`MethodOptions` model (``Options``): type, default, allowed range and a
+one-line description each, validated when the method is built; :attr:`Method.paper` names its paper.
+
+Register a method with ``@register_method("name")``; one method per file or package.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Union
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vitq.calib.runner import calibrate_in_forward_order
 from vitq.config import QuantConfig, ReconConfig, make
 from vitq.errors import VitqError
 from vitq.registry import Registry
+
+
+def _type_name(annotation: Any) -> str:
+    """``float``, ``int or null``, ``one of tanq, log2``, ``list of float`` for an option's annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is typing.Annotated:  # FiniteFloat and the like: the type under the constraints
+        return _type_name(args[0])
+    return getattr(annotation, "__name__", str(annotation))
+
+
+class MethodOptions(BaseModel):
+    """A method's options (``QuantConfig.options`` / ``--option KEY=VALUE``): subclass it with one field per
+    option, each with its default and a ``description``. Strict: ``true`` is not a number and ``"3"`` not an
+    integer; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The publication a method implements (shown by ``vitq methods``)."""
+
+    title: str
+    authors: str
+    venue: str
+    year: int
+
+    def __str__(self) -> str:
+        return f"{self.title} ({self.authors}, {self.venue} {self.year})"
 
 
 class Method:
@@ -39,17 +83,51 @@ class Method:
     #: the calibration-only leaderboard leaves it out (not like-for-like, NOTES §4.1)
     reconstructs: ClassVar[bool] = False
     recon_defaults: ClassVar[dict[str, Any]] = {}
+    #: the method's typed options
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: the paper it implements (``None`` for the baselines that have none)
+    paper: ClassVar[Paper | None] = None
+    #: one line for ``vitq methods``
+    summary: ClassVar[str] = ""
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
-        unknown = set(config.options) - set(self.option_names())
-        if unknown:
-            raise VitqError(f"method {self.name!r} has no option(s) {', '.join(sorted(unknown))}")
+        self.options = self.parse_options(config.options)
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """Names of the method-specific options accepted in ``QuantConfig.options``."""
-        return ()
+        return tuple(cls.Options.model_fields)
+
+    @classmethod
+    def option_rows(cls) -> list[tuple[str, str, str, str]]:
+        """``(name, type, default, description)`` of every option, for ``vitq methods``."""
+        rows = []
+        for name, info in cls.Options.model_fields.items():
+            constraints = [f"{op} {getattr(m, attr)}" for m in info.metadata
+                           for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                           if getattr(m, attr, None) is not None]
+            rows.append((name, " ".join([_type_name(info.annotation), *constraints]), json.dumps(info.default),
+                         info.description or ""))
+        return rows
+
+    @classmethod
+    def parse_options(cls, given: Mapping[str, Any]) -> MethodOptions:
+        """``given`` validated against :attr:`Options`; a bad key or value is one :class:`VitqError` that names the
+        valid options."""
+        names = cls.option_names()
+        valid = f"valid options: {', '.join(names)}" if names else "it takes no options"
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise VitqError(f"method {cls.name!r} has no option(s) {', '.join(unknown)}; {valid}")
+        try:
+            return cls.Options(**given)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            got = f" (got {first['input']!r})" if where else ""
+            raise VitqError(f"method {cls.name!r} option {where or '(all)'}: {message}{got}; {valid}") from None
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         """The quantizer of a slot with ``role`` (``None`` keeps it float)."""

@@ -9,10 +9,13 @@ steps learned jointly against the float block's output, BRECQ's loss and β sche
 
 from __future__ import annotations
 
-from vitq.methods.base import register_method
+from vitq.methods.base import Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 
 
 @register_method("brecq")
 class BRECQ(RepQViT):
+    paper = Paper("BRECQ: Pushing the Limit of Post-Training Quantization by Block Reconstruction", "Li et al.",
+                  "ICLR", 2021)
+    summary = "block reconstruction: AdaRound weight rounding + LSQ activation steps against the float block"
     reconstructs = True

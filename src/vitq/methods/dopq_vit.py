@@ -33,21 +33,20 @@ is the calibration-only method, and a reconstruction pass can run after :meth:`D
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, FiniteFloat, model_validator
 
 from vitq.calib.runner import calibrating, run_stagewise
 from vitq.calib.search import attention_output_calibration
 from vitq.errors import VitqError
-from vitq.methods.base import register_method
+from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.is_vit.smooth import smooth_optimization
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import PairContext, reparameterize_stage
 from vitq.models import Stage
 
-SOFTMAX_KINDS = ("tanq", "log_sqrt2", "log2", "uniform")
-TARGETS = ("median", "mean", "search", "none")
 #: SOSF candidates: target-scale quantiles of the channel scales and ratio bounds (None = unbounded)
 SOSF_SCALE_QUANTILES = (0.25, 0.5, 0.75)
 SOSF_RATIO_BOUNDS = (None, 8.0, 4.0, 2.0)
@@ -55,50 +54,54 @@ SOSF_RATIO_BOUNDS = (None, 8.0, 4.0, 2.0)
 
 @register_method("dopq-vit")
 class DopQViT(RepQViT):
-    DEFAULTS: dict[str, Any] = {"softmax": "tanq", "tan_variant": "tan_log", "target": "median", "ratio_bound": None,
-                                "smooth": False}
+    paper = Paper("DopQ-ViT: Towards Distribution-Friendly and Outlier-Aware Post-Training Quantization for Vision "
+                  "Transformers", "Yang et al.", "arXiv 2408.03291", 2024)
+    summary = "TanQ post-Softmax quantizer, MOSF (median) / SOSF (searched) reparameterization targets"
+
+    class Options(MethodOptions):
+        softmax: Literal["tanq", "log_sqrt2", "log2", "uniform"] = Field(
+            "tanq", description="post-Softmax quantizer kind")
+        tan_variant: Literal["tan_log", "tan"] = Field("tan_log", description="TanQ's level map")
+        target: Literal["median", "mean", "search", "none"] = Field(
+            "median", description="reparameterization target: MOSF, RepQ-ViT's mean, SOSF, or per channel")
+        ratio_bound: FiniteFloat | None = Field(None, gt=1, description="fold only clamp(s_c/s, 1/ρ, ρ) "
+                                                                         "(null: unbounded)")
+        smooth: bool = Field(False, description="with --reconstruct: reach it through I&S-ViT's smooth optimization")
+
+        @model_validator(mode="after")
+        def _smooth_needs_a_fixed_target(self) -> DopQViT.Options:
+            if self.smooth and (self.target not in ("mean", "median") or self.ratio_bound is not None):
+                raise ValueError("smooth folds the learned steps to a fixed target: use target=median or "
+                                 "target=mean, without ratio_bound")
+            return self
+
+    options: Options
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.options = {**self.DEFAULTS, **config.options}
-        if self.options["softmax"] not in SOFTMAX_KINDS:
-            raise VitqError(f"dopq-vit option softmax must be one of {SOFTMAX_KINDS}, got {self.options['softmax']!r}")
-        if self.options["target"] not in TARGETS:
-            raise VitqError(f"dopq-vit option target must be one of {TARGETS}, got {self.options['target']!r}")
-        if self.options["smooth"]:
-            if config.reconstruct is None:
-                raise VitqError("dopq-vit option smooth is a reconstruction protocol: add --reconstruct")
-            if self.options["target"] not in ("mean", "median") or self.options["ratio_bound"] is not None:
-                raise VitqError("dopq-vit option smooth folds the learned steps to a fixed target: use target=median "
-                                "or target=mean, without ratio_bound")
-        bound = self.options["ratio_bound"]
-        if bound is not None and not (isinstance(bound, int | float) and bound > 1):
-            raise VitqError(f"dopq-vit option ratio_bound must be a number > 1 or null, got {bound!r}")
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(cls.DEFAULTS)
+        if self.options.smooth and config.reconstruct is None:
+            raise VitqError("dopq-vit option smooth is a reconstruction protocol: add --reconstruct")
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         bits = self.config.a_bits
         if role == "softmax":
-            kind = self.options["softmax"]
+            kind = self.options.softmax
             if kind == "tanq":
-                return {"kind": "tanq", "bits": bits, "variant": self.options["tan_variant"]}
+                return {"kind": "tanq", "bits": bits, "variant": self.options.tan_variant}
             if kind == "uniform":
                 return {"kind": "uniform", "bits": bits, "granularity": "tensor", "init": self.init}
             return {"kind": kind, "bits": bits}
-        if role == "post_ln" and self.options["target"] == "none":
+        if role == "post_ln" and self.options.target == "none":
             return {"kind": "uniform", "bits": bits, "granularity": "channel", "axis": -1, "init": self.init}
         return super().quantizer_spec(role)
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
-        if self.options["smooth"]:
+        if self.options.smooth:
             smooth_optimization(qmodel, images, self.reconstruction(),
                                 lambda: self._calibrate_stages(qmodel, images, "none", progress),
-                                target=self.options["target"], seed=self.config.seed, progress=progress)
+                                target=self.options.target, seed=self.config.seed, progress=progress)
         else:
-            self._calibrate_stages(qmodel, images, self.options["target"], progress)
+            self._calibrate_stages(qmodel, images, self.options.target, progress)
 
     def _calibrate_stages(self, qmodel, images: torch.Tensor, target: str, progress: bool) -> None:
         """Stage by stage, TanQ (or the chosen softmax quantizer) by the attention-output error, the post-LayerNorm
@@ -111,7 +114,7 @@ class DopQViT(RepQViT):
                         stage.run(x)
                 else:
                     reparameterize_stage(qmodel, stage, x, target="median" if target == "search" else target,
-                                         ratio_bound=self.options["ratio_bound"],
+                                         ratio_bound=self.options.ratio_bound,
                                          target_search=sosf_search if target == "search" else None)
 
         run_stagewise(qmodel, images, visit, progress=progress)

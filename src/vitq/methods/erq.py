@@ -52,9 +52,10 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, FiniteFloat
 
 from vitq.calib.layer_inputs import (
     InputMoments,
@@ -67,7 +68,7 @@ from vitq.calib.layer_inputs import (
 )
 from vitq.calib.runner import run_batched, run_stagewise_with_float
 from vitq.errors import VitqError
-from vitq.methods.base import register_method
+from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import recalibrate_weight, reparameterize_stage
 from vitq.models import Stage
@@ -76,7 +77,6 @@ from vitq.quantizers.ranges import WEIGHT_PERCENTILES
 log = logging.getLogger(__name__)
 
 #: ``inputs`` option: where X̃ comes from (module docstring)
-INPUTS = ("float", "quantized")
 #: the reference calibration set size that ``lam`` is given for
 REFERENCE_IMAGES = 32
 
@@ -192,29 +192,25 @@ class LayerError:
 @register_method("erq")
 class ERQ(RepQViT):
     extra_settings = ((3, 4),)  # W3A4: the weight-rounding papers' low-bit setting
-    DEFAULTS: dict[str, Any] = {"aqer": True, "wqer": True, "lam": 2000.0, "lam_head": 0.1, "refine_iters": 100,
-                                "dual_uniform": False, "inputs": "float"}
+    paper = Paper("ERQ: Error Reduction for Post-Training Quantization of Vision Transformers", "Zhong et al.",
+                  "ICML", 2024)
+    summary = "Aqer (ridge regression moves the activation error into the weights) + Wqer (rounding refinement)"
+
+    class Options(MethodOptions):
+        aqer: bool = Field(True, description="Aqer: ridge regression of the activation-quantization error")
+        wqer: bool = Field(True, description="Wqer: iterative halving with greedy rounding flips")
+        lam: FiniteFloat = Field(2000.0, ge=0, description="ridge λ per calibration image (x the calibration size)")
+        lam_head: FiniteFloat = Field(0.1, ge=0, description="ridge λ per image of the one-row-per-image head")
+        refine_iters: int = Field(100, ge=0, description="greedy rounding-flip iterations of Wqer")
+        dual_uniform: bool = Field(False, description="two scales per weight row for qkv/fc1 (the journal version)")
+        inputs: Literal["float", "quantized"] = Field(
+            "float", description="layer inputs from the float model (the paper) or the quantized one")
+
+    options: Options
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.options = {**self.DEFAULTS, **config.options}
-        for key in ("aqer", "wqer", "dual_uniform"):
-            if not isinstance(self.options[key], bool):
-                raise VitqError(f"erq option {key} must be true or false, got {self.options[key]!r}")
-        for key in ("lam", "lam_head"):
-            value = self.options[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise VitqError(f"erq option {key} must be a number >= 0, got {value!r}")
-        if self.options["inputs"] not in INPUTS:
-            raise VitqError(f"erq option inputs must be one of {INPUTS}, got {self.options['inputs']!r}")
-        iters = self.options["refine_iters"]
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-            raise VitqError(f"erq option refine_iters must be an integer >= 0, got {iters!r}")
         self.layer_errors: list[LayerError] = []
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(cls.DEFAULTS)
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         spec = super().quantizer_spec(role)
@@ -224,7 +220,7 @@ class ERQ(RepQViT):
 
     def slot_spec(self, slot) -> dict[str, Any] | None:
         # the extended variant: two scales per row for the layers fed by a LayerNorm (qkv, fc1; Swin reduction)
-        if self.options["dual_uniform"] and slot.role == "weight" and \
+        if self.options.dual_uniform and slot.role == "weight" and \
                 slot.module.slot_roles.get("input_quantizer") == "post_ln":
             return {"kind": "dual_uniform", "bits": self.config.w_bits, "init": self.init,
                     "search_percentiles": list(WEIGHT_PERCENTILES)}
@@ -251,10 +247,10 @@ class ERQ(RepQViT):
 
             def reduce(name: str, layer, m: InputMoments) -> None:
                 one_row_per_image = m.rows == x_float.shape[0]
-                self._reduce_errors(name, layer, m, lam=size * self.options["lam"],
-                                    lam_aqer=size * self.options["lam_head" if one_row_per_image else "lam"])
+                self._reduce_errors(name, layer, m, lam=size * self.options.lam,
+                                    lam_aqer=size * (self.options.lam_head if one_row_per_image else self.options.lam))
 
-            if self.options["inputs"] == "float":
+            if self.options.inputs == "float":
                 moments, out_float = gather_input_moments(float_run, x_float, modules, float_inputs=True,
                                                           input_quantizers=input_quantizers)
                 for (name, layer), m in zip(layers, moments, strict=True):
@@ -282,13 +278,13 @@ class ERQ(RepQViT):
         original_params = quantizer.get_params()
         plain_grid = row_grid(quantizer, weight.shape[0], name)
         current = original
-        if self.options["aqer"] and not _takes_the_image(layer):
+        if self.options.aqer and not _takes_the_image(layer):
             current = aqer_update(current, moments, lam_aqer)
             set_weight_and_bias(layer, current[:, :-1], current[:, -1])
             recalibrate_weight(layer)
         grid = row_grid(quantizer, weight.shape[0], name)
-        if self.options["wqer"]:
-            current = wqer_round(current, moments.quantized, grid, lam=lam, refine_iters=self.options["refine_iters"])
+        if self.options.wqer:
+            current = wqer_round(current, moments.quantized, grid, lam=lam, refine_iters=self.options.refine_iters)
         else:
             current = torch.cat([grid.nearest(current[:, :-1], torch.arange(weight.shape[1])), current[:, -1:]], dim=1)
         plain = torch.cat([plain_grid.nearest(weight, torch.arange(weight.shape[1])), bias[:, None]], dim=1)

@@ -7,6 +7,7 @@ from vitq.methods.base import Method, register_method
 
 @register_method("float")
 class FloatMethod(Method):
+    summary = "no quantization: the reference"
     def quantizer_spec(self, role: str) -> None:
         return None
 

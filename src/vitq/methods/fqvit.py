@@ -17,22 +17,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitq.methods.base import Method, register_method
-from vitq.quantizers.base import check_bits
+from pydantic import Field
+
+from vitq.methods.base import Method, MethodOptions, Paper, register_method
+from vitq.quantizers.base import MAX_BITS, MIN_BITS
 
 
 @register_method("fqvit")
 class FQViT(Method):
     init = "minmax"
 
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return ("softmax_bits",)
+    paper = Paper("FQ-ViT: Post-Training Quantization for Fully Quantized Vision Transformer", "Lin et al.",
+                  "IJCAI", 2022)
+    summary = "Power-of-Two Factor LayerNorm inputs, Log-Int-Softmax: LayerNorm and Softmax in integers"
+
+    class Options(MethodOptions):
+        softmax_bits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS,
+                                         description="bits of the Log-Int-Softmax codes (null: min(4, a_bits))")
+
+    options: Options
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.softmax_bits = check_bits(config.options.get("softmax_bits", min(4, config.a_bits)),
-                                       "fqvit option softmax_bits")
+        self.softmax_bits = self.options.softmax_bits or min(4, config.a_bits)
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         cfg = self.config

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pydantic import Field, FiniteFloat
 
 from vitq.calib.layer_inputs import (
     RowGrid,
@@ -36,7 +37,7 @@ from vitq.calib.layer_inputs import (
 )
 from vitq.calib.runner import run_stagewise
 from vitq.errors import VitqError
-from vitq.methods.base import register_method
+from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.models import Stage
@@ -106,33 +107,25 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
 @register_method("gptq")
 class GPTQ(RepQViT):
     extra_settings = ((3, 4),)  # W3A4: the weight-rounding papers' low-bit setting
-    DEFAULTS: dict[str, Any] = {"damp": 0.01, "block_size": 128, "act_order": False, "group_size": None}
+    paper = Paper("GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+                  "Frantar et al.", "ICLR", 2023)
+    summary = "Hessian-guided column-by-column weight rounding (Cholesky inverse, lazy block updates)"
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.options = {**self.DEFAULTS, **config.options}
-        damp, block_size, act_order = (self.options[k] for k in ("damp", "block_size", "act_order"))
-        if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp >= 0:
-            raise VitqError(f"gptq option damp must be a number >= 0, got {damp!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise VitqError(f"gptq option block_size must be an integer >= 1, got {block_size!r}")
-        if not isinstance(act_order, bool):
-            raise VitqError(f"gptq option act_order must be true or false, got {act_order!r}")
-        group_size = self.options["group_size"]
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                       or group_size < 1):
-            raise VitqError(f"gptq option group_size must be an integer >= 1 or null, got {group_size!r}")
+    class Options(MethodOptions):
+        damp: FiniteFloat = Field(0.01, ge=0, description="dampening added to the Hessian diagonal, x its mean")
+        block_size: int = Field(128, ge=1, description="columns rounded per lazy block update")
+        act_order: bool = Field(False, description="round the columns in order of decreasing Hessian diagonal")
+        group_size: int | None = Field(None, ge=1, description="one scale per row and group of columns "
+                                                                "(null: per output channel)")
+
+    options: Options
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
-        group_size = self.options["group_size"]
+        group_size = self.options.group_size
         if role == "weight" and group_size is not None:
             return {"kind": "uniform", "bits": self.config.w_bits, "granularity": "group", "group_size": group_size,
                     "init": self.init}
         return super().quantizer_spec(role)
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(cls.DEFAULTS)
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
         def visit(stage: Stage, x: torch.Tensor) -> None:
@@ -150,8 +143,8 @@ class GPTQ(RepQViT):
     def _round_layer(self, name: str, layer, hessian: torch.Tensor) -> None:
         weight = weight_matrix(layer)
         quantizer = layer.weight_quantizer
-        options = {"damp": float(self.options["damp"]), "block_size": self.options["block_size"],
-                   "act_order": self.options["act_order"]}
+        options = {"damp": self.options.damp, "block_size": self.options.block_size,
+                   "act_order": self.options.act_order}
         if quantizer.granularity != "group":
             grid = row_grid(quantizer, weight.shape[0], name)
             set_weight_and_bias(layer, gptq_round(weight, hessian, grid, **options))
@@ -163,7 +156,7 @@ class GPTQ(RepQViT):
         grids: dict[int, RowGrid] = {}
 
         def group_grid(k: int, columns: torch.Tensor) -> RowGrid:
-            if self.options["act_order"]:
+            if self.options.act_order:
                 grids[k] = row_grid(quantizer, weight.shape[0], name, group=k)
             else:
                 twin = build_quantizer(twin_spec)

@@ -13,23 +13,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field, FiniteFloat
+
 from vitq.calib.runner import calibrate_in_forward_order
 from vitq.calib.search import linear_output_calibration
-from vitq.methods.base import register_method
+from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.percentile import PercentileMethod
 from vitq.quantizers.noisy import DEFAULT_AMPLITUDES
 
 
 @register_method("noisyquant")
 class NoisyQuant(PercentileMethod):
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return ("amplitudes",)
+    paper = Paper("NoisyQuant: Noisy Bias-Enhanced Post-Training Activation Quantization for Vision Transformers",
+                  "Liu et al.", "CVPR", 2023)
+    summary = "a fixed noisy bias on every post-GELU activation, its width per layer by fc2's output error"
+
+    class Options(MethodOptions):
+        amplitudes: list[FiniteFloat] = Field(list(DEFAULT_AMPLITUDES), min_length=1,
+                                              description="noise widths tried per layer, in noise-free steps")
+
+    options: Options
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         if role != "post_gelu":
             return super().quantizer_spec(role)
-        amplitudes = list(self.config.options.get("amplitudes", DEFAULT_AMPLITUDES))
+        amplitudes = list(self.options.amplitudes)
         return {"kind": "noisy_uniform", "bits": self.config.a_bits, "init": self.init, "amplitudes": amplitudes,
                 "noise_seed": self.config.seed}
 

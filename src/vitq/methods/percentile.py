@@ -13,4 +13,5 @@ from vitq.methods.base import Method, register_method
 
 @register_method("percentile")
 class PercentileMethod(Method):
+    summary = "uniform quantizers, range by an MSE search over high percentiles (RepQ-ViT's baseline)"
     init = "mse"

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vitq.methods.base import register_method
+from vitq.methods.base import Paper, register_method
 from vitq.methods.brecq import BRECQ
 
 
 @register_method("qdrop")
 class QDrop(BRECQ):
+    paper = Paper("QDrop: Randomly Dropping Quantization for Extremely Low-bit Post-Training Quantization",
+                  "Wei et al.", "ICLR", 2022)
+    summary = "block reconstruction with each activation kept float with probability 0.5"
     recon_defaults: ClassVar[dict[str, Any]] = {"drop_prob": 0.5}

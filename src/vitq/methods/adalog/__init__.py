@@ -28,12 +28,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from vitq.calib.runner import run_stagewise
 from vitq.calib.search import attention_output_calibration, linear_output_calibration
-from vitq.errors import VitqError
 from vitq.methods.adalog.fpcs import FpcsSettings, fpcs_stage
-from vitq.methods.base import register_method
+from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.models import Stage
@@ -46,16 +46,19 @@ GELU_BASE_STEP = 4
 
 @register_method("adalog")
 class AdaLog(RepQViT):
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return ("fpcs", "fpcs_rounds")
+    paper = Paper("AdaLog: Post-Training Quantization for Vision Transformers with Adaptive Logarithm Quantizer",
+                  "Wu et al.", "ECCV", 2024)
+    summary = "adaptive-base log quantizer for softmax and post-GELU, then FPCS (progressive scale search)"
+
+    class Options(MethodOptions):
+        fpcs: bool = Field(True, description="FPCS: search every uniform (scale, zero point) by the output error")
+        fpcs_rounds: int = Field(FpcsSettings.rounds, ge=1, description="alternating weight/input FPCS rounds")
+
+    options: Options
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.fpcs = config.options.get("fpcs", True)
-        if not isinstance(self.fpcs, bool):
-            raise VitqError(f"adalog option fpcs must be true or false, got {self.fpcs!r}")
-        self.fpcs_settings = FpcsSettings(rounds=config.options.get("fpcs_rounds", FpcsSettings.rounds))
+        self.fpcs_settings = FpcsSettings(rounds=self.options.fpcs_rounds)
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         bits = self.config.a_bits
@@ -73,7 +76,7 @@ class AdaLog(RepQViT):
             with attention_output_calibration(qmodel.attention_modules(stage)), \
                     linear_output_calibration(post_gelu, row_stride=GELU_SEARCH_STRIDE):
                 reparameterize_stage(qmodel, stage, x, target="mean", round_zero_point=True, recalibrate_input=True)
-            if self.fpcs:
+            if self.options.fpcs:
                 fpcs_stage(qmodel, stage, x, self.fpcs_settings)
 
         run_stagewise(qmodel, images, visit, progress=progress)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.methods.base import register_method
+from vitq.methods.base import Paper, register_method
 from vitq.methods.is_vit.smooth import smooth_optimization
 from vitq.methods.repq_vit import RepQViT
 from vitq.quantizers.ranges import WEIGHT_PERCENTILES
@@ -38,6 +38,9 @@ INIT_IMAGES = 64
 
 @register_method("is-vit")
 class ISViT(RepQViT):
+    paper = Paper("I&S-ViT: An Inclusive & Stable Method for Pushing the Limit of Post-Training ViTs Quantization",
+                  "Zhong et al.", "TPAMI", 2025)
+    summary = "shift-uniform-log2 softmax quantizer and three-stage smooth optimization with reconstruction"
     reconstructs = True
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:

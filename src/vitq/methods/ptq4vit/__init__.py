@@ -33,13 +33,13 @@ busy 2-core machine (``benchmarks/results/ptq4vit``), well under 5 min. ``eq_n=1
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from vitq.calib.runner import calibrating, run_batched, run_stagewise_with_float
-from vitq.errors import VitqError
-from vitq.methods.base import Method, register_method
+from vitq.methods.base import Method, MethodOptions, Paper, register_method
 from vitq.methods.ptq4vit.hessian import ROUNDS, SearchProblem, alternating_search
 from vitq.methods.ptq4vit.products import capture_operands, stage_products, task_gradients
 from vitq.models import Stage
@@ -50,30 +50,25 @@ DEFAULT_EQ_N = 50
 ROW_STRIDE = 4
 #: images per forward/backward chunk of the gradient pass
 GRAD_BATCH = 8
-WEIGHT_GRANULARITIES = ("tensor", "channel")
-GELU_GRIDS = ("pow2", "linear")
-INPUTS = ("quantized", "float")
 
 
 @register_method("ptq4vit")
 class PTQ4ViT(Method):
-    DEFAULTS: dict[str, Any] = {"weight_granularity": "tensor", "eq_n": DEFAULT_EQ_N, "gelu_grid": "pow2",
-                                "inputs": "quantized"}
+    paper = Paper("PTQ4ViT: Post-Training Quantization for Vision Transformers with Twin Uniform Quantization",
+                  "Yuan et al.", "ECCV", 2022)
+    summary = "twin uniform softmax/post-GELU quantizers, every step by the Hessian-guided output metric"
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.options = {**self.DEFAULTS, **config.options}
-        for key, allowed in (("weight_granularity", WEIGHT_GRANULARITIES), ("gelu_grid", GELU_GRIDS),
-                             ("inputs", INPUTS)):
-            if self.options[key] not in allowed:
-                raise VitqError(f"ptq4vit option {key} must be one of {allowed}, got {self.options[key]!r}")
-        eq_n = self.options["eq_n"]
-        if isinstance(eq_n, bool) or not isinstance(eq_n, int) or eq_n < 2:
-            raise VitqError(f"ptq4vit option eq_n must be an integer >= 2, got {eq_n!r}")
+    class Options(MethodOptions):
+        weight_granularity: Literal["tensor", "channel"] = Field(
+            "tensor", description="Linear weights per tensor (qkv: one step each for q, k, v) or per output channel")
+        eq_n: int = Field(DEFAULT_EQ_N, ge=2, description="candidate steps searched per quantizer (the paper: 100)")
+        gelu_grid: Literal["pow2", "linear"] = Field(
+            "pow2", description="post-GELU positive step 2^m x the negative one, or the released code's free grid")
+        inputs: Literal["quantized", "float"] = Field(
+            "quantized", description="layer operands from the quantized upstream, or from the float model "
+                                     "(the released code's parallel calibration)")
 
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(cls.DEFAULTS)
+    options: Options
 
     def _symmetric(self, bits: int, **granularity: Any) -> dict[str, Any]:
         return {"kind": "uniform", "bits": bits, "signed": True, "symmetric": True, "init": "minmax",
@@ -82,7 +77,7 @@ class PTQ4ViT(Method):
     def slot_spec(self, slot) -> dict[str, Any] | None:
         cfg = self.config
         if slot.role == "weight":
-            if self.options["weight_granularity"] == "channel" or isinstance(slot.module, QConv2d):
+            if self.options.weight_granularity == "channel" or isinstance(slot.module, QConv2d):
                 return self._symmetric(cfg.w_bits, granularity="channel", axis=0)
             if slot.point.rpartition(".")[2] == "qkv":  # one step each for the q, k and v rows
                 return self._symmetric(cfg.w_bits, granularity="head", axis=0, groups=3)
@@ -98,15 +93,15 @@ class PTQ4ViT(Method):
         if role == "softmax":
             return {"kind": "twin_uniform_softmax", "bits": bits}
         if role == "post_gelu":
-            return {"kind": "twin_uniform_gelu", "bits": bits, "grid": self.options["gelu_grid"],
-                    "eq_n": self.options["eq_n"]}
+            return {"kind": "twin_uniform_gelu", "bits": bits, "grid": self.options.gelu_grid,
+                    "eq_n": self.options.eq_n}
         return self._symmetric(bits)
 
     def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
         with qmodel.quantization_disabled(), torch.no_grad():
             target = run_batched(qmodel, images, GRAD_BATCH).softmax(dim=-1)
         stage_index = {stage.name: i for i, stage in enumerate(qmodel.stages())}
-        parallel = self.options["inputs"] == "float"
+        parallel = self.options.inputs == "float"
 
         def visit(stage: Stage, x: torch.Tensor, x_float: torch.Tensor) -> torch.Tensor:
             self._calibrate_stage(qmodel, stage, stage_index[stage.name], x_float if parallel else x, target)
@@ -124,7 +119,7 @@ class PTQ4ViT(Method):
         products = stage_products(qmodel, stage, ROW_STRIDE)
         grads = task_gradients(qmodel, index, x, target, products, batch_size=GRAD_BATCH)
         for product in products:
-            if self.options["inputs"] == "float":
+            if self.options.inputs == "float":
                 with qmodel.quantization_disabled():
                     a, b = capture_operands(stage, x, product)
             else:
@@ -132,4 +127,4 @@ class PTQ4ViT(Method):
             problem = SearchProblem(product.op, product.rows(a), b, grads[product.name], product.a_quantizer,
                                     product.b_quantizer, a_full=a, first=product.first,
                                     b_channel_dim=product.b_channel_dim)
-            alternating_search(problem, eq_n=self.options["eq_n"], rounds=ROUNDS)
+            alternating_search(problem, eq_n=self.options.eq_n, rounds=ROUNDS)

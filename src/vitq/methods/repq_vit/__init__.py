@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitq.methods.base import Method, register_method
+from vitq.methods.base import Method, Paper, register_method
 from vitq.methods.repq_vit.reparam import reparameterize_model
 
 
 @register_method("repq-vit")
 class RepQViT(Method):
+    paper = Paper("RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision Transformers",
+                  "Li et al.", "ICCV", 2023)
+    summary = "per-channel post-LayerNorm scales folded into LayerNorm + next Linear; log√2 post-Softmax quantizer"
     init = "mse"
     #: the post-Softmax quantizer kind
     softmax_kind = "log_sqrt2"
