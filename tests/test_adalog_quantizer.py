@@ -1,4 +1,4 @@
-"""Tests of AdaLog's adaptive-base log quantizer against its closed form (NOTES §2.4)."""
+"""Tests of AdaLog's adaptive-base log quantizer against its closed form (docs/methods/adalog.md)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The dual uniform weight quantizer (ERQ journal version, NOTES §2.3.4)."""
+"""The dual uniform weight quantizer (ERQ journal version, docs/methods/erq.md#dual-uniform-weights-journal-version)."""
 
 from __future__ import annotations
 

@@ -156,8 +156,8 @@ def test_all_zero_input_calibrates_without_nan():
 
 
 def test_three_bit_log_sqrt2_spans_only_four_octaves():
-    """NOTES §5: at 3 bits log√2 zeroes everything below Δ·2^−4 (it only covers 2^b/2 octaves), log2 keeps
-    down to Δ·2^−7: the collapse mechanism of RepQ-ViT at W3A3."""
+    """docs/protocol.md#softmax-quantizers-alone: at 3 bits log√2 zeroes everything below Δ·2^−4 (it only covers 2^b/2
+    octaves), log2 keeps down to Δ·2^−7: the collapse mechanism of RepQ-ViT at W3A3."""
     delta = 0.5
     x = delta * torch.tensor([2.0**-3.5, 2.0**-4, 2.0**-5, 2.0**-7, 2.0**-7.4, 2.0**-8])
     sqrt2, log2 = LogSqrt2Quantizer(3), Log2Quantizer(3)

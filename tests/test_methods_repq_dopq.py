@@ -1,4 +1,5 @@
-"""The ``repq-vit`` and ``dopq-vit`` methods end to end on tiny random-init models (NOTES §2.1, §2.2, §5, §6)."""
+"""The ``repq-vit`` and ``dopq-vit`` methods end to end on tiny random-init models (docs/methods/repq-vit.md,
+docs/methods/dopq-vit.md, docs/protocol.md#softmax-quantizers-alone, docs/protocol.md#target-cancellation)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""RepQ-ViT scale reparameterization (vitq.methods.repq_vit.reparam; NOTES §2.1, §6, §7)."""
+"""RepQ-ViT scale reparameterization (vitq.methods.repq_vit.reparam; docs/methods/repq-vit.md,
+docs/protocol.md#target-cancellation, docs/protocol.md#constant-layernorm-channels)."""
 
 from __future__ import annotations
 
@@ -140,8 +141,8 @@ def test_per_tensor_codes_of_folded_activation_equal_per_channel_codes(bits, cha
     """Per-tensor codes of X' = X/r − b under (s̃, z̃) == per-channel codes of X under (s, z), exactly.
 
     Setup: unbounded fold, integer target zero point (``round_zero_point``; an unrounded z̃ shifts
-    every code by frac(z̃), NOTES §6), float64 arithmetic, and data whose per-channel continuous code
-    u = X/s + z stays >= 0.1 away from every rounding boundary k + 1/2. Algebraically X'/s̃ + z̃ = u
+    every code by frac(z̃), docs/protocol.md#target-cancellation), float64 arithmetic, and data whose per-channel
+    continuous code u = X/s + z stays >= 0.1 away from every rounding boundary k + 1/2. Algebraically X'/s̃ + z̃ = u
     exactly; float64 only perturbs it by ~1e-13, so round() cannot flip, and there are no ties
     (round-half-to-even is not invariant to an odd integer shift, so ties would be ill-defined).
     Codes beyond the range exercise the clamp.
@@ -192,14 +193,14 @@ def test_float32_layernorm_fold_codes_almost_always_equal():
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3
 
 
-# ------------------------------------------------------------------------------------------- NOTES §6
+# ------------------------------------------------------------ docs/protocol.md#target-cancellation
 def _layernorm_linear(channels, out_features, dtype, *, outliers=(3, 17, 29), seed=0):
     gen = torch.Generator().manual_seed(seed)
     norm = nn.LayerNorm(channels, dtype=dtype)
     linear = QLinear(nn.Linear(channels, out_features, dtype=dtype), "post_ln")
     with torch.no_grad():
         norm.weight.copy_(torch.rand(channels, generator=gen, dtype=dtype) + 0.5)
-        norm.weight[list(o for o in outliers if o < channels)] *= 30  # a few outlier channels (NOTES §6)
+        norm.weight[list(o for o in outliers if o < channels)] *= 30  # outliers: docs/protocol.md#target-cancellation
         norm.bias.copy_(torch.randn(channels, generator=gen, dtype=dtype))
         linear.weight.copy_(torch.randn(out_features, channels, generator=gen, dtype=dtype) / channels**0.5)
         linear.bias.copy_(torch.randn(out_features, generator=gen, dtype=dtype))
@@ -222,8 +223,8 @@ def _quantized_output_after_fold(norm, linear, inputs, scale, zero_point, bits, 
 
 @pytest.fixture(scope="module")
 def outlier_pair():
-    """NOTES §6 setup, smaller: LayerNorm-like activation with 3 outlier channels (x30), 48 → 64 Linear,
-    float64 throughout, per-channel min-max calibration at 4 bits."""
+    """docs/protocol.md#target-cancellation setup, smaller: LayerNorm-like activation with 3 outlier channels (x30),
+    48 → 64 Linear, float64 throughout, per-channel min-max calibration at 4 bits."""
     norm, linear = _layernorm_linear(48, 64, torch.float64)
     inputs = torch.randn(1024, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -234,8 +235,8 @@ def outlier_pair():
 
 
 def test_unbounded_fold_target_scale_cancels(outlier_pair):
-    """NOTES §6: for an unbounded fold, s̃ → k·s̃ gives X' → k·X' and W' → W'/k, and both per-tensor
-    activation and per-row weight quantization are equivariant to k: same codes, same output. So a
+    """docs/protocol.md#target-cancellation: for an unbounded fold, s̃ → k·s̃ gives X' → k·X' and W' → W'/k, and both
+    per-tensor activation and per-row weight quantization are equivariant to k: same codes, same output. So a
     'median vs mean' gain must come from the zero point's rounding, not from the scale."""
     norm, linear, inputs, scale, zero_point = outlier_pair
     z_t = torch.round(torch.quantile(zero_point, 0.5))
@@ -284,7 +285,7 @@ def test_bounded_fold_preserves_float_function(outlier_pair):
             torch.testing.assert_close(l2(n2(inputs)), reference, rtol=1e-10, atol=1e-10)
 
 
-# ------------------------------------------------------------------------------------------- NOTES §7
+# ------------------------------------------------------------ docs/protocol.md#constant-layernorm-channels
 def test_constant_channel_is_left_unfolded_and_w8a8_stays_close():
     """A LayerNorm weight of exactly 0 makes its channel the constant β_c (and 0 when β_c = 0 too).
     That channel must not enter mean(s)/mean(z) and must stay unfolded; W8A8 stays near float."""
@@ -327,8 +328,8 @@ def test_constant_channel_is_left_unfolded_and_w8a8_stays_close():
 
 
 def test_garbage_channel_statistics_are_excluded():
-    """The collapse of NOTES §7 in another implementation: step → 0 and zero point → huge (or inf).
-    Such channels must not move the target, and get r = 1, b = 0 without NaN."""
+    """The collapse of docs/protocol.md#constant-layernorm-channels in another implementation: step → 0 and zero point
+    → huge (or inf). Such channels must not move the target, and get r = 1, b = 0 without NaN."""
     gen = torch.Generator().manual_seed(0)
     scale = torch.rand(16, generator=gen) + 0.1
     zero_point = torch.randint(0, 16, (16,), generator=gen).float()

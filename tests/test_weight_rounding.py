@@ -1,4 +1,5 @@
-"""GPTQ and ERQ (NOTES §2.3, §2.5): the math against independent references, then end to end on tiny models."""
+"""GPTQ and ERQ (docs/methods/erq.md, docs/methods/gptq.md): the math against independent references, then end to
+end on tiny models."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Block reconstruction (BRECQ / QDrop style): optimize each stage's quantization so that the quantized stage
-reproduces the float stage's output on the calibration images (NOTES §1.5, §2.7, §4.1).
+reproduces the float stage's output on the calibration images (docs/protocol.md#calibration-protocols,
+docs/methods/is-vit.md, docs/protocol.md#like-for-like).
 
 Per stage, in forward order (:func:`reconstruct_model`):
 

@@ -66,7 +66,7 @@ def calibrating(quantizers: Iterable[Quantizer]) -> Iterator[None]:
 
 def calibrate_in_forward_order(qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
     """RepQ-ViT's calibration order: each quantizer initialises on the whole calibration batch, in
-    forward order, so it sees inputs already quantized upstream (NOTES §2.0)."""
+    forward order, so it sees inputs already quantized upstream (docs/protocol.md#what-is-quantized)."""
 
     def visit(stage: Stage, x: torch.Tensor) -> None:
         with calibrating(qmodel.stage_quantizers(stage)):

@@ -3,7 +3,8 @@
 A quantizer offers candidate parameter sets (:meth:`vitq.quantizers.Quantizer.search_candidates`);
 :func:`search_by_output_error` installs each in turn and keeps the one whose fake-quant input gives the
 consumer output closest to the float reference, e.g. for the attention map ``A`` the consumer
-``lambda a: a @ v`` and the error ‖A·V − Q(A)·V‖² (AdaLog / NOTES §2.2 and §5).
+``lambda a: a @ v`` and the error ‖A·V − Q(A)·V‖² (AdaLog / docs/methods/dopq-vit.md,
+docs/protocol.md#softmax-quantizers-alone).
 :func:`attention_output_mse` is the matching relative error, for per-layer reports.
 """
 

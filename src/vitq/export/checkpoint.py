@@ -188,7 +188,7 @@ def _unpack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor], entr
 def _add_folded_biases(qmodel: QuantizedModel, state: dict[str, torch.Tensor]) -> None:
     """Give a bias to every point that has none in timm but one in the file's ``state``.
 
-    Reparameterizations fold a shift into the next layer's bias (RepQ-ViT, NOTES §2.1), which creates
+    Reparameterizations fold a shift into the next layer's bias (RepQ-ViT, docs/methods/repq-vit.md), which creates
     one where timm has none (Swin's ``downsample.reduction``).
     """
     for name, point in qmodel.points().items():

@@ -68,7 +68,7 @@ class Paper:
 
 
 class Method:
-    """Base class. The default structure is the papers' convention (NOTES §2.0):
+    """Base class. The default structure is the papers' convention (docs/protocol.md#what-is-quantized):
     per-output-channel asymmetric weights at ``w_bits``, per-tensor asymmetric activations at
     ``a_bits``, the patch-embedding input at ``image_bits``.
     """
@@ -80,7 +80,7 @@ class Method:
     #: weight-rounding methods, whose papers report it)
     extra_settings: ClassVar[tuple[tuple[int, int], ...]] = ()
     #: a reconstruction-based method always reconstructs (with :attr:`recon_defaults` under the user's settings);
-    #: the calibration-only leaderboard leaves it out (not like-for-like, NOTES §4.1)
+    #: the calibration-only leaderboard leaves it out (not like-for-like, docs/protocol.md#like-for-like)
     reconstructs: ClassVar[bool] = False
     recon_defaults: ClassVar[dict[str, Any]] = {}
     #: the method's typed options

@@ -1,4 +1,5 @@
-"""``dopq-vit``: DopQ-ViT (arXiv 2408.03291), the calibration-only part (NOTES §2.2, §5, §6).
+"""``dopq-vit``: DopQ-ViT (arXiv 2408.03291), the calibration-only part (docs/methods/dopq-vit.md,
+docs/protocol.md#softmax-quantizers-alone, docs/protocol.md#target-cancellation).
 
 DopQ-ViT keeps RepQ-ViT's pipeline (:mod:`vitq.methods.repq_vit`) and changes its two weak points:
 
@@ -8,8 +9,8 @@ DopQ-ViT keeps RepQ-ViT's pipeline (:mod:`vitq.methods.repq_vit`) and changes it
 - **MOSF / SOSF**: the per-tensor target of the post-LayerNorm reparameterization is the *median* of the
   channel scales and zero points (MOSF, "MAD-guided": the median minimises the mean absolute deviation)
   instead of RepQ-ViT's mean, or is *searched* (SOSF) with an optional bound on the folded ratios, by the
-  next Linear's output error on the calibration data (NOTES §6: without a bound, the target scale
-  cancels and only the zero point matters).
+  next Linear's output error on the calibration data (docs/protocol.md#target-cancellation: without a bound, the target
+  scale cancels and only the zero point matters).
 
 Options (``QuantConfig.options`` / ``--option KEY=VALUE``), also used for the ablation:
 
@@ -23,10 +24,10 @@ Options (``QuantConfig.options`` / ``--option KEY=VALUE``), also used for the ab
 - ``smooth`` (with ``--reconstruct``): reach the reconstructed model through I&S-ViT's smooth optimization
   (:mod:`vitq.methods.is_vit.smooth`: calibrate with per-channel post-LayerNorm inputs and float weights,
   reconstruct the activation steps, fold the learned steps to ``target``, then the final reconstruction) instead of
-  reconstructing the calibrated model directly (``false``, default). NOTES §2.2 infers that the paper's numbers
-  come from such a pipeline.
+  reconstructing the calibrated model directly (``false``, default). docs/methods/dopq-vit.md infers that the paper's
+  numbers come from such a pipeline.
 
-The paper's reported numbers also include block reconstruction (a separate stage, issue 7); this file
+The paper's reported numbers also include block reconstruction (a separate stage, :mod:`vitq.calib.recon`); this file
 is the calibration-only method, and a reconstruction pass can run after :meth:`DopQViT.calibrate`.
 """
 

@@ -1,4 +1,5 @@
-"""``erq``: ERQ (Zhong et al., ICML 2024), error reduction for ViT PTQ, on the RepQ-ViT activations (NOTES §2.3).
+"""``erq``: ERQ (Zhong et al., ICML 2024), error reduction for ViT PTQ, on the RepQ-ViT activations
+(docs/methods/erq.md).
 
 Activations are quantized exactly as ``repq-vit``. Then, stage by stage, every quantized Linear (and the
 patch-embedding Conv2d on its im2col patches) goes through two closed-form steps, both on the layer's
@@ -42,8 +43,9 @@ Conventions (document for reproducibility):
 - Safeguard: a layer whose calibration error ``‖A Ŵᵀ − B W̄ᵀ‖²`` after ERQ exceeds that of plain
   rounding of its original weights keeps the plain rounding (and its original grid); the per-layer
   errors are in :attr:`ERQ.layer_errors`.
-- ``dual_uniform`` (off by default): the journal version's extended variant (TPAMI 2025, NOTES §2.3.4), two
-  scales per weight row for the layers fed by a LayerNorm (:mod:`vitq.quantizers.dual_uniform`).
+- ``dual_uniform`` (off by default): the journal version's extended variant (TPAMI 2025,
+  docs/methods/erq.md#dual-uniform-weights-journal-version), two scales per weight row for the layers fed by a
+  LayerNorm (:mod:`vitq.quantizers.dual_uniform`).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def calibration_error(weight: torch.Tensor, reference: torch.Tensor, moments: In
 
 
 def _takes_the_image(layer) -> bool:
-    """The patch embedding: ERQ's code leaves its input float and never applies Aqer to it (NOTES §2.3)."""
+    """The patch embedding: ERQ's code leaves its input float and never applies Aqer to it (docs/methods/erq.md)."""
     return layer.slot_roles.get("input_quantizer") == "image"
 
 
@@ -199,8 +201,10 @@ class ERQ(RepQViT):
     class Options(MethodOptions):
         aqer: bool = Field(True, description="Aqer: ridge regression of the activation-quantization error")
         wqer: bool = Field(True, description="Wqer: iterative halving with greedy rounding flips")
-        lam: FiniteFloat = Field(2000.0, ge=0, description="ridge λ per calibration image (x the calibration size)")
-        lam_head: FiniteFloat = Field(0.1, ge=0, description="ridge λ per image of the one-row-per-image head")
+        lam: FiniteFloat = Field(2000.0, ge=0,
+                                 description="ridge λ for 32 calibration images, scaled with their number")
+        lam_head: FiniteFloat = Field(0.1, ge=0,
+                                      description="Aqer's λ of the head (one input row per image), scaled the same way")
         refine_iters: int = Field(100, ge=0, description="greedy rounding-flip iterations of Wqer")
         dual_uniform: bool = Field(False, description="two scales per weight row for qkv/fc1 (the journal version)")
         inputs: Literal["float", "quantized"] = Field(

@@ -1,4 +1,5 @@
-"""``fqvit``: FQ-ViT (Lin et al., IJCAI 2022), "fully quantized" ViT, calibration only (NOTES §2.8).
+"""``fqvit``: FQ-ViT (Lin et al., IJCAI 2022), "fully quantized" ViT, calibration only
+(docs/protocol.md#other-baselines).
 
 FQ-ViT quantizes what other methods leave float, so that LayerNorm and Softmax can run in integers:
 

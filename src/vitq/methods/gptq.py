@@ -1,4 +1,4 @@
-"""``gptq``: GPTQ (Frantar et al., 2022) weight rounding on the RepQ-ViT activation pipeline (NOTES §2.5).
+"""``gptq``: GPTQ (Frantar et al., 2022) weight rounding on the RepQ-ViT activation pipeline (docs/methods/gptq.md).
 
 ERQ's "GPTQ*" baseline: activations exactly as ``repq-vit`` (same quantizers, same forward-order
 calibration and post-LayerNorm fold), then, stage by stage, the weights of every quantized Linear

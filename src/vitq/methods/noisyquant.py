@@ -1,4 +1,5 @@
-"""``noisyquant``: NoisyQuant (Liu et al., CVPR 2023) on the ``percentile`` uniform baseline (NOTES §2.8).
+"""``noisyquant``: NoisyQuant (Liu et al., CVPR 2023) on the ``percentile`` uniform baseline
+(docs/protocol.md#other-baselines).
 
 Every post-GELU activation (the input of ``fc2``) gets a fixed noisy bias before its per-tensor uniform
 quantizer (:class:`vitq.quantizers.noisy.NoisyUniformQuantizer`), removed after it — the same as folding

@@ -2,7 +2,7 @@
 
 For every quantization group (a weight row, or a whole activation tensor) the candidate ranges
 are the {0.999, 0.9999, 0.99999} percentiles; the one with the smallest ``||x - Q(x)||²`` wins
-(NOTES §2.0). Same structure and forward-order calibration as ``minmax``: this is RepQ-ViT
+(docs/protocol.md#what-is-quantized). Same structure and forward-order calibration as ``minmax``: this is RepQ-ViT
 without its reparameterization and log√2 softmax quantizer.
 """
 

@@ -60,8 +60,9 @@ class ModelAdapter:
     def norm_linear_pairs(cls, model: nn.Module) -> list[tuple[str, str]]:
         """``(layernorm, linear)`` module paths where the LayerNorm's output is the Linear's whole
         input, up to a permutation of tokens (the targets of RepQ-ViT's scale reparameterization,
-        NOTES §2.1(a)). A per-channel affine map of the LayerNorm output can then be folded into
-        the LayerNorm's affine parameters and the Linear's weight columns and bias. Forward order."""
+        docs/methods/repq-vit.md#post-layernorm-scale-reparameterization). A per-channel affine map of the LayerNorm
+        output can then be folded into the LayerNorm's affine parameters and the Linear's weight columns and bias.
+        Forward order."""
         raise NotImplementedError
 
 

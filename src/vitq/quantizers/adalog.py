@@ -1,4 +1,5 @@
-"""AdaLog's adaptive-base logarithmic quantizer (Wu et al., ECCV 2024; NOTES §2.4), per tensor, for x ≥ −shift.
+"""AdaLog's adaptive-base logarithmic quantizer (Wu et al., ECCV 2024; docs/methods/adalog.md), per tensor,
+for x ≥ −shift.
 
 The base is ``2^(q/r)`` with ``r = 37`` fixed and an integer ``q`` searched (``q/r`` from 0.27 to 3.7 octaves per
 step: a base tuned to each layer instead of log2's fixed 2 or log√2's √2)::

@@ -1,4 +1,5 @@
-"""Dual uniform weight quantizer: two (Δ, z) per output row, one for the outlier input columns (NOTES §2.3.4).
+"""Dual uniform weight quantizer: two (Δ, z) per output row, one for the outlier input columns
+(docs/methods/erq.md#dual-uniform-weights-journal-version).
 
 The journal version of ERQ (TPAMI 2025, "two_part") quantizes the weights of ``qkv`` and ``fc1`` this way:
 a few input columns hold most of the large weights of every row (they meet the post-LayerNorm outlier

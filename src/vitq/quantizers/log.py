@@ -7,7 +7,7 @@ Two kinds, both with one buffer ``scale`` (Δ, the largest representable value):
       x_int = round(−log2(x/Δ));  mask = x_int ≥ n;  q = clamp(x_int, 0, n−1)
       x̂ = Δ·2^(−q);  x̂[mask] = 0
 
-- ``"log_sqrt2"`` (:class:`LogSqrt2Quantizer`, RepQ-ViT, NOTES §2.1(b))::
+- ``"log_sqrt2"`` (:class:`LogSqrt2Quantizer`, RepQ-ViT, docs/methods/repq-vit.md#post-softmax-log-sqrt2-quantizer)::
 
       x_int = round(−2·log2(x/Δ));  mask = x_int ≥ n;  q = clamp(x_int, 0, n−1)
       x̂ = Δ·2^(−ceil(q/2))·(1 + (q mod 2)(√2−1));  x̂[mask] = 0      (i.e. x̂ = Δ·2^(−q/2))
@@ -19,8 +19,8 @@ means "underflow", x̂ = 0. ``int_repr`` returns int32 codes in ``0..n``; ``dequ
 underflows, or negative x) gets the zero code, computed without taking log(0). Like RepQ-ViT this is
 n non-zero levels *plus* zero, i.e. n + 1 symbols for "b bits": the zero is the shifted-out value of
 a shift kernel, not one of the 2^b exponents. Note that log√2 with n codes spans only n/2 octaves
-(everything below about Δ·2^(−(n−½)/2) becomes 0), log2 spans n octaves (NOTES §5: at 3 bits log√2
-zeroes everything below Δ·2^−3.75 and collapses the attention rows, log2 keeps down to Δ·2^−7). For
+(everything below about Δ·2^(−(n−½)/2) becomes 0), log2 spans n octaves (docs/protocol.md#softmax-quantizers-alone: at 3
+bits log√2 zeroes everything below Δ·2^−3.75 and collapses the attention rows, log2 keeps down to Δ·2^−7). For
 log2 at 8 bits the smallest levels Δ·2^(−q) fall below float32's range and dequantize to 0.
 
 **Calibration** (RepQ-ViT): Δ candidates are the quantiles of x at ``search_percentiles`` (default

@@ -1,4 +1,5 @@
-"""FQ-ViT's Power-of-Two Factor (PTF) quantizer for LayerNorm inputs (Lin et al., IJCAI 2022; NOTES §2.8).
+"""FQ-ViT's Power-of-Two Factor (PTF) quantizer for LayerNorm inputs (Lin et al., IJCAI 2022;
+docs/protocol.md#other-baselines).
 
 LayerNorm inputs (the residual stream) have a few channels with ranges tens of times wider than the rest, so
 one per-tensor step is too coarse for most channels, while free per-channel steps would break the integer

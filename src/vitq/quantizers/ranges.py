@@ -5,7 +5,7 @@ All functions are vectorised over rows.
 
 - :func:`minmax_range`: the observed min and max.
 - :func:`percentile_range`: the ``1-p`` and ``p`` quantiles (clips rare outliers).
-- :func:`mse_range_search`: RepQ-ViT's search (NOTES §2.0): for each candidate percentile p,
+- :func:`mse_range_search`: RepQ-ViT's search (docs/protocol.md#what-is-quantized): for each candidate percentile p,
   fake-quantize the row with the percentile range and keep, per row, the p whose squared error
   ``||x - Q(x)||^2`` is smallest.
 """
@@ -18,7 +18,7 @@ import torch
 
 #: RepQ-ViT's candidate percentiles for the MSE search.
 REPQ_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
-#: the wider per-row weight search of the ERQ code (NOTES §2.0; I&S-ViT uses it without 1.0)
+#: the wider per-row weight search of the ERQ code (docs/protocol.md#what-is-quantized; I&S-ViT uses it without 1.0)
 WEIGHT_PERCENTILES: tuple[float, ...] = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0)
 
 RangeQuantizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

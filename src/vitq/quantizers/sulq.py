@@ -1,4 +1,5 @@
-"""I&S-ViT's shift-uniform-log2 quantizer (SULQ) for post-Softmax values (NOTES §2.7), per tensor, for x ≥ 0.
+"""I&S-ViT's shift-uniform-log2 quantizer (SULQ) for post-Softmax values (docs/methods/is-vit.md), per tensor,
+for x ≥ 0.
 
 The attention map is shifted by η before its log, the log is quantized *uniformly* between its calibrated
 minimum and maximum, and the dequantized exponent is rounded to an integer, so every level is ``2^k − η``::

@@ -2,12 +2,12 @@
 
 DopQ-ViT (arXiv 2408.03291) replaces RepQ-ViT's log√2 post-Softmax quantizer by "TanQ", a quantizer
 "based on the tangent function" that keeps levels dense near 0 *and* near 1 (the rare large
-attention probabilities). The paper's exact formula is not available (no public code, NOTES §2.2), so
+attention probabilities). The paper's exact formula is not available (no public code, docs/methods/dopq-vit.md), so
 this is a **reconstruction** from those stated properties, with two selectable maps. Inputs are
 x ∈ [0, 1]; one per-tensor clip ``clip`` and one shape parameter ``shape``; ``b`` bits, n = 2^b codes.
 Inputs are first clamped to [0, clip]; write t = x / clip ∈ [0, 1].
 
-``variant="tan"`` (NOTES §2.2 reconstruction; ``shape`` = α ∈ (0, 1), steepness)::
+``variant="tan"`` (docs/methods/dopq-vit.md reconstruction; ``shape`` = α ∈ (0, 1), steepness)::
 
     f(x) = tan(α·π·(x/clip − 0.5)) / tan(α·π/2)              # [0, clip] → [−1, 1], steep at both ends
     q    = clamp(round((f + 1)/2 · (n − 1)), 0, n − 1)        # uniform in f
@@ -16,7 +16,8 @@ Inputs are first clamped to [0, clip]; write t = x / clip ∈ [0, 1].
   Levels increase with the code; code 0 is exactly 0 and code n − 1 exactly ``clip``; the gaps shrink
   towards both ends (dense near 0 and near clip).
 
-``variant="tan_log"`` (NOTES §5, the variant with the lowest attention-output MSE at 4 bits on DeiT-tiny;
+``variant="tan_log"`` (docs/protocol.md#softmax-quantizers-alone, the variant with the lowest attention-output MSE
+at 4 bits on DeiT-tiny;
 ``shape`` = c > 0)::
 
     u = −log2(x/clip) ≥ 0                                     # log domain (u = ∞ at x = 0)
@@ -94,7 +95,7 @@ class TanMap:
 
 
 class TanMapSymmetric(TanMap):
-    """``"tan"``: f(t) = tan(α·π·(t − 0.5)) / tan(α·π/2), uniform in f (NOTES §2.2)."""
+    """``"tan"``: f(t) = tan(α·π·(t − 0.5)) / tan(α·π/2), uniform in f (docs/methods/dopq-vit.md)."""
 
     name = "tan"
     shape_doc = "alpha in (0, 1)"
@@ -120,7 +121,7 @@ class TanMapSymmetric(TanMap):
 
 
 class TanMapLog(TanMap):
-    """``"tan_log"``: u = −log2(t), uniform in atan(u/c) (NOTES §5)."""
+    """``"tan_log"``: u = −log2(t), uniform in atan(u/c) (docs/protocol.md#softmax-quantizers-alone)."""
 
     name = "tan_log"
     shape_doc = "c > 0"

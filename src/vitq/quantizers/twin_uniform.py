@@ -1,5 +1,5 @@
-"""PTQ4ViT's twin uniform quantizers (Yuan et al., ECCV 2022; NOTES §2.6): two uniform ranges of 2^(b−1) codes
-each, one fine and one coarse, whose steps differ by a power of two so that hardware aligns them with a shift.
+"""PTQ4ViT's twin uniform quantizers (Yuan et al., ECCV 2022; docs/methods/ptq4vit.md): two uniform ranges of 2^(b−1)
+codes each, one fine and one coarse, whose steps differ by a power of two so that hardware aligns them with a shift.
 
 Two kinds, because the two activations they serve share only the idea: the post-Softmax one has a fixed coarse
 step and a searched *split point*, codes unsigned; the post-GELU one has a fixed fine step and a searched *coarse

@@ -12,8 +12,8 @@ Options:
   ``"mse"``: RepQ-ViT's search over ``search_percentiles``, see :mod:`vitq.quantizers.ranges`).
 
 Like RepQ-ViT, the asymmetric range is not forced to contain 0 (its zero point may fall outside
-the code range); a degenerate range (a constant channel, NOTES §7) is widened to include 0 so
-that the constant is still represented exactly and Δ never collapses to 0.
+the code range); a degenerate range (a constant channel, docs/protocol.md#constant-layernorm-channels) is widened to
+include 0 so that the constant is still represented exactly and Δ never collapses to 0.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Our evaluation images are easier than ImageNet-val (DeiT-tiny float 79.6 % here vs 72.21 % in the papers), so
 the comparable quantity is the *drop from float*: ours is paired (same images), the papers' is their
-top-1 minus their float. :data:`PAPER_TOP1` holds the papers' ImageNet-val top-1 (NOTES §1, with sources);
-a method without a paper number at a setting gets an empty cell.
+top-1 minus their float. :data:`PAPER_TOP1` holds the papers' ImageNet-val top-1 (docs/protocol.md#published-numbers,
+with sources); a method without a paper number at a setting gets an empty cell.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PAPER_TOP1: dict[tuple[str, str, str], tuple[float, str]] = {
     ("deit_tiny_patch16_224", "gptq", "W3A4"): (42.25, "ERQ (GPTQ*)"),
     ("deit_tiny_patch16_224", "erq", "W4A4"): (60.29, "ERQ ICML'24"),
     ("deit_tiny_patch16_224", "erq", "W3A4"): (52.73, "ERQ TPAMI'25"),
-    ("deit_tiny_patch16_224", "ptq4vit", "W6A6"): (69.68, "PTQ4ViT, from memory (NOTES [mem])"),
+    ("deit_tiny_patch16_224", "ptq4vit", "W6A6"): (69.68, "PTQ4ViT, recalled: not found in its tables"),
     ("deit_tiny_patch16_224", "ptq4vit", "W4A4"): (36.96, "APHQ-ViT T1"),
     ("deit_tiny_patch16_224", "ptq4vit", "W3A3"): (3.50, "APHQ-ViT T1"),
     ("deit_tiny_patch16_224", "dopq-vit", "W4A4"): (65.54, "DopQ-ViT, recon."),

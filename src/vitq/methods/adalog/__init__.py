@@ -1,4 +1,4 @@
-"""``adalog``: AdaLog (Wu et al., ECCV 2024), calibration only (NOTES §2.4).
+"""``adalog``: AdaLog (Wu et al., ECCV 2024), calibration only (docs/methods/adalog.md).
 
 What AdaLog changes on the RepQ-ViT pipeline (:mod:`vitq.methods.repq_vit`), all implemented here:
 

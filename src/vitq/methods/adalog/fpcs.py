@@ -1,4 +1,4 @@
-"""AdaLog's Fast Progressive Combining Search (FPCS) of uniform (scale, zero point) pairs (NOTES §2.4).
+"""AdaLog's Fast Progressive Combining Search (FPCS) of uniform (scale, zero point) pairs (docs/methods/adalog.md).
 
 For a Linear ``y = x·Wᵀ + b`` whose weight quantizer (per output row) and input quantizer (per tensor) are
 uniform affine, FPCS chooses their steps and zero points by the layer's **output** error

@@ -1,4 +1,4 @@
-"""``is-vit``: I&S-ViT (Zhong et al., TPAMI 2025; NOTES §2.7), with block reconstruction.
+"""``is-vit``: I&S-ViT (Zhong et al., TPAMI 2025; docs/methods/is-vit.md), with block reconstruction.
 
 Structure: the papers' convention (per-row asymmetric weights, per-tensor asymmetric activations, 8-bit image)
 with the **shift-uniform-log2** quantizer (SULQ, :mod:`vitq.quantizers.sulq`) on the attention map, weight

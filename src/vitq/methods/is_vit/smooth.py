@@ -1,5 +1,5 @@
-"""I&S-ViT's smooth optimization strategy (SOS, NOTES §2.7): how a method reaches a fully quantized model that
-block reconstruction can fine-tune, shared by ``is-vit`` and ``dopq-vit`` (option ``smooth``).
+"""I&S-ViT's smooth optimization strategy (SOS, docs/methods/is-vit.md): how a method reaches a fully quantized model
+that block reconstruction can fine-tune, shared by ``is-vit`` and ``dopq-vit`` (option ``smooth``).
 
 Reconstructing a fully quantized ViT at once starts from a rough loss landscape: per-tensor post-LayerNorm inputs
 (whose channels differ by orders of magnitude) and quantized weights together. SOS gets there in steps:

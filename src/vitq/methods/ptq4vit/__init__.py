@@ -1,4 +1,5 @@
-"""``ptq4vit``: PTQ4ViT (Yuan et al., ECCV 2022), twin uniform quantization + Hessian-guided search (NOTES §2.6).
+"""``ptq4vit``: PTQ4ViT (Yuan et al., ECCV 2022), twin uniform quantization + Hessian-guided search
+(docs/methods/ptq4vit.md).
 
 Structure (PTQ4ViT's granularity; every quantizer symmetric and signed):
 

@@ -1,4 +1,5 @@
-"""PTQ4ViT's Hessian-guided search (Yuan et al., ECCV 2022; NOTES §2.6) of the quantizers of one product layer.
+"""PTQ4ViT's Hessian-guided search (Yuan et al., ECCV 2022; docs/methods/ptq4vit.md) of the quantizers of
+one product layer.
 
 A *product layer* computes ``O = op(a, b)`` from two quantized operands: a Linear or the patch-embedding conv
 (``a`` = input, ``b`` = weight), or one of the attention matmuls (``q·kᵀ``: a = q, b = k; ``A·v``: a = softmax

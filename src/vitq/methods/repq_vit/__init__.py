@@ -1,4 +1,4 @@
-"""``repq-vit``: RepQ-ViT (Li et al., ICCV 2023), calibration only, 32 images (NOTES §2.0-2.1).
+"""``repq-vit``: RepQ-ViT (Li et al., ICCV 2023), calibration only, 32 images (docs/methods/repq-vit.md).
 
 - Structure: the papers' convention (per-output-channel weights, per-tensor activations) with every
   uniform range chosen by the MSE percentile search, and the **log√2** quantizer on the post-Softmax

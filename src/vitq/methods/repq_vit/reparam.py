@@ -1,13 +1,14 @@
-"""RepQ-ViT's scale reparameterization of post-LayerNorm activations (NOTES §2.1, §6, §7).
+"""RepQ-ViT's scale reparameterization of post-LayerNorm activations (docs/methods/repq-vit.md,
+docs/protocol.md#target-cancellation, docs/protocol.md#constant-layernorm-channels).
 
 Shared by the methods that quantize the post-LayerNorm activations per channel at calibration and
 per tensor at inference (``repq-vit``, ``dopq-vit``). Nothing here is method specific: the target
 scale (mean = RepQ-ViT, median = DopQ-ViT's MOSF, a searched one = SOSF) and the ratio bound are
 options, and a search plugs in through ``target_search``.
 
-The fold (NOTES §2.1(a)). A LayerNorm output ``X`` (tokens × C) feeds a Linear ``y = W X + β``.
-Its per-channel quantizer has steps ``s ∈ R^C`` and zero points ``z ∈ R^C`` (codes ``q_min..q_max``).
-For a per-tensor target ``(s̃, z̃)``::
+The fold (docs/methods/repq-vit.md#post-layernorm-scale-reparameterization). A LayerNorm output ``X`` (tokens × C) feeds
+a Linear ``y = W X + β``. Its per-channel quantizer has steps ``s ∈ R^C`` and zero points ``z ∈ R^C`` (codes
+``q_min..q_max``). For a per-tensor target ``(s̃, z̃)``::
 
     r_c = s_c / s̃                                   ratio, shape [C]
     min_c = (q_min − z_c)·s_c ;  miñ = (q_min − z̃)·s̃    lowest grid value of channel c / of the target
@@ -20,8 +21,8 @@ same integer codes as per-channel quantization of ``X`` with ``(s, z)`` whenever
 (RepQ-ViT keeps ``z̃ = mean(z)`` unrounded, which shifts every code by ``frac(z̃)``; ``round_zero_point``
 rounds it, as AdaLog does).
 
-The target scale cancels (NOTES §6). Replacing ``s̃`` by ``k·s̃`` gives ``r/k``, ``k·b``, ``k·X'`` and
-``W'/k``: per-tensor activation and per-row weight quantization are both equivariant to the common
+The target scale cancels (docs/protocol.md#target-cancellation). Replacing ``s̃`` by ``k·s̃`` gives ``r/k``,
+``k·b``, ``k·X'`` and ``W'/k``: per-tensor activation and per-row weight quantization are both equivariant to the common
 factor, so the quantized output does not change. Only a *bounded* fold makes the target matter:
 with ``ratio_bound = ρ`` the folded ratio is ``r_c = clamp(s_c / s̃, 1/ρ, ρ)``, so channels whose
 scale is far from the target (outliers) are only partly folded; the per-tensor quantizer then clips
@@ -34,8 +35,8 @@ range instead (centre ``m_c = (q_mid − z_c)·s_c``, ``m̃ = (q_mid − z̃)·s
 which is the formula above for an unbounded channel (``s_c / r_c = s̃``). Any ``(r, b)`` keeps the
 float function exactly; the choice only decides how the quantization grid falls.
 
-Degenerate channels (NOTES §7): a constant channel (LayerNorm weight exactly 0, e.g. a checkpoint
-rounded to fixed point) or a dead one has an empty calibrated range: a tiny step and possibly a
+Degenerate channels (docs/protocol.md#constant-layernorm-channels): a constant channel (LayerNorm weight exactly 0, e.g.
+a checkpoint rounded to fixed point) or a dead one has an empty calibrated range: a tiny step and possibly a
 huge or non-finite zero point. One such channel in ``mean(z)`` ruins the target and collapses even a
 W8A8 model. Channels with a non-finite step or zero point, a step ``s_c <= degenerate_rel ·
 median(s)`` (median over the channels with a finite positive step), or a LayerNorm weight of exactly
@@ -59,7 +60,8 @@ from vitq.models import Stage
 from vitq.nn import QLinear
 from vitq.quantizers import Quantizer, UniformQuantizer, build_quantizer
 
-#: a channel whose step is at most this fraction of the median step is degenerate (NOTES §7)
+#: a channel whose step is at most this fraction of the median step is degenerate
+#: (docs/protocol.md#constant-layernorm-channels)
 DEGENERATE_REL = 1e-6
 TARGETS = ("mean", "median")
 
@@ -79,7 +81,7 @@ class FoldResult:
     zero_point: torch.Tensor
     ratio: torch.Tensor  # r, [C]
     shift: torch.Tensor  # b, [C]
-    degenerate: torch.Tensor  # channels left unfolded (NOTES §7), [C]
+    degenerate: torch.Tensor  # channels left unfolded (docs/protocol.md#constant-layernorm-channels), [C]
     bounded: torch.Tensor  # channels whose ratio s_c/s̃ was clamped to [1/ρ, ρ], [C]
 
     def target_params(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -98,7 +100,8 @@ class FoldResult:
 # ---------------------------------------------------------------------------------------------- pure math
 def degenerate_channels(scale: torch.Tensor, zero_point: torch.Tensor, norm_weight: torch.Tensor | None = None,
                         *, rel: float = DEGENERATE_REL) -> torch.Tensor:
-    """Bool mask [C] of the channels to exclude from the fold (module docstring, NOTES §7):
+    """Bool mask [C] of the channels to exclude from the fold (module docstring,
+    docs/protocol.md#constant-layernorm-channels):
     ``s_c`` or ``z_c`` not finite, ``s_c <= rel · median{s_k : s_k finite and > 0}``, or a LayerNorm
     weight of exactly 0 (the channel is the constant ``β_c`` whatever the input)."""
     scale, zero_point = scale.detach().double().reshape(-1), zero_point.detach().double().reshape(-1)
@@ -218,7 +221,8 @@ def fold_channel_scales(norm: nn.LayerNorm, linear: QLinear, scale: torch.Tensor
     ``linear`` (in place) and return the per-tensor ``(s̃, z̃)`` for ``linear``'s input quantizer.
 
     ``target``: ``"mean"`` (RepQ-ViT), ``"median"`` (MOSF) or an explicit ``(s̃, z̃)`` (SOSF).
-    ``ratio_bound``: fold only ``clamp(s/s̃, 1/ρ, ρ)`` (NOTES §6). ``round_zero_point``: integer ``z̃``.
+    ``ratio_bound``: fold only ``clamp(s/s̃, 1/ρ, ρ)`` (docs/protocol.md#target-cancellation). ``round_zero_point``:
+    integer ``z̃``.
     ``code_range``: ``(q_min, q_max)``; default: the linear's current input quantizer's, else 8-bit
     unsigned (only bounded channels depend on it). Degenerate channels are left unfolded (§7).
 
@@ -373,7 +377,8 @@ def reparameterize_stage(qmodel, stage: Stage, x: torch.Tensor, *, target: Targe
                          ratio_bound: float | None = None, round_zero_point: bool = False,
                          degenerate_rel: float = DEGENERATE_REL, target_search: TargetSearch | None = None,
                          recalibrate_input: bool = False) -> list[PairFold]:
-    """Calibrate one stage the RepQ-ViT way (NOTES §2.1(c)) on its calibration input ``x``.
+    """Calibrate one stage the RepQ-ViT way (docs/methods/repq-vit.md#calibration-pipeline) on its calibration input
+    ``x``.
 
     1. each post-LayerNorm input quantizer of the stage (the ``input_quantizer`` of the linear of every
        :meth:`~vitq.quantized_model.QuantizedModel.norm_linear_pairs` pair in the stage) is replaced by
