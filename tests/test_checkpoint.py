@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import timm
@@ -277,3 +278,24 @@ def test_create_model_rejects_pth_and_missing(float_model, tmp_path):
         vitq.create_model(MODEL, checkpoint=path)
     with pytest.raises(VitqError, match="not found"):
         vitq.create_model(MODEL, checkpoint=tmp_path / "missing.safetensors")
+
+
+# ------------------------------------------------------------ files written by vitq 0.1.0 before the layout change
+SAVED_0_1_0 = Path(__file__).parent / "data" / "checkpoints_0.1.0"
+
+
+@pytest.mark.parametrize("name", ["percentile_w4a4", "adalog_w4a4", "ptq4vit_w6a6"])
+def test_checkpoints_saved_before_the_layout_change_still_load(name, tmp_path):
+    """Packed test_vit models (uniform, AdaLog and twin uniform quantizers) saved by the code before the package
+    layout changed: saving the loaded model writes the very same bytes (same header, same packed tensors), and its
+    logits are those that code computed (up to float reassociation across CPUs)."""
+    from safetensors.torch import load_file
+
+    old = SAVED_0_1_0 / f"test_vit_{name}.safetensors"
+    qmodel = vitq.load(old)
+    assert vitq.save(qmodel, tmp_path / "again.safetensors").read_bytes() == old.read_bytes()
+    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = qmodel(images)
+    expected = load_file(str(SAVED_0_1_0 / "expected_logits.safetensors"))[name]
+    assert (logits - expected).abs().mean() < 1e-3 * expected.abs().mean()
