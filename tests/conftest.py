@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_test_vit
 
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 
@@ -49,3 +50,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def float_model() -> torch.nn.Module:
+    """timm's tiny random-init ``test_vit`` (seed 0), rebuilt per test module so none sees another's changes."""
+    return random_test_vit()

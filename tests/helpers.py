@@ -18,16 +18,25 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def random_test_vit() -> nn.Module:
+    """timm's tiny ``test_vit`` (6 blocks, dim 64, 3 heads, 160 px), random-init with seed 0."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+def random_images(n: int, size: int = 160) -> torch.Tensor:
+    """``n`` random images ``[n, 3, size, size]`` (seed 0)."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def quantized_test_vit(method: str, w_bits: int, a_bits: int, reconstruct=None, **options):
     """timm's random-init ``test_vit`` (seed 0), 4 random 160 px images, and the model quantized with ``method``
     on the first two: ``(model, images, qmodel)``. ``reconstruct``: a :class:`~vitq.config.ReconConfig`."""
-    import timm
-
     import vitq
 
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False).eval()
-    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    model, images = random_test_vit(), random_images(4)
     config = vitq.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=2, options=options,
                               reconstruct=reconstruct)
     return model, images, vitq.quantize(model, config, images[:2], progress=False)

@@ -6,8 +6,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-import timm
 import torch
+from helpers import random_images
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -25,13 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(3, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def float_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(MODEL, pretrained=False).eval()
+    return random_images(3)
 
 
 @pytest.fixture(scope="module")
@@ -294,8 +288,7 @@ def test_checkpoints_saved_before_the_layout_change_still_load(name, tmp_path):
     old = SAVED_0_1_0 / f"test_vit_{name}.safetensors"
     qmodel = vitq.load(old)
     assert vitq.save(qmodel, tmp_path / "again.safetensors").read_bytes() == old.read_bytes()
-    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = qmodel(images)
+        logits = qmodel(random_images(4))
     expected = load_file(str(SAVED_0_1_0 / "expected_logits.safetensors"))[name]
     assert (logits - expected).abs().mean() < 1e-3 * expected.abs().mean()

@@ -110,75 +110,39 @@ def test_getitem_converts_to_rgb_and_applies_transform(tmp_path):
 # ---------------------------------------------------------------- errors
 
 
-def test_missing_folder(tmp_path):
-    with pytest.raises(VitqError, match="does not exist") as info:
-        ImageNetImages(tmp_path / "nope")
-    assert "nope" in str(info.value)
+#: (files and folders to create under the root (a trailing "/" makes a folder, "*.txt" a text file, anything else
+#: an image), the folder to open relative to the root, the error it must raise)
+BAD_FOLDERS = {
+    "missing folder": ([], "nope", r"image folder .*nope does not exist"),
+    "root is a file": ([f"{TENCH}.jpg"], f"{TENCH}.jpg", "is not a folder"),
+    "no images": (["readme.txt"], ".", r"no images \(.*\) found in "),
+    "class folder without images": ([f"{TENCH}/"], ".", "no images"),
+    "unknown wnid folder": ([f"{TENCH}/a.jpg", "n99999999/b.jpg"], ".", "'n99999999' in .* is not an ImageNet-1k wnid"),
+    "non-wnid folder name": (["cats/a.jpg"], ".", "'cats' in .* is not an ImageNet-1k wnid"),
+    "unknown wnid file prefix": ([f"{TENCH}_tench.jpg", "n99999999_mystery.jpg"], ".",
+                                 "n99999999_mystery.jpg is not an ImageNet-1k wnid"),
+    "unparseable file name": (["holiday.jpg"], ".", "cannot tell the class of .*holiday.jpg"),
+    "foolbox label out of range": (["imagenet_00_1000.jpg"], ".",
+                                   r"label 1000 in .*imagenet_00_1000.jpg is not an ImageNet-1k class index"),
+    "mixed naming styles": ([f"{TENCH}_tench.jpg", "imagenet_00_243.jpg"], ".", "mixes file naming styles"),
+    "class folders and loose images": ([f"{TENCH}/a.jpg", f"{GOLDFISH}_goldfish.jpg"], ".",
+                                       "mixes class sub-folders with loose images"),
+}
 
 
-def test_root_is_a_file(tmp_path):
-    path = _write_image(tmp_path / f"{TENCH}.jpg")
-    with pytest.raises(VitqError, match="not a folder"):
-        ImageNetImages(path)
-
-
-def test_empty_folder(tmp_path):
-    (tmp_path / "readme.txt").write_text("no images here")
-    with pytest.raises(VitqError, match="no images") as info:
-        ImageNetImages(tmp_path)
-    assert str(tmp_path) in str(info.value)
-
-
-def test_imagefolder_without_images(tmp_path):
-    (tmp_path / TENCH).mkdir()
-    with pytest.raises(VitqError, match="no images"):
-        ImageNetImages(tmp_path)
-
-
-def test_unknown_wnid_folder(tmp_path):
-    _write_image(tmp_path / TENCH / "a.jpg")
-    _write_image(tmp_path / "n99999999" / "b.jpg")
-    with pytest.raises(VitqError, match="n99999999.*not an ImageNet-1k wnid"):
-        ImageNetImages(tmp_path)
-
-
-def test_non_wnid_folder_name(tmp_path):
-    _write_image(tmp_path / "cats" / "a.jpg")
-    with pytest.raises(VitqError, match="'cats'.*not an ImageNet-1k wnid"):
-        ImageNetImages(tmp_path)
-
-
-def test_unknown_wnid_file_prefix(tmp_path):
-    _write_image(tmp_path / f"{TENCH}_tench.jpg")
-    _write_image(tmp_path / "n99999999_mystery.jpg")
-    with pytest.raises(VitqError, match="n99999999_mystery.jpg.*not an ImageNet-1k wnid"):
-        ImageNetImages(tmp_path)
-
-
-def test_unparseable_file_name(tmp_path):
-    _write_image(tmp_path / "holiday.jpg")
-    with pytest.raises(VitqError, match="holiday.jpg"):
-        ImageNetImages(tmp_path)
-
-
-def test_foolbox_label_out_of_range(tmp_path):
-    _write_image(tmp_path / "imagenet_00_1000.jpg")
-    with pytest.raises(VitqError, match="imagenet_00_1000.jpg"):
-        ImageNetImages(tmp_path)
-
-
-def test_mixed_naming_styles(tmp_path):
-    _write_image(tmp_path / f"{TENCH}_tench.jpg")
-    _write_image(tmp_path / "imagenet_00_243.jpg")
-    with pytest.raises(VitqError, match="mixes file naming styles"):
-        ImageNetImages(tmp_path)
-
-
-def test_mixed_folders_and_loose_images(tmp_path):
-    _write_image(tmp_path / TENCH / "a.jpg")
-    _write_image(tmp_path / f"{GOLDFISH}_goldfish.jpg")
-    with pytest.raises(VitqError, match="mixes class sub-folders"):
-        ImageNetImages(tmp_path)
+@pytest.mark.parametrize("entries, root, message", BAD_FOLDERS.values(), ids=BAD_FOLDERS.keys())
+def test_bad_folders_raise_one_clear_error(tmp_path, entries, root, message):
+    for entry in entries:
+        path = tmp_path / entry
+        if entry.endswith("/"):
+            path.mkdir(parents=True)
+        elif entry.endswith(".txt"):
+            path.write_text("no images here")
+        else:
+            _write_image(path)
+    with pytest.raises(VitqError, match=message) as info:
+        ImageNetImages(tmp_path / root)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not a jpeg", None], ids=["empty", "garbage", "truncated"])

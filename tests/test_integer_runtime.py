@@ -3,8 +3,8 @@
 import math
 
 import pytest
-import timm
 import torch
+from helpers import random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -103,17 +103,11 @@ def test_integer_layernorm_matches_float_layernorm():
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(8, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    return random_images(8)
 
 
-@pytest.fixture(scope="module")
-def test_vit() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("test_vit", pretrained=False).eval()
-
-
-def test_integer_runtime_tracks_the_fake_quant_model(test_vit, images):
-    qmodel = vitq.quantize(test_vit, vitq.QuantConfig(method="percentile", w_bits=8, a_bits=8, calib_size=4),
+def test_integer_runtime_tracks_the_fake_quant_model(float_model, images):
+    qmodel = vitq.quantize(float_model, vitq.QuantConfig(method="percentile", w_bits=8, a_bits=8, calib_size=4),
                            images[:4], progress=False)
     runtime = IntegerViT.compile(qmodel, images[:4])
     logits = runtime(images)
@@ -126,16 +120,16 @@ def test_integer_runtime_tracks_the_fake_quant_model(test_vit, images):
     assert (values.argmax(1) == reference.argmax(1)).float().mean() >= 0.75
 
 
-def test_integer_runtime_refuses_non_uniform_points(test_vit, images):
-    qmodel = vitq.quantize(test_vit, vitq.QuantConfig(method="repq-vit", w_bits=8, a_bits=8, calib_size=4),
+def test_integer_runtime_refuses_non_uniform_points(float_model, images):
+    qmodel = vitq.quantize(float_model, vitq.QuantConfig(method="repq-vit", w_bits=8, a_bits=8, calib_size=4),
                            images[:4], progress=False)
     with pytest.raises(VitqError, match="integer runtime: blocks.0"):
         IntegerViT.compile(qmodel, images[:4])
 
 
-def test_integer_runtime_refuses_quantized_layernorm_inputs(test_vit, images):
+def test_integer_runtime_refuses_quantized_layernorm_inputs(float_model, images):
     config = vitq.QuantConfig(method="fqvit", w_bits=8, a_bits=8, calib_size=4,  # PTF on LayerNorm inputs
                               overrides=[vitq.PointOverride.parse("blocks.*.attn.softmax=uniform:8")])
-    qmodel = vitq.quantize(test_vit, config, images[:4], progress=False)
+    qmodel = vitq.quantize(float_model, config, images[:4], progress=False)
     with pytest.raises(VitqError, match="LayerNorm input"):
         IntegerViT.compile(qmodel, images[:4])

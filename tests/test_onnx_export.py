@@ -14,6 +14,7 @@ import onnx
 import pytest
 import timm
 import torch
+from helpers import random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,13 +34,7 @@ MODEL = "test_vit"  # 6 blocks, dim 64, 3 heads, 160 px
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(6, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def float_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(MODEL, pretrained=False).eval()
+    return random_images(6)
 
 
 def _quantize(float_model, images, method: str, w_bits: int, a_bits: int) -> vitq.QuantizedModel:
