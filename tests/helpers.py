@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -40,3 +42,12 @@ def quantized_test_vit(method: str, w_bits: int, a_bits: int, reconstruct=None, 
     config = vitq.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=2, options=options,
                               reconstruct=reconstruct)
     return model, images, vitq.quantize(model, config, images[:2], progress=False)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX-VNNI, AVX512-VNNI or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: nothing known against the check
+    return any(flag in flags for flag in ("avx_vnni", "avx512_vnni", "amx_int8"))

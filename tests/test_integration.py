@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import cpu_has_vnni
 
 import vitq
 
@@ -81,7 +82,9 @@ def test_packed_w4_checkpoint_is_small_and_exact(deit_tiny, split_seed0, assets,
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
 def test_onnx_w8a8_export_runs_in_onnxruntime_like_fake_quant(deit_tiny, split_seed0, assets, tmp_path):
     """percentile W8A8 exports with every point as int8 QDQ; onnxruntime's integer kernels give the fake-quant
-    classes on nearly every image (the rest are float32 rounding ties, as between float32 and float64 torch)."""
+    classes on nearly every image (the rest are float32 rounding ties, as between float32 and float64 torch).
+    Without VNNI the fused u8s8 kernels deviate more (mean |Δ| 0.11 on an AVX2-only AMD EPYC), so there the
+    unfused QDQ graph is checked."""
     from vitq.assets import DEIT_TINY_CHECKPOINT
     from vitq.eval.ort import OrtModel
     from vitq.export.onnx import export_onnx
@@ -95,6 +98,6 @@ def test_onnx_w8a8_export_runs_in_onnxruntime_like_fake_quant(deit_tiny, split_s
     subset = images[:256]
     with torch.no_grad():
         reference = qmodel(subset)
-    logits = OrtModel(exported.path, threads=2)(subset)
+    logits = OrtModel(exported.path, threads=2, optimization="all" if cpu_has_vnni() else "basic")(subset)
     assert (logits.argmax(1) == reference.argmax(1)).float().mean() >= 0.97
     assert (logits - reference).abs().mean() < 0.1

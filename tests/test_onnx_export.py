@@ -7,14 +7,13 @@ each flipped code propagates; a whole model is therefore checked loosely: same c
 below the quantization error itself (on DeiT-tiny the same happens between float32 and float64 torch).
 """
 
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import timm
 import torch
-from helpers import random_images
+from helpers import cpu_has_vnni, random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,15 +39,6 @@ def images() -> torch.Tensor:
 def _quantize(float_model, images, method: str, w_bits: int, a_bits: int) -> vitq.QuantizedModel:
     config = vitq.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=3)
     return vitq.quantize(float_model, config, images[:3], progress=False)
-
-
-def _cpu_has_vnni() -> bool:
-    """Whether the CPU has int8 dot-product instructions (AVX-VNNI, AVX512-VNNI or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: nothing known against the check
-    return any(flag in flags for flag in ("avx_vnni", "avx512_vnni", "amx_int8"))
 
 
 def _ort_logits(path, images, optimization="all") -> torch.Tensor:
@@ -129,7 +119,7 @@ def test_uniform_w4a4_export_forms_and_accuracy(float_model, images, tmp_path):
         _assert_close_to_fake_quant(qmodel, exported.path, images, optimization)
 
 
-@pytest.mark.skipif(not _cpu_has_vnni(), reason="without VNNI, onnxruntime's fused u8s8 kernels differ from "
+@pytest.mark.skipif(not cpu_has_vnni(), reason="without VNNI, onnxruntime's fused u8s8 kernels differ from "
                     "fake-quant by ~0.5 logit std on test_vit (seen on an AVX2-only AMD EPYC)")
 def test_integer_kernels_keep_the_classes_at_w8a8(float_model, images, tmp_path):
     """With every fusion on (MatMulIntegerToFloat, QLinearMatMul) the classes are those of fake-quant."""
