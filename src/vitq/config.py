@@ -131,12 +131,16 @@ class QuantConfig(BaseModel):
         return "float" if self.method == "float" else f"{self.method} W{self.w_bits}A{self.a_bits}"
 
 
+def first_error(err: ValidationError) -> tuple[str, str, Any]:
+    """Where (dotted field path, ``""`` for the whole model), what and the rejected input of ``err``'s first error."""
+    first = err.errors()[0]
+    return ".".join(str(part) for part in first["loc"]), first["msg"].removeprefix("Value error, "), first.get("input")
+
+
 def make(cls: type[BaseModel], **kwargs: Any) -> Any:
     """Build a pydantic model, turning validation errors into one-line :class:`VitqError`."""
     try:
         return cls(**kwargs)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise VitqError(f"invalid {where}: {message} (got {first.get('input')!r})") from None
+        where, message, given = first_error(err)
+        raise VitqError(f"invalid {where}: {message} (got {given!r})") from None

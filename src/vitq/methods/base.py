@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.config import QuantConfig, ReconConfig, make
+from vitq.config import QuantConfig, ReconConfig, first_error, make
 from vitq.errors import VitqError
 from vitq.registry import Registry
 
@@ -123,10 +123,8 @@ class Method:
         try:
             return cls.Options(**given)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            message = first["msg"].removeprefix("Value error, ")
-            got = f" (got {first['input']!r})" if where else ""
+            where, message, given = first_error(err)
+            got = f" (got {given!r})" if where else ""
             raise VitqError(f"method {cls.name!r} option {where or '(all)'}: {message}{got}; {valid}") from None
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
