@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vitq.calib.recon import reconstruct_model
+from vitq.checks import check_calibrated, check_images, expected_image_size
 from vitq.config import QuantConfig
 from vitq.data import load_tensors
 from vitq.methods import Method, method_class
@@ -63,13 +64,16 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, *, model_name: s
     folder where the reconstruction saves its progress after every block and from which a rerun resumes.
     """
     method = method_class(config.method)(config)
-    qmodel = _prepare(model, config, method, model_name, inplace)
     if not isinstance(calib_data, torch.Tensor):
         calib_data, _ = load_tensors(calib_data, progress=progress, desc="loading calibration images")
+    calib_data = check_images(calib_data, "calibration images", expected_image_size(model))
+    qmodel = _prepare(model, config, method, model_name, inplace)
     torch.manual_seed(config.seed)
     method.calibrate(qmodel, calib_data, progress=progress)
+    check_calibrated(qmodel.eval(), calib_data)
     reconstruction = method.reconstruction()
     if reconstruction is not None:
         reconstruct_model(qmodel, calib_data, reconstruction, seed=config.seed, checkpoint_dir=recon_checkpoint,
                           progress=progress)
+        check_calibrated(qmodel.eval(), calib_data)
     return qmodel.eval()

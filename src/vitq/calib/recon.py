@@ -32,23 +32,25 @@ uninterrupted run. Memory: one stage's calibration inputs and targets, plus one 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from vitq.calib.layer_inputs import weight_layers
 from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
 from vitq.calib.runner import run_batched
+from vitq.checks import check_finite
 from vitq.config import ReconConfig
 from vitq.errors import VitqError
+from vitq.files import atomic_file
 from vitq.models import Stage
+from vitq.models.registry import load_state, read_state_file
 from vitq.quantizers import UniformQuantizer
 
 #: the checkpoint in ``checkpoint_dir``: the model state, with the progress in its metadata (one atomic file)
@@ -213,21 +215,33 @@ def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
 
 
 def _save_checkpoint(qmodel, path: Path, done: int, fingerprint: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file({k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}, partial,
-              metadata={"done": str(done), "fingerprint": fingerprint})
-    os.replace(partial, path)  # atomic: a checkpoint is either the old one or the new one
+    with atomic_file(path) as partial:  # a checkpoint is either the old one or the new one
+        save_file({k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}, partial,
+                  metadata={"done": str(done), "fingerprint": fingerprint})
 
 
-def _checkpoint_progress(path: Path, fingerprint: str) -> int:
+def _checkpoint_progress(path: Path, fingerprint: str, n_stages: int) -> int:
     """The index of the last stage finished in the checkpoint at ``path`` (which must match ``fingerprint``)."""
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise VitqError(f"reconstruction checkpoint {path} is unreadable ({err}); remove it to start over") from None
     if metadata.get("fingerprint") != fingerprint:
         raise VitqError(f"{path} holds a reconstruction with other settings or images; remove it or use another "
                         "checkpoint directory")
-    return int(metadata["done"])
+    done = metadata.get("done", "")
+    if not (done.isascii() and done.isdigit() and int(done) < n_stages):
+        raise VitqError(f"reconstruction checkpoint {path} has a broken progress entry {done!r} "
+                        f"(the model has {n_stages} stages); remove it to start over")
+    return int(done)
+
+
+def _load_checkpoint(qmodel, path: Path) -> None:
+    """The checkpoint's state into ``qmodel``: finite tensors, exactly the model's keys and shapes."""
+    state = read_state_file(path)
+    check_finite(state, f"reconstruction checkpoint {path}")
+    load_state(qmodel.model, state, path, what="this reconstruction (remove the checkpoint to start over)")
 
 
 def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, seed: int = 0,
@@ -244,11 +258,11 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
     if checkpoint is not None and checkpoint.is_file():
         # the float stream through the finished stages needs their weights from *before* reconstruction (AdaRound
         # changed them), i.e. the ones this model still has until the checkpoint is loaded
-        done = _checkpoint_progress(checkpoint, fingerprint)
+        done = _checkpoint_progress(checkpoint, fingerprint, len(stages))
         with torch.no_grad(), qmodel.quantization_disabled():
             for stage in stages[:done + 1]:
                 x_float = run_batched(stage.run, x_float, settings.batch_size)
-        qmodel.model.load_state_dict(load_file(checkpoint))
+        _load_checkpoint(qmodel, checkpoint)
     records: list[StageRecon] = []
     x = images
     bar = tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)

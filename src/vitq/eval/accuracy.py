@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitq.checks import check_images, check_labels, check_logits, expected_image_size
 from vitq.data import load_tensors
 
 
@@ -50,15 +51,23 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, batch_size: int = 64, progress: bool = True,
              desc: str = "evaluating") -> EvalResult:
-    """Accuracy of ``model`` on ``data``: a ``(images, labels)`` tensor pair or a dataset."""
-    images, labels = data if isinstance(data, tuple) else load_tensors(data, progress=progress)
+    """Accuracy of ``model`` on ``data``: a ``(images, labels)`` tensor pair or a dataset.
+
+    The images must be finite ``[N, 3, H, W]`` floats and the labels ``N`` class indices below the model's
+    number of classes; logits with a NaN or infinity are an error, not a prediction."""
+    images, labels = data if isinstance(data, tuple) and len(data) == 2 else load_tensors(data, progress=progress)
+    images = check_images(images, "evaluation images", expected_image_size(model))
+    labels = check_labels(labels, len(images), None)
     model.eval()
     hits1, hits5 = [], []
     start = time.perf_counter()
     for chunk, target in tqdm(zip(images.split(batch_size), labels.split(batch_size), strict=True),
                               total=math.ceil(len(images) / batch_size), desc=desc, unit="batch",
                               disable=not progress):
-        top5 = model(chunk).topk(5, dim=1).indices
+        logits = model(chunk)
+        check_logits(logits, "the evaluated model")
+        check_labels(target, len(chunk), logits.shape[-1])
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=1).indices
         hits1.append(top5[:, 0] == target)
         hits5.append((top5 == target[:, None]).any(dim=1))
     seconds = time.perf_counter() - start

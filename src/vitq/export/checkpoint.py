@@ -27,17 +27,25 @@ from torch import nn
 from vitq.config import QuantConfig, make
 from vitq.errors import VitqError
 from vitq.export.packing import pack_codes, unpack_codes
+from vitq.export.validate import (
+    PACKED_SUFFIX,
+    PACKED_WEIGHT_DTYPES,
+    check_tensor_table,
+    check_tensors,
+    packed_bits,
+    tensor_table,
+)
+from vitq.files import atomic_file
 from vitq.methods import method_class
 from vitq.models import adapter_by_family
-from vitq.models.registry import load_state, read_state_file
+from vitq.models.registry import check_model_name, create_architecture, load_state, read_state_file
 from vitq.quantized_model import QuantizedModel
-from vitq.quantizers import build_quantizer
+from vitq.quantizers import Quantizer, build_quantizer
 from vitq.version import __version__
 
 FORMAT = "vitq-fakequant"
 FORMAT_VERSION = 2  # 2: packed weights
 HEADER_KEY = "vitq"
-PACKED_SUFFIX = ".packed"
 
 
 def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Path:
@@ -45,7 +53,6 @@ def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Pa
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
     packed_entries = _pack_weights(qmodel, state) if packed else {}
     header = {
@@ -58,7 +65,8 @@ def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Pa
         "quantizers": qmodel.quant_specs(),
         "packed": packed_entries,
     }
-    save_file(state, str(path), metadata={HEADER_KEY: json.dumps(header)})
+    with atomic_file(path) as partial:
+        save_file(state, str(partial), metadata={HEADER_KEY: json.dumps(header)})
     return path
 
 
@@ -75,7 +83,7 @@ def _pack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor]) -> dic
         if not _packable(point):
             continue
         quantizer, weight = point.weight_quantizer, point.weight.detach()
-        bits = max(1, (quantizer.q_max - quantizer.q_min).bit_length())
+        bits = packed_bits(quantizer)
         codes = quantizer.int_repr(weight) - quantizer.q_min
         key = f"{name}.weight"
         del state[key]
@@ -118,71 +126,81 @@ def _header_fields(path: Path, header: dict) -> tuple[str, str, dict, dict]:
 
 
 def load(path: str | Path) -> QuantizedModel:
-    """Rebuild a quantized model saved by :func:`save`."""
+    """Rebuild a quantized model saved by :func:`save`.
+
+    Everything read is validated first (:mod:`vitq.export.validate`): the header, then the tensor table against
+    the architecture built on the meta device and the quantizer specs, then the data (finite, positive steps);
+    only then is the model built and loaded, so a bad file costs no more than reading it."""
     import timm
 
     path = Path(path)
     header = read_header(path)
     name, family, config, specs = _header_fields(path, header)
-    if not timm.is_model(name):
-        raise VitqError(f"{path} was saved from model {name!r}, which this timm does not know")
+    packed = header.get("packed", {})
     try:
-        # everything the header alone decides is checked before building the (possibly large) model
+        check_model_name(name)
         adapter = adapter_by_family(family)
         qconfig = make(QuantConfig, **config)
         method_class(qconfig.method)  # a method this vitq knows
+        if not isinstance(packed, dict):
+            raise VitqError("broken vitq header: 'packed' is not an object")
         quantizers = {}
         for slot_name, spec in specs.items():
             if spec is not None and not isinstance(spec, dict):
                 raise VitqError(f"bad quantizer spec for {slot_name}: {spec!r}")
             quantizers[slot_name] = None if spec is None else build_quantizer(spec)
-        model = timm.create_model(name, pretrained=False)
-        adapter.wrap(model)
-        qmodel = QuantizedModel(model.eval(), name, family, qconfig)
-        slots = qmodel.slots()
-        extra = set(specs) - {slot.name for slot in slots}
-        if extra:
-            raise VitqError(f"does not match {name}: {len(extra)} unknown quantizer slot(s), e.g. {min(extra)}")
-        for slot in slots:
-            if slot.name not in quantizers and slot.role != "pre_ln":  # files before LayerNorm points: float
-                raise VitqError(f"does not match {name}: no entry for {slot.name}")
-            slot.quantizer = quantizers.get(slot.name)
+        skeleton = _skeleton(create_architecture(name, device="meta"), name, family, adapter, qconfig, quantizers)
+        try:
+            check_tensor_table(tensor_table(path), skeleton, quantizers, packed, _image_size(skeleton.model))
+        except VitqError as err:
+            raise VitqError(f"does not match {name} and its header: {err}") from None
+        state = read_state_file(path)
+        check_tensors(state, quantizers)
+        with torch.device("cpu"):
+            model = timm.create_model(name, pretrained=False)
+        qmodel = _skeleton(model, name, family, adapter, qconfig, quantizers)
+        _add_folded_biases(qmodel, state)
+        _unpack_weights(qmodel, state, packed)
     except VitqError as err:
         raise VitqError(f"{path}: {err}") from None
-    state = read_state_file(path)
-    _add_folded_biases(qmodel, state)
-    _unpack_weights(qmodel, state, header.get("packed", {}), path)
     load_state(qmodel.model, state, path, what=f"quantized {name}")
     return qmodel.eval()
 
 
+def _skeleton(model: nn.Module, name: str, family: str, adapter, config: QuantConfig,
+              quantizers: dict[str, Quantizer | None]) -> QuantizedModel:
+    """``model`` wrapped by its family's adapter, each slot given its quantizer from the header. A slot missing
+    from the header is float only for pre-LayerNorm points (files from before those points existed)."""
+    if not adapter.matches(model):
+        raise VitqError(f"saved as a {family} model, but {name} is not one")
+    adapter.wrap(model)
+    qmodel = QuantizedModel(model.eval(), name, family, config)
+    slots = qmodel.slots()
+    extra = set(quantizers) - {slot.name for slot in slots}
+    if extra:
+        raise VitqError(f"does not match {name}: {len(extra)} unknown quantizer slot(s), e.g. {min(extra)}")
+    for slot in slots:
+        if slot.name not in quantizers and slot.role != "pre_ln":
+            raise VitqError(f"does not match {name}: no entry for {slot.name}")
+        slot.quantizer = quantizers.get(slot.name)
+    return qmodel
+
+
+def _image_size(model: nn.Module) -> tuple[int, int]:
+    return tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+
+
 @torch.no_grad()
-def _unpack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor], entries: object, path: Path) -> None:
-    """Turn the packed codes in ``state`` back into float weights, dequantized by their own quantizers."""
-    if not isinstance(entries, dict):
-        raise VitqError(f"{path} has a broken vitq header: 'packed' is not an object")
+def _unpack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor], entries: dict) -> None:
+    """Turn the packed codes in ``state`` back into float weights, dequantized by their own quantizers (the
+    entries were validated against the codes and quantizers by :func:`~vitq.export.validate.check_tensor_table`)."""
     points = qmodel.points()
     for key, entry in entries.items():
-        point = points.get(key.removesuffix(".weight"))
-        try:
-            bits, q_min, shape = int(entry["bits"]), int(entry["q_min"]), [int(n) for n in entry["shape"]]
-            dtype = getattr(torch, str(entry["dtype"]))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise VitqError(f"{path} has a broken 'packed' entry for {key}: {entry!r}") from None
-        if point is None or not key.endswith(".weight") or getattr(point, "weight_quantizer", None) is None:
-            raise VitqError(f"{path} does not match {qmodel.model_name}: packed weight {key} is not the weight of a "
-                            "quantized layer")
-        if key + PACKED_SUFFIX not in state or key in state:
-            raise VitqError(f"{path} does not match its header: packed weight {key} needs its codes and no float "
-                            "tensor")
-        quantizer = point.weight_quantizer
+        quantizer = points[key.removesuffix(".weight")].weight_quantizer
         prefix = key.removesuffix("weight") + "weight_quantizer."
-        try:
-            quantizer.set_params({p: state[prefix + p] for p in quantizer.param_names})
-        except KeyError as err:
-            raise VitqError(f"{path} does not match its header: missing {err} for packed weight {key}") from None
-        codes = unpack_codes(state.pop(key + PACKED_SUFFIX), bits, math.prod(shape)) + q_min
-        state[key] = quantizer.dequantize(codes.reshape(shape)).to(dtype)
+        quantizer.set_params({p: state[prefix + p] for p in quantizer.param_names})
+        codes = unpack_codes(state.pop(key + PACKED_SUFFIX), entry["bits"], math.prod(entry["shape"])) + entry["q_min"]
+        state[key] = quantizer.dequantize(codes.reshape(entry["shape"])).to(PACKED_WEIGHT_DTYPES[entry["dtype"]])
 
 
 def _add_folded_biases(qmodel: QuantizedModel, state: dict[str, torch.Tensor]) -> None:

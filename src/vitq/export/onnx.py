@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from vitq.errors import VitqError
+from vitq.files import atomic_file
 from vitq.nn import QLinear
 from vitq.quantized_model import QuantizedModel, Slot
 from vitq.quantizers import Quantizer
@@ -258,8 +259,8 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
             raise VitqError(f"ONNX export failed: {str(err).splitlines()[-1]}") from None
     model = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(export_header(qmodel, points))})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    with atomic_file(path) as partial:
+        onnx.save(model, str(partial))
     return OnnxExport(path, points)
 
 

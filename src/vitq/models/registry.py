@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vitq.checks import check_finite
 from vitq.errors import VitqError
 from vitq.models.base import ModelAdapter
 from vitq.registry import Registry
@@ -27,21 +32,54 @@ def adapter_for(model: nn.Module) -> type[ModelAdapter]:
                     f"supported families: {', '.join(ADAPTERS.names())}")
 
 
+def check_model_name(name: object) -> str:
+    """``name`` if timm knows it (with its pretrained tag, if one is given), else a one-line error with the
+    closest names."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise VitqError(f"unknown model {name!r}{hint}")
+    base, tag = split_model_name_tag(name)
+    if tag:
+        known = [n.partition(".")[2] for n in timm.list_pretrained(base)]
+        if tag not in known:
+            raise VitqError(f"model {name!r} has an unknown pretrained tag {tag!r}; "
+                            f"{base} has: {', '.join(known) or 'none'}")
+    return name
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence the hub clients' retry warnings (one per attempt without a network): the failure is reported once."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "urllib3", "timm")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def create_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
     """A float timm model in eval mode.
 
     With ``checkpoint`` (a local ``.safetensors`` state dict) the weights are loaded strictly from
-    it; without, timm downloads its pretrained weights (needs a network).
+    it (every tensor finite); without, timm downloads its pretrained weights (needs a network).
     """
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise VitqError(f"unknown model {name!r}{hint}")
+    check_model_name(name)
     if checkpoint is None:
         try:
-            model = timm.create_model(name, pretrained=True)
+            with _quiet_hub():
+                model = timm.create_model(name, pretrained=True)
         except Exception as err:  # network or hub failures come in many exception types
             raise VitqError(f"could not download pretrained weights for {name!r} ({type(err).__name__}); "
                             "pass --checkpoint with a local .safetensors file") from None
@@ -51,13 +89,14 @@ def create_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
     return model.eval()
 
 
-def create_architecture(name: str) -> nn.Module:
-    """A randomly initialised timm model in eval mode: the structure only, nothing is downloaded."""
+def create_architecture(name: str, device: str | torch.device | None = None) -> nn.Module:
+    """A randomly initialised timm model in eval mode: the structure only, nothing is downloaded.
+    ``device="meta"`` builds it without allocating its tensors (shapes only, for checks)."""
     import timm
 
-    if not timm.is_model(name):
-        create_model(name)  # raises the "unknown model ..., did you mean ...?" error first
-    return timm.create_model(name, pretrained=False).eval()
+    check_model_name(name)
+    with torch.device(device or "cpu"):
+        return timm.create_model(name, pretrained=False).eval()
 
 
 def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -93,5 +132,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
 
 
 def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> None:
-    """Load a safetensors state dict into ``model`` strictly, with readable errors."""
-    load_state(model, read_state_file(path), path, what)
+    """Load a safetensors state dict into ``model`` strictly (every tensor finite), with readable errors."""
+    state = read_state_file(path)
+    check_finite(state, f"checkpoint {path}")
+    load_state(model, state, path, what)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from vitq.files import write_text
 from vitq.report.plots import plot_compare
 from vitq.report.stats import format_mean_std, mean_std
 from vitq.report.tables import markdown_table, write_csv
@@ -178,6 +179,6 @@ def write_compare_report(out_dir: str | Path, title: str, meta: Sequence[tuple[s
     png = plot_compare(out_dir / "compare.png", settings, plot_series(runs, settings),
                        mean_std(float_top1)[0] if float_top1 else None, title=title)
     csv_path = write_csv(out_dir / "compare.csv", *csv_rows(runs, reference))
-    md = out_dir / "compare.md"
-    md.write_text(compare_markdown(title, meta, runs, plot_name=png.name, reference=reference), encoding="utf-8")
+    md = write_text(out_dir / "compare.md", compare_markdown(title, meta, runs, plot_name=png.name,
+                                                             reference=reference))
     return {"markdown": md, "csv": csv_path, "plot": png}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from vitq.files import write_text
 from vitq.report.compare import FLOAT, CompareRun, plot_series
 from vitq.report.plots import plot_compare
 from vitq.report.stats import format_mean_std, mean_std
@@ -78,6 +79,4 @@ def write_leaderboard(path: str | Path, model: str, meta: Sequence[tuple[str, st
              f"ImageNet-val (float {PAPER_FLOAT.get(model, 'n/a')}), whose images are harder than ours, so compare "
              "drops, not top-1. \"recon.\" = the paper's number includes block reconstruction.", "",
              markdown_table(COLUMNS, leaderboard_rows(runs, model)), "", f"![top-1 vs bit setting]({png.name})", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_text(path, "\n".join(lines))

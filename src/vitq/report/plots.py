@@ -8,6 +8,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vitq.files import atomic_file
+
 
 def plot_compare(path: str | Path, settings: Sequence[str],
                  series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
@@ -35,6 +37,6 @@ def plot_compare(path: str | Path, settings: Sequence[str],
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    with atomic_file(path) as partial:
+        fig.savefig(partial, format="png")
     return path

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vitq.files import atomic_file
+
 Row = Sequence[Any]
 
 
@@ -84,8 +86,7 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence[Row]) -> 
     """Write ``rows`` under a ``columns`` header to ``path`` (parents created); ``None`` -> empty cell."""
     _check_widths(columns, rows)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_file(path) as partial, partial.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows([["" if v is None else v for v in row] for row in rows])
