@@ -403,7 +403,7 @@ BAD_INPUTS = {
     "export missing dir": (lambda f: ["export", f["root"] / "nope", "--output", f["root"] / "x.onnx"],
                            ["nope", "does not exist"]),
     "export bad opset": (lambda f: ["export", f["root"], "--output", "x.onnx", "--opset", "11"], ["--opset"]),
-    "negative seed": (lambda f: ["eval", *_inputs(f), "--seed", "-1"], ["--seed", "non-negative"]),
+    "negative seed": (lambda f: ["eval", *_inputs(f), "--seed", "-1"], ["--seed", "from 0 to"]),
 }
 
 

@@ -174,8 +174,8 @@ def test_per_head_and_per_channel_activations_take_the_float_path(float_model, i
 def test_header_names_model_and_config(float_model, images, tmp_path):
     qmodel = _quantize(float_model, images, "minmax", 8, 8)
     header = OrtModel(export_onnx(qmodel, tmp_path / "h.onnx").path).header
-    assert header["model_name"] == MODEL and header["config"]["w_bits"] == 8
-    assert {p["slot"] for p in header["points"]} == set(qmodel.quantizers())
+    assert header.model_name == MODEL and header.config.w_bits == 8
+    assert {p.slot for p in header.points} == set(qmodel.quantizers())
 
 
 # ---------------------------------------------------------------- storage offsets (no onnxruntime needed)

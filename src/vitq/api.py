@@ -18,6 +18,7 @@ from vitq.calib.recon import reconstruct_model
 from vitq.checks import check_calibrated, check_images, expected_image_size
 from vitq.config import QuantConfig
 from vitq.data import load_tensors
+from vitq.errors import VitqError
 from vitq.methods import Method, method_class
 from vitq.models import adapter_for
 from vitq.quantized_model import QuantizedModel
@@ -47,7 +48,12 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
     adapter = adapter_for(model)
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), model_name, adapter.family, config)
-    for slot in qmodel.slots():
+    slots = qmodel.slots()
+    for override in config.overrides:  # a typo would leave quantized a layer the user believes float
+        if not any(override.matches(slot.point, slot.name) for slot in slots):
+            raise VitqError(f"override {override.pattern!r} matches no quantizer slot of {model_name} (slots look "
+                            f"like {slots[0].point} or {slots[0].name}; 'vitq inspect' lists them)")
+    for slot in slots:
         spec = config.spec_for(slot.point, slot.name, method.slot_spec(slot))
         slot.quantizer = None if spec is None else build_quantizer(spec)
     return qmodel

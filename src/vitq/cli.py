@@ -14,7 +14,9 @@
 
 Calibration and evaluation images come from one folder, split by ``--calib-size`` and ``--seed``
 (:func:`vitq.data.split_calib_eval`), so a run is reproducible from its seed. Every problem a
-user can cause is printed as one line ``vitq: error: <message>`` and exits with code 2.
+user can cause is printed as one line ``vitq: error: <message>`` and exits with code 2 (Ctrl-C: 130, a bug: one
+line and 1). Outputs are checked before any work and written whole at the end, or not at all
+(:mod:`vitq.files`); an existing one is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch
 
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE
-from vitq.config import QuantConfig
 from vitq.errors import VitqError
 from vitq.eval.errors import PointError
 from vitq.eval.size import model_size
@@ -46,16 +47,17 @@ from vitq.experiment.compare import (
     CompareSpec,
     run_compare,
 )
-from vitq.experiment.grammar import parse_option
+from vitq.experiment.grammar import parse_option, parse_seed
 from vitq.experiment.runs import DEFAULT_MODEL, MB, MODEL_FILE, QUANTIZE_FILE, SQNR_IMAGES, ConfigRequest, RunSpec
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
+from vitq.files import atomic_folder, check_file_output, check_folder_output, write_json
 from vitq.methods import method_class, method_names
 from vitq.models.registry import create_architecture, create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import text_table
 from vitq.report.compare import summary_columns, summary_rows
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 WORST_POINTS = 5
 BACKENDS = ("torch", "onnxruntime", "integer")
 EXPORT_FORMATS = ("onnx",)
@@ -87,7 +89,14 @@ def _int_at_least(minimum: int, what: str):
 
 
 _positive_int = _int_at_least(1, "positive")
-_non_negative_int = _int_at_least(0, "non-negative")
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed (:func:`vitq.experiment.grammar.parse_seed`)."""
+    try:
+        return parse_seed(text)
+    except VitqError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -137,7 +146,7 @@ def _data_options(*, seed: bool) -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help=f"ImageNet image folder (default $VITQ_ASSETS/{IMAGENET_SAMPLE})")
     p.add_argument("--calib-size", type=_positive_int, help="number of calibration images (default 32)")
     if seed:
-        p.add_argument("--seed", type=_non_negative_int,
+        p.add_argument("--seed", type=_seed,
                        help="selects the calibration images and seeds the method (default 0)")
     return p
 
@@ -172,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--no-pack", action="store_true",
                    help="keep the float weights in the file (default: quantized weights as bit-packed codes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder and --json file")
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("eval", parents=[common, method, tuning, _recon_options(checkpoint=True),
@@ -180,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", type=Path, metavar="DIR", help="evaluate the model saved by 'vitq quantize'")
     p.add_argument("--sqnr", action="store_true", help="print the per-point SQNR table (and put it in the JSON)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch: the fake-quant model (default); onnxruntime: the ONNX file given as --model "
                         "FILE.onnx (written by 'vitq export'), with --threads intra-op threads; integer: the "
@@ -193,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, metavar="FILE", help="the file to write (FILE.onnx)")
     p.add_argument("--opset", type=_int_at_least(13, "--opset"), default=DEFAULT_OPSET,
                    help="ONNX opset, >= 13 for per-channel QDQ (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("compare", parents=[common, tuning, _recon_options(checkpoint=False),
@@ -216,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help=f"reuse the runs already in DIR/{JOURNAL_FILE} that match exactly (same model, data, "
                         "configuration, seed and evaluation images) instead of running them again")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"start a new DIR/{JOURNAL_FILE} over an existing one (default: refuse; see --resume)")
     p.set_defaults(run=cmd_compare)
     return parser
 
@@ -256,10 +270,11 @@ def _spec_summary(spec: dict[str, Any] | None) -> str:
     return " ".join(str(p) for p in parts if p)
 
 
-def _emit(record: dict[str, Any], *paths: Path | None) -> None:
-    for path in paths:
-        if path is not None:
-            runs.write_json(path, record)
+def _json_output(args: argparse.Namespace) -> Path | None:
+    """``--json PATH``, checked before any work (not a folder; an existing file only with ``--overwrite``)."""
+    if args.json is None:
+        return None
+    return check_file_output(args.json, overwrite=args.overwrite, what="--json")
 
 
 # ====================================================================== subcommands
@@ -298,58 +313,72 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """Quantize on the calibration split; save the model and ``quantize.json`` in ``--output``."""
+    """Quantize on the calibration split; save the model and ``quantize.json`` in ``--output`` (the folder is
+    written whole at the end, or not at all)."""
+    output = check_folder_output(args.output, overwrite=args.overwrite, what="--output")
+    json_path = _json_output(args)
     spec, config = _run_spec(args), _request(args).build()
     model = spec.float_model()
     cache = spec.image_cache(model)
     split = cache.split(config.calib_size, config.seed)
     qmodel, calib_seconds = runs.quantize_on_split(model, spec.model, config, cache, split, progress=spec.progress,
                                                    inplace=True, recon_checkpoint=args.recon_checkpoint)
-    model_path = vitq.save(qmodel, args.output / MODEL_FILE, packed=not args.no_pack)
     size = model_size(qmodel)
-    worst = sorted(runs.split_sqnr(qmodel, cache, split), key=lambda e: e.sqnr_db)[:WORST_POINTS]
-    record = runs.run_record(
-        spec.model, config, split, size=size,
-        checkpoint=None if spec.checkpoint is None else str(spec.checkpoint), data=str(cache.dataset.root),
-        calibration_images=[{"index": i, "file": f} for i, f in zip(split.calib, cache.file_names(split.calib),
-                                                                     strict=True)],
-        calib_seconds=calib_seconds, file_bytes=model_path.stat().st_size, worst_points=runs.sqnr_json(worst))
-    _emit(record, args.output / QUANTIZE_FILE, args.json)
-    print(runs.describe(qmodel, split, calib_seconds))
+    worst = runs.worst_points(runs.split_sqnr(qmodel, cache, split), WORST_POINTS)
+    with atomic_folder(output) as folder:
+        file_bytes = vitq.save(qmodel, folder / MODEL_FILE, packed=not args.no_pack).stat().st_size
+        record = runs.run_record(
+            spec.model, config, size=size,
+            checkpoint=None if spec.checkpoint is None else str(spec.checkpoint), data=str(cache.dataset.root),
+            calibration_images=[{"index": i, "file": f} for i, f in zip(split.calib, cache.file_names(split.calib),
+                                                                         strict=True)],
+            calib_seconds=calib_seconds, file_bytes=file_bytes, worst_points=runs.sqnr_json(worst))
+        write_json(folder / QUANTIZE_FILE, record)
+    if json_path is not None:
+        write_json(json_path, record)
+    print(runs.describe(qmodel, calib_seconds))
     print(f"size: {size.summary()}")
     print(f"worst {len(worst)} points by SQNR (on {min(len(split.calib), SQNR_IMAGES)} calibration images):")
     print(_sqnr_table(worst), end="")
-    print(f"saved {model_path} ({model_path.stat().st_size / MB:.2f} MB) and {args.output / QUANTIZE_FILE}")
+    print(f"saved {output / MODEL_FILE} ({file_bytes / MB:.2f} MB) and {output / QUANTIZE_FILE}")
     return 0
 
 
-def _load_saved(args: argparse.Namespace) -> tuple[QuantizedModel, float | None]:
-    """``--quantized DIR``'s model and calibration seconds; refuses options that contradict the saved model."""
+def _load_saved(args: argparse.Namespace) -> tuple[QuantizedModel, runs.SavedRecord]:
+    """``--quantized DIR``'s model and record; refuses options that contradict the saved model."""
     folder: Path = args.quantized
-    qmodel, calib_seconds = runs.read_quantized_dir(folder)
+    qmodel, record = runs.read_quantized_dir(folder)
     saved = qmodel.config
-    given = {"--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
-             "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits)}
+    _refuse_conflicts(f"--quantized {folder}", {
+        "--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
+        "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits),
+        "--calib-size": (args.calib_size, saved.calib_size), "--seed": (args.seed, saved.seed)},
+        ["--override/--option (the saved model is already quantized)"] if args.override or args.option else [])
+    return qmodel, record
+
+
+def _refuse_conflicts(what: str, given: dict[str, tuple[Any, Any]], extra: list[str]) -> None:
+    """Refuse command-line values that differ from the saved ones: a saved model is evaluated as it was made,
+    on every image but its own calibration images."""
     conflicts = [f"{flag} {mine} (saved: {theirs})" for flag, (mine, theirs) in given.items()
-                 if mine is not None and mine != theirs]
-    if args.override or args.option:
-        conflicts.append("--override/--option (the saved model is already quantized)")
+                 if mine is not None and mine != theirs] + extra
     if conflicts:
-        raise VitqError(f"--quantized {folder} conflicts with {'; '.join(conflicts)}")
-    return qmodel, calib_seconds
+        raise VitqError(f"{what} conflicts with {'; '.join(conflicts)} (a saved model is evaluated on every image "
+                        "but its own calibration images)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5 on the evaluation split of a freshly quantized (or float, or saved) model."""
+    json_path = _json_output(args)
     if args.backend == "onnxruntime":
-        return _eval_onnxruntime(args)
+        return _eval_onnxruntime(args, json_path)
     spec = _run_spec(args)
     if args.quantized:
-        qmodel, calib_seconds = _load_saved(args)
+        qmodel, record = _load_saved(args)
+        calib_seconds = record.calib_seconds
         cache = spec.image_cache(qmodel.model)
-        seed = qmodel.config.seed if args.seed is None else args.seed
-        calib_size = qmodel.config.calib_size if args.calib_size is None else args.calib_size
-        split = cache.split(calib_size, seed, args.limit)
+        files = None if record.calibration_images is None else [image.file for image in record.calibration_images]
+        split = runs.saved_split(cache, qmodel.config, files, args.limit)
     else:
         config = _request(args).build()
         model = spec.float_model()
@@ -365,10 +394,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluated = IntegerViT.compile(qmodel, cache.tensors(split.calib, "loading calibration images")[0])
     result = runs.evaluate_on_split(evaluated, cache, split, spec)
     size = model_size(qmodel)
-    record = runs.run_record(qmodel.model_name, qmodel.config, split, result=result, size=size,
+    record = runs.run_record(qmodel.model_name, qmodel.config, result=result, size=size,
                              calib_seconds=calib_seconds, backend=args.backend)
-    print(runs.describe(qmodel, split, calib_seconds)
-          + (" — integer-only runtime" if args.backend == "integer" else ""))
+    print(runs.describe(qmodel, calib_seconds) + (" — integer-only runtime" if args.backend == "integer" else ""))
     print(result.summary())
     print(f"size: {size.summary()}")
     if args.sqnr:
@@ -376,11 +404,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"per-point SQNR (on {min(len(split.calib), SQNR_IMAGES)} calibration images):")
         print(_sqnr_table(errors), end="")
         record["sqnr"] = runs.sqnr_json(errors)
-    _emit(record, args.json)
+    if json_path is not None:
+        write_json(json_path, record)
     return 0
 
 
-def _eval_onnxruntime(args: argparse.Namespace) -> int:
+def _eval_onnxruntime(args: argparse.Namespace, json_path: Path | None) -> int:
     """``vitq eval --backend onnxruntime --model FILE.onnx``: same split, same JSON keys as the torch backend."""
     from vitq.eval.ort import OrtModel
 
@@ -394,27 +423,31 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
         raise VitqError(f"--backend onnxruntime evaluates the ONNX file as exported; drop {', '.join(given)}")
     model = OrtModel(Path(args.model), threads=args.threads)
     header = model.header
-    saved = QuantConfig.model_validate(header["config"])
+    saved = header.config
+    _refuse_conflicts(f"--model {model.path}", {"--calib-size": (args.calib_size, saved.calib_size),
+                                                "--seed": (args.seed, saved.seed)}, [])
     spec = _run_spec(args)
-    cache = spec.image_cache(create_architecture(header["model_name"]))
-    split = cache.split(saved.calib_size if args.calib_size is None else args.calib_size,
-                        saved.seed if args.seed is None else args.seed, args.limit)
+    cache = spec.image_cache(create_architecture(header.model_name))
+    split = runs.saved_split(cache, saved, header.calibration_files, args.limit)
     result = runs.evaluate_on_split(model, cache, split, spec)
-    float_points = [p["slot"] for p in header["points"] if p["form"] == "float path"]
-    record = runs.run_record(header["model_name"], saved, split, result=result, backend="onnxruntime",
+    float_points = [p.slot for p in header.points if p.form == "float path"]
+    record = runs.run_record(header.model_name, saved, result=result, backend="onnxruntime",
                              onnx_file=str(model.path), file_mb=model.path.stat().st_size / MB,
                              float_path_points=float_points)
-    print(f"{model.path} ({header['model_name']}, {saved.label}) on onnxruntime, "
+    print(f"{model.path} ({header.model_name}, {saved.label}) on onnxruntime, "
           f"{len(float_points)} points on a float path")
     print(result.summary())
-    _emit(record, args.json)
+    if json_path is not None:
+        write_json(json_path, record)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model saved by ``vitq quantize`` (``--format onnx``), naming every point left on a float path."""
-    qmodel, _ = runs.read_quantized_dir(args.quantized)
-    exported = export_onnx(qmodel, args.output, opset=args.opset)
+    output = check_file_output(args.output, overwrite=args.overwrite, what="--output")
+    qmodel, record = runs.read_quantized_dir(args.quantized)
+    files = None if record.calibration_images is None else [image.file for image in record.calibration_images]
+    exported = export_onnx(qmodel, output, opset=args.opset, calibration_files=files)
     forms = Counter(point.form for point in exported.points)
     print(f"wrote {exported.path} ({exported.path.stat().st_size / MB:.2f} MB): "
           + ", ".join(f"{n} {form}" for form, n in sorted(forms.items())))
@@ -428,7 +461,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Every method variant x bit setting against float, per seed on the same images; writes md, csv and png."""
     compare = CompareSpec(methods=args.methods, bits=args.bits, seeds=args.seeds, preset=args.preset,
                           reference=args.reference, request=_request(args), out_dir=args.out_dir,
-                          resume=args.resume, command=f"vitq {shlex.join(args.argv)}")
+                          resume=args.resume, overwrite=args.overwrite, command=f"vitq {shlex.join(args.argv)}")
     outcome = run_compare(_run_spec(args), compare)
     print(text_table(summary_columns(outcome.reference), summary_rows(outcome.runs, outcome.reference)), end="")
     print("wrote " + ", ".join(str(p) for p in outcome.paths.values()))
@@ -439,7 +472,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``vitq`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (2 for user errors)."""
+    """Run ``vitq`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code: 2 for a problem with the
+    input, 130 when interrupted, 1 for a bug (any other exception, printed as one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
@@ -451,6 +485,16 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return args.run(args)
     except (VitqError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"vitq: error: {message}", file=sys.stderr)
+        print(f"vitq: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("vitq: interrupted (nothing half-written was left behind)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a bug: still one line, with what to report
+        print(f"vitq: error: internal error {type(err).__name__}: {_one_line(err)} (please report this with the "
+              "command line)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -23,6 +23,9 @@ from vitq.errors import VitqError
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
 from vitq.quantizers.registry import quantizer_class, quantizer_kinds
 
+#: the largest seed a torch generator takes
+MAX_SEED = 2**64 - 1
+
 
 class PointOverride(BaseModel):
     """Change the quantizer of every slot whose point or slot name matches ``pattern``."""
@@ -78,7 +81,7 @@ class ReconConfig(BaseModel):
     stage loss on held-out calibration images of 1e-3 / 1e-2 / 3e-2,
     ``benchmarks/results/recon_stage_lr_holdout.md``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     iterations: int = Field(200, ge=1, description="optimizer steps per stage")
     batch_size: int = Field(16, ge=1, description="calibration images per step")
@@ -114,7 +117,7 @@ class QuantConfig(BaseModel):
     a_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
     image_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS, description="bits of the patch-embedding input")
     calib_size: int = Field(32, ge=1, description="number of calibration images")
-    seed: int = Field(0, ge=0, description="selects the calibration images and seeds the method")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="selects the calibration images and seeds the method")
     overrides: list[PointOverride] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
     reconstruct: ReconConfig | None = Field(None, description="block reconstruction after calibration (None: off)")

@@ -107,7 +107,7 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
     """Reconstruct one stage of ``qmodel`` (calibrated) from its quantized input ``x`` to the float output
     ``target``; ``(seed, index)`` seed its random stream. The learned values are written back into the model."""
     loss_before = full_loss(stage, x, target, settings.batch_size)
-    generator = torch.Generator().manual_seed(seed * 100_003 + index)
+    generator = torch.Generator().manual_seed((seed * 100_003 + index) % 2**64)
     frozen = [p for p in qmodel.model.parameters() if p.requires_grad]  # the model's own parameters
     swapped = _wrap(qmodel, stage, settings, generator)
     roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]

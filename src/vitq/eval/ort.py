@@ -9,14 +9,16 @@ the preprocessing) and with which calibration split, so an evaluation can use th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from vitq.config import QuantConfig, first_error
 from vitq.errors import VitqError
 from vitq.export.onnx import METADATA_KEY
+from vitq.models.registry import check_model_name
 
 #: onnxruntime graph optimisation levels by name
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -61,6 +63,26 @@ def open_session(path: str | Path, threads: int | None = None, optimization: str
         raise VitqError(f"onnxruntime cannot load {path}: {err}") from None
 
 
+class OnnxPoint(BaseModel):
+    """One quantizer slot of the export report (:class:`vitq.export.onnx.PointExport`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    slot: str
+    form: str
+
+
+class OnnxHeader(BaseModel):
+    """The vitq metadata of an exported ONNX file."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_name: str
+    config: QuantConfig
+    calibration_files: list[str] | None = None
+    points: list[OnnxPoint]
+
+
 class OrtModel(nn.Module):
     """An onnxruntime session as a module: ``forward(images) -> logits`` (torch tensors, CPU)."""
 
@@ -73,15 +95,22 @@ class OrtModel(nn.Module):
         self.output_name = self.session.get_outputs()[0].name
 
     @property
-    def header(self) -> dict:
-        """The vitq header written by :func:`vitq.export.onnx.export_onnx` (model name, config, points)."""
+    def header(self) -> OnnxHeader:
+        """The vitq header written by :func:`vitq.export.onnx.export_onnx` (model name, config, points),
+        validated: a timm model name, a valid config, well-typed points."""
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise VitqError(f"{self.path} has no vitq metadata (was it written by 'vitq export'?)")
         try:
-            return json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError as err:
+            header = OnnxHeader.model_validate_json(metadata[METADATA_KEY])
+        except ValidationError as err:
+            where, message, _ = first_error(err)
+            raise VitqError(f"corrupt vitq metadata in {self.path}: {where or 'header'}: {message}") from None
+        try:
+            check_model_name(header.model_name)
+        except VitqError as err:
             raise VitqError(f"corrupt vitq metadata in {self.path}: {err}") from None
+        return header
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to(torch.float32).contiguous().numpy()

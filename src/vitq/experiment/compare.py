@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from vitq.config import QuantConfig, make
+from vitq.config import QuantConfig, first_error, make
 from vitq.data import ImageCache, Split
 from vitq.errors import VitqError
 from vitq.eval.size import model_size
@@ -35,6 +38,7 @@ from vitq.experiment.grammar import (
     parse_variants,
 )
 from vitq.experiment.runs import MB, ConfigRequest, RunSpec, evaluate_on_split, quantize_on_split
+from vitq.files import check_folder_output, write_text
 from vitq.methods import method_class, method_names
 from vitq.report import CompareRun, machine_summary, sha256_prefix, write_compare_report
 from vitq.report.leaderboard import write_leaderboard
@@ -54,7 +58,8 @@ class CompareSpec:
     """A comparison as the user describes it: ``methods`` (variants, e.g. ``dopq-vit[softmax=log2]``), ``bits``
     (``W8A8,W4A4``) and ``seeds`` (``0,1,2``) as comma lists, or ``preset``; the settings every run shares
     (``request``: calibration size, options, overrides, reconstruction); an optional paired ``reference`` label;
-    the output folder, whether to resume its journal, and the command line for the report's provenance."""
+    the output folder, whether to resume its journal (or start it over an existing one: ``overwrite``), and the
+    command line for the report's provenance."""
 
     methods: str | None = None
     bits: str | None = None
@@ -64,6 +69,7 @@ class CompareSpec:
     request: ConfigRequest = field(default_factory=ConfigRequest)
     out_dir: Path | None = None
     resume: bool = False
+    overwrite: bool = False
     command: str = "vitq compare"
 
 
@@ -89,8 +95,10 @@ def compare_plan(spec: CompareSpec) -> tuple[Plan, list[str]]:
         plan = [(Variant(name, name, {}), common + [b for b in method_class(name).extra_settings if b not in common])
                 for name in method_names() if name != FLOAT and not method_class(name).reconstructs]
     else:
-        bits = [parse_bits(text) for text in parse_list(spec.bits or DEFAULT_BITS, "bits")]
-        plan = [(variant, bits) for variant in parse_variants(spec.methods or DEFAULT_METHODS)]
+        bits = list(dict.fromkeys(parse_bits(text) for text in parse_list(
+            DEFAULT_BITS if spec.bits is None else spec.bits, "bits")))
+        plan = [(variant, bits) for variant in parse_variants(DEFAULT_METHODS if spec.methods is None
+                                                              else spec.methods)]
     settings = list(dict.fromkeys(f"W{w}A{a}" for _, bits in plan for w, a in bits))
     return plan, settings
 
@@ -108,38 +116,71 @@ def compare_grid(request: ConfigRequest, plan: Plan, seeds: Sequence[int]) -> Gr
     return grid
 
 
-class Journal:
-    """``runs.jsonl`` in the compare folder: one line per finished run, written as soon as it finishes, so
-    an interrupted grid can go on with ``resume``. A line is reused only for the very same run key."""
+class JournalLine(BaseModel):
+    """One line of the journal: the run key and the run, type-checked (a number is not a string)."""
 
-    def __init__(self, path: Path, resume: bool) -> None:
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: str
+    run: CompareRun
+
+
+class Journal:
+    """``runs.jsonl`` in the compare folder: one line per finished run, appended (and flushed to disk) as soon as
+    it finishes, so an interrupted grid can go on with ``resume``. A line is reused only for the very same run key.
+
+    Without ``resume`` an existing non-empty journal is refused (its runs would be lost) unless ``overwrite``
+    starts a new one. With ``resume`` a torn last line (the usual trace of a kill) is dropped with a warning;
+    any other bad line is an error."""
+
+    def __init__(self, path: Path, *, resume: bool, overwrite: bool = False) -> None:
         self.path = path
         self.done: dict[str, CompareRun] = {}
-        if resume and path.is_file():
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                try:
-                    entry = json.loads(line)
-                    self.done[canonical_key(entry["key"])] = CompareRun(**entry["run"])
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise VitqError(f"{path} line {number} is not a compare run ({err}); remove it or drop "
-                                    "--resume") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            path.write_text("", encoding="utf-8")
+        exists = path.is_file() and path.stat().st_size > 0
+        if exists and not resume and not overwrite:
+            raise VitqError(f"{path} already holds runs; pass --resume to reuse them or --overwrite to start over")
+        if resume and exists:
+            self._read()
+        elif exists:
+            write_text(path, "")
+
+    def _read(self) -> None:
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise VitqError(f"{self.path} is not UTF-8 text ({err.reason} at byte {err.start}); remove it or pass "
+                            "--overwrite") from None
+        lines = text.split("\n")
+        torn = lines[-1]  # after the last newline: empty unless the last write was cut off
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                entry = JournalLine.model_validate_json(line)
+            except ValidationError as err:
+                where, message, _ = first_error(err)
+                raise VitqError(f"{self.path} line {number} is not a compare run ({where or 'line'}: {message}); "
+                                "remove it or pass --overwrite") from None
+            self.done[canonical_key(entry.key)] = entry.run
+        if torn:
+            print(f"vitq: warning: {self.path}: dropped a cut-off last line (an interrupted write); its run "
+                  "runs again", file=sys.stderr)
+            write_text(self.path, "".join(line + "\n" for line in lines[:-1]))
 
     def add(self, key: str, run: CompareRun) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"key": key, "run": asdict(run)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def canonical_key(key: str) -> str:
     """A journaled run key as the current code writes it: its configuration re-validated, so settings added
     since the line was written take their defaults (every new setting defaults to the old behaviour) and a line
     from before a setting existed still matches the same run. A key that no longer validates stays as it is."""
-    fields = json.loads(key)
     try:
+        fields = json.loads(key)
         fields["config"] = QuantConfig.model_validate(fields["config"]).model_dump(mode="json")
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return key
     return json.dumps(fields, sort_keys=True)
 
@@ -197,19 +238,20 @@ def run_compare(spec: RunSpec, compare: CompareSpec, report: Callable[[str], Non
     ``leaderboard.md`` for the leaderboard preset) into ``compare.out_dir``."""
     plan, settings = compare_plan(compare)
     reference = parse_reference(compare.reference, [variant for variant, _ in plan])
-    seeds = [parse_seed(text) for text in parse_list(compare.seeds, "seeds")]
+    seeds = list(dict.fromkeys(parse_seed(text) for text in parse_list(compare.seeds, "seeds")))
     out_dir = compare.out_dir
     if out_dir is None:
         if compare.preset != "leaderboard":
             raise VitqError("compare needs --out-dir DIR (the folder for the report and the run journal)")
         out_dir = LEADERBOARD_DIR
+    check_folder_output(out_dir, overwrite=True, what="--out-dir")
+    journal = Journal(out_dir / JOURNAL_FILE, resume=compare.resume, overwrite=compare.overwrite)
     grid = compare_grid(compare.request, plan, seeds)
     calib_size = grid[seeds[0]][0][1].calib_size
     model = spec.float_model()
     cache = spec.image_cache(model)
     splits = [cache.split(calib_size, seed, spec.limit) for seed in seeds]
     cache.tensors(sorted({i for s in splits for i in s.calib + s.eval}))  # decode the whole grid's images once
-    journal = Journal(out_dir / JOURNAL_FILE, resume=compare.resume)
     runs = []
     for split in splits:
         float_config = make(QuantConfig, method=FLOAT, calib_size=calib_size, seed=split.seed)

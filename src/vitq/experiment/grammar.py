@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vitq.config import MAX_SEED
 from vitq.errors import VitqError
 
 #: the label of the float baseline in every comparison
@@ -121,6 +122,7 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def parse_seed(text: str) -> int:
-    if not text.isdigit():
-        raise VitqError(f"seed {text!r} must be a non-negative integer")
+    """A seed: an integer in ``0 .. 2^64 - 1`` (what a torch generator takes)."""
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_SEED:
+        raise VitqError(f"seed {text!r} must be an integer from 0 to {MAX_SEED}")
     return int(text)

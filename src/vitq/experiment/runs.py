@@ -7,7 +7,6 @@ The CLI and the comparison engine both go through these functions, so ``vitq qua
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -15,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from vitq.api import prepare, quantize
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
-from vitq.config import PointOverride, QuantConfig, ReconConfig, make
+from vitq.config import PointOverride, QuantConfig, ReconConfig, first_error, make
 from vitq.data import ImageCache, Split
 from vitq.errors import VitqError
 from vitq.eval.accuracy import EvalResult, evaluate
@@ -144,7 +144,7 @@ def sqnr_json(errors: Sequence[PointError]) -> list[dict[str, Any]]:
     return [{"point": e.point, "sqnr_db": e.sqnr_db if math.isfinite(e.sqnr_db) else None} for e in errors]
 
 
-def run_record(model_name: str, config: QuantConfig, split: Split, *, result: EvalResult | None = None,
+def run_record(model_name: str, config: QuantConfig, *, result: EvalResult | None = None,
                size: SizeReport | None = None, **extra: Any) -> dict[str, Any]:
     """The JSON record of a run (``vitq quantize --json``, ``vitq eval --json``, every backend): the model,
     method, bits (``None`` for float), calibration size and seed, the whole ``config`` and ``peak_mem_mb``; the
@@ -154,7 +154,7 @@ def run_record(model_name: str, config: QuantConfig, split: Split, *, result: Ev
     record: dict[str, Any] = {
         "model": model_name, "method": config.method,
         "w_bits": config.w_bits if quantized else None, "a_bits": config.a_bits if quantized else None,
-        "calib_size": len(split.calib), "seed": split.seed, "config": config.model_dump(mode="json"),
+        "calib_size": config.calib_size, "seed": config.seed, "config": config.model_dump(mode="json"),
         "peak_mem_mb": peak_rss_mb(),
     }
     if result is not None:
@@ -165,31 +165,72 @@ def run_record(model_name: str, config: QuantConfig, split: Split, *, result: Ev
     return record | extra
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+def worst_points(errors: Sequence[PointError], n: int) -> list[PointError]:
+    """The ``n`` points with the lowest SQNR, a NaN SQNR (a broken point) first of all."""
+    return sorted(errors, key=lambda e: (not math.isnan(e.sqnr_db), e.sqnr_db))[:n]
 
 
-def read_quantized_dir(folder: Path) -> tuple[QuantizedModel, float | None]:
-    """The model saved in ``folder`` by ``vitq quantize`` and its calibration seconds (from ``quantize.json``)."""
+class CalibrationImage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    file: str = Field(min_length=1)
+
+
+class SavedRecord(BaseModel):
+    """What ``quantize.json`` must hold for ``vitq eval --quantized`` (other keys are kept, not needed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    calib_seconds: float | None = None
+    calibration_images: list[CalibrationImage] | None = None
+
+
+def read_quantized_dir(folder: Path) -> tuple[QuantizedModel, SavedRecord]:
+    """The model saved in ``folder`` by ``vitq quantize`` and its record (``quantize.json``; empty without one)."""
     if not folder.is_dir():
         raise VitqError(f"quantized model folder {folder} does not exist")
     qmodel = load(folder / MODEL_FILE)
     info = folder / QUANTIZE_FILE
     if not info.is_file():
-        return qmodel, None
+        return qmodel, SavedRecord()
     try:
-        return qmodel, json.loads(info.read_text(encoding="utf-8")).get("calib_seconds")
-    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        record = SavedRecord.model_validate_json(info.read_bytes())
+    except OSError as err:
         raise VitqError(f"cannot read {info}: {err}") from None
+    except ValidationError as err:
+        where, message, _ = first_error(err)
+        raise VitqError(f"{info} is not a vitq quantize record: {where or 'file'}: {message}") from None
+    if record.calibration_images is not None and len(record.calibration_images) != qmodel.config.calib_size:
+        raise VitqError(f"{info} lists {len(record.calibration_images)} calibration images, but the model was "
+                        f"calibrated on {qmodel.config.calib_size}")
+    return qmodel, record
 
 
-def describe(qmodel: QuantizedModel, split: Split, calib_seconds: float | None) -> str:
+def saved_split(cache: ImageCache, config: QuantConfig, calibration_files: Sequence[str] | None,
+                limit: int | None = None) -> Split:
+    """The split of a saved model: its calibration images and, for evaluation, every other image of the folder.
+
+    The calibration images are the files the model was calibrated on (by name, so another folder holding them
+    excludes them too); without that list, the seeded split of ``config`` (the same folder gives the same
+    images). Never evaluates a model on its own calibration images."""
+    if calibration_files is None:
+        return cache.split(config.calib_size, config.seed, limit)
+    names = set(calibration_files)
+    files = cache.file_names(range(len(cache.dataset)))
+    calib = [i for i, name in enumerate(files) if name in names]
+    evaluation = [i for i, name in enumerate(files) if name not in names]
+    if not evaluation:
+        raise VitqError(f"{cache.dataset.root} holds only the model's calibration images, none to evaluate on")
+    return Split(config.seed, calib, evaluation[:limit])
+
+
+def describe(qmodel: QuantizedModel, calib_seconds: float | None) -> str:
     """One line: model, method/bits, calibration images and time."""
     config = qmodel.config
     if config.method == FLOAT:
         how = "not quantized"
     else:
         took = "unknown time" if calib_seconds is None else f"{calib_seconds:.1f} s"
-        how = f"calibrated on {len(split.calib)} images (seed {split.seed}) in {took}"
+        how = f"calibrated on {config.calib_size} images (seed {config.seed}) in {took}"
     return f"{qmodel.model_name}, {config.label}: {how}"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitq.checks import expected_image_size
 from vitq.config import QuantConfig, make
 from vitq.errors import VitqError
 from vitq.export.packing import pack_codes, unpack_codes
@@ -187,7 +188,8 @@ def _skeleton(model: nn.Module, name: str, family: str, adapter, config: QuantCo
 
 
 def _image_size(model: nn.Module) -> tuple[int, int]:
-    return tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    """The image size to trace ``model`` at: the one its patch embedding insists on, else its pretrained one."""
+    return expected_image_size(model) or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
 
 
 @torch.no_grad()

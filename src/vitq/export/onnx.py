@@ -225,18 +225,22 @@ def _export_mode(qmodel: QuantizedModel) -> Iterator[list[PointExport]]:
             setattr(slot.module, slot.attr, quantizer)
 
 
-def export_header(qmodel: QuantizedModel, points: list[PointExport]) -> dict:
-    """What a reader of the ONNX file needs: model name (preprocessing), config (calibration split), points."""
+def export_header(qmodel: QuantizedModel, points: list[PointExport],
+                  calibration_files: list[str] | None = None) -> dict:
+    """What a reader of the ONNX file needs: model name (preprocessing), config and calibration file names (so an
+    evaluation leaves the calibration images out), points."""
     return {"vitq_version": __version__, "model_name": qmodel.model_name, "family": qmodel.family,
-            "config": qmodel.config.model_dump(mode="json"), "points": [asdict(p) for p in points]}
+            "config": qmodel.config.model_dump(mode="json"), "calibration_files": calibration_files,
+            "points": [asdict(p) for p in points]}
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[int, int] | None = None,
-                opset: int = DEFAULT_OPSET) -> OnnxExport:
+                opset: int = DEFAULT_OPSET, calibration_files: list[str] | None = None) -> OnnxExport:
     """Write ``qmodel`` to ``path`` as ONNX (input ``image`` [batch, 3, H, W], output ``logits``).
 
-    The batch dimension is dynamic. Returns the per-slot report; the same report, the model name and the
-    quantization config are stored in the file's metadata (key ``vitq``).
+    The batch dimension is dynamic. Returns the per-slot report; the same report, the model name, the
+    quantization config and ``calibration_files`` (the names of the calibration images, when known) are stored
+    in the file's metadata (key ``vitq``). The file is written whole or not at all.
     """
     import onnx
 
@@ -258,7 +262,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
         except torch.onnx.errors.OnnxExporterError as err:  # the message's last line is the error itself
             raise VitqError(f"ONNX export failed: {str(err).splitlines()[-1]}") from None
     model = onnx.load_from_string(buffer.getvalue())
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(export_header(qmodel, points))})
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(export_header(qmodel, points, calibration_files))})
     with atomic_file(path) as partial:
         onnx.save(model, str(partial))
     return OnnxExport(path, points)
