@@ -44,6 +44,20 @@ def quantized_test_vit(method: str, w_bits: int, a_bits: int, reconstruct=None, 
     return model, images, vitq.quantize(model, config, images[:2], progress=False)
 
 
+def write_images(folder: Path, n: int) -> Path:
+    """``n`` small noise JPEGs named ``<wnid>_x.JPEG`` (one class each) in ``folder``."""
+    from PIL import Image
+
+    from vitq.data import imagenet_wnids
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for wnid in imagenet_wnids()[:n]:
+        pixels = torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(folder / f"{wnid}_x.JPEG")
+    return folder
+
+
 def cpu_has_vnni() -> bool:
     """Whether the CPU has int8 dot-product instructions (AVX-VNNI, AVX512-VNNI or AMX)."""
     try:

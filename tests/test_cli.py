@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from PIL import Image
+from helpers import write_images
 from safetensors.torch import save_file
 
 import vitq
@@ -30,16 +30,6 @@ EVAL_KEYS = {"top1", "top5", "top1_ci95", "n_images", "seconds", "calib_seconds"
              "model", "method", "w_bits", "a_bits", "calib_size", "seed", "size_mb", "float_size_mb"}
 
 
-def _write_images(folder: Path, n: int) -> Path:
-    """``n`` small noise JPEGs named ``<wnid>_x.JPEG`` (one class each)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for wnid in imagenet_wnids()[:n]:
-        pixels = torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=generator)
-        Image.fromarray(pixels.numpy()).save(folder / f"{wnid}_x.JPEG")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A random-init ``test_vit`` checkpoint and a data folder of synthetic images."""
@@ -48,7 +38,7 @@ def files(tmp_path_factory):
     model = timm.create_model(TEST_MODEL, pretrained=False)
     checkpoint = root / "test_vit_random.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    return {"root": root, "checkpoint": checkpoint, "data": _write_images(root / "images", N_IMAGES)}
+    return {"root": root, "checkpoint": checkpoint, "data": write_images(root / "images", N_IMAGES)}
 
 
 @pytest.fixture
@@ -339,7 +329,7 @@ def _bad_checkpoint(files) -> Path:
 
 
 def _bad_image_folder(files) -> Path:
-    folder = _write_images(files["root"] / "with_bad_image", 3)
+    folder = write_images(files["root"] / "with_bad_image", 3)
     (folder / f"{imagenet_wnids()[5]}_broken.JPEG").write_bytes(b"not a jpeg at all")
     return folder
 

@@ -97,6 +97,21 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (and string ``metadata``) as a safetensors file at ``path`` atomically; a failed write
+    (a full disk, a file-size limit) is one readable error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        with atomic_file(path) as partial:
+            save_file(tensors, str(partial), metadata=metadata)
+    except SafetensorError as err:  # the writer's I/O errors come as its own type
+        raise VitqError(f"cannot write {path}: {err}") from None
+    return path
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     path = Path(path)

@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,7 +47,7 @@ from vitq.calib.runner import run_batched
 from vitq.checks import check_finite
 from vitq.config import ReconConfig
 from vitq.errors import VitqError
-from vitq.files import atomic_file
+from vitq.files import write_safetensors
 from vitq.models import Stage
 from vitq.models.registry import load_state, read_state_file
 from vitq.quantizers import UniformQuantizer
@@ -215,9 +214,9 @@ def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
 
 
 def _save_checkpoint(qmodel, path: Path, done: int, fingerprint: str) -> None:
-    with atomic_file(path) as partial:  # a checkpoint is either the old one or the new one
-        save_file({k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}, partial,
-                  metadata={"done": str(done), "fingerprint": fingerprint})
+    # atomic: a checkpoint is either the old one or the new one
+    write_safetensors(path, {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()},
+                      {"done": str(done), "fingerprint": fingerprint})
 
 
 def _checkpoint_progress(path: Path, fingerprint: str, n_stages: int) -> int:

@@ -36,7 +36,7 @@ from vitq.export.validate import (
     packed_bits,
     tensor_table,
 )
-from vitq.files import atomic_file
+from vitq.files import write_safetensors
 from vitq.methods import method_class
 from vitq.models import adapter_by_family
 from vitq.models.registry import check_model_name, create_architecture, load_state, read_state_file
@@ -51,9 +51,6 @@ HEADER_KEY = "vitq"
 
 def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Path:
     """Write ``qmodel`` to ``path`` (``.safetensors``); ``packed``: quantized weights as bit-packed codes."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
     packed_entries = _pack_weights(qmodel, state) if packed else {}
     header = {
@@ -66,9 +63,7 @@ def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Pa
         "quantizers": qmodel.quant_specs(),
         "packed": packed_entries,
     }
-    with atomic_file(path) as partial:
-        save_file(state, str(partial), metadata={HEADER_KEY: json.dumps(header)})
-    return path
+    return write_safetensors(path, state, {HEADER_KEY: json.dumps(header)})
 
 
 def _packable(point) -> bool:
