@@ -361,6 +361,9 @@ CASES: dict[str, Case] = {
     "onnx with another seed": Case(lambda e, o: ["eval", "--backend", "onnxruntime", "--model", e["onnx"],
                                                  "--data", e["data"], "--seed", "4"], ("--seed 4 (saved: 0)",)),
     # ---- reconstruction checkpoints
+    "reconstruction checkpoint is a file": Case(
+        lambda e, o: _quantize(e, o, "--recon", "iterations=1", "--recon-checkpoint", o / "rc"), ("is a file",),
+        setup=_made("rc")),
     "corrupt reconstruction checkpoint": Case(
         lambda e, o: _quantize(e, o, "--recon", "iterations=1", "--recon-checkpoint", o / "rc"), ("unreadable",),
         setup=_written("rc/reconstruction.safetensors", b"garbage")),

@@ -270,6 +270,13 @@ def _spec_summary(spec: dict[str, Any] | None) -> str:
     return " ".join(str(p) for p in parts if p)
 
 
+def _recon_checkpoint(args: argparse.Namespace) -> Path | None:
+    """``--recon-checkpoint DIR``, checked before any work: a folder (its checkpoint is resumed) or nothing yet."""
+    if args.recon_checkpoint is None:
+        return None
+    return check_folder_output(args.recon_checkpoint, overwrite=True, what="--recon-checkpoint")
+
+
 def _json_output(args: argparse.Namespace) -> Path | None:
     """``--json PATH``, checked before any work (not a folder; an existing file only with ``--overwrite``)."""
     if args.json is None:
@@ -316,13 +323,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize on the calibration split; save the model and ``quantize.json`` in ``--output`` (the folder is
     written whole at the end, or not at all)."""
     output = check_folder_output(args.output, overwrite=args.overwrite, what="--output")
-    json_path = _json_output(args)
+    json_path, recon_checkpoint = _json_output(args), _recon_checkpoint(args)
     spec, config = _run_spec(args), _request(args).build()
     model = spec.float_model()
     cache = spec.image_cache(model)
     split = cache.split(config.calib_size, config.seed)
     qmodel, calib_seconds = runs.quantize_on_split(model, spec.model, config, cache, split, progress=spec.progress,
-                                                   inplace=True, recon_checkpoint=args.recon_checkpoint)
+                                                   inplace=True, recon_checkpoint=recon_checkpoint)
     size = model_size(qmodel)
     worst = runs.worst_points(runs.split_sqnr(qmodel, cache, split), WORST_POINTS)
     with atomic_folder(output) as folder:
@@ -369,7 +376,7 @@ def _refuse_conflicts(what: str, given: dict[str, tuple[Any, Any]], extra: list[
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5 on the evaluation split of a freshly quantized (or float, or saved) model."""
-    json_path = _json_output(args)
+    json_path, recon_checkpoint = _json_output(args), _recon_checkpoint(args)
     if args.backend == "onnxruntime":
         return _eval_onnxruntime(args, json_path)
     spec = _run_spec(args)
@@ -386,7 +393,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         split = cache.split(config.calib_size, config.seed, args.limit)
         qmodel, calib_seconds = runs.quantize_on_split(model, spec.model, config, cache, split,
                                                        progress=spec.progress, inplace=True,
-                                                       recon_checkpoint=args.recon_checkpoint)
+                                                       recon_checkpoint=recon_checkpoint)
     evaluated: torch.nn.Module = qmodel
     if args.backend == "integer":
         from vitq.export.integer_vit import IntegerViT

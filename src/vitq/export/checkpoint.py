@@ -152,9 +152,7 @@ def load(path: str | Path) -> QuantizedModel:
             raise VitqError(f"does not match {name} and its header: {err}") from None
         state = read_state_file(path)
         check_tensors(state, quantizers)
-        with torch.device("cpu"):
-            model = timm.create_model(name, pretrained=False)
-        qmodel = _skeleton(model, name, family, adapter, qconfig, quantizers)
+        qmodel = _skeleton(timm.create_model(name, pretrained=False), name, family, adapter, qconfig, quantizers)
         _add_folded_biases(qmodel, state)
         _unpack_weights(qmodel, state, packed)
     except VitqError as err:

@@ -95,7 +95,9 @@ def create_architecture(name: str, device: str | torch.device | None = None) -> 
     import timm
 
     check_model_name(name)
-    with torch.device(device or "cpu"):
+    if device is None:  # a device context would route every op of timm's init through a torch function mode
+        return timm.create_model(name, pretrained=False).eval()
+    with torch.device(device):
         return timm.create_model(name, pretrained=False).eval()
 
 
