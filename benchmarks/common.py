@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vitq.experiment import RunSpec
+from vitq.files import write_text
 from vitq.report.runinfo import machine_summary
 
 T = TypeVar("T")
@@ -42,8 +43,7 @@ def report_header(title: str, *details: str) -> list[str]:
 
 
 def write_report(path: Path, lines: list[str]) -> None:
-    """Write the markdown ``lines`` to ``path`` (creating its folder) and print them."""
+    """Write the markdown ``lines`` to ``path`` (creating its folder, atomically) and print them."""
     text = "\n".join(lines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_text(path, text)
     print(text)

@@ -24,6 +24,7 @@ from common import deit_tiny_split, report_header, write_report  # noqa: E402
 
 import vitq  # noqa: E402
 from vitq.calib.search import attention_output_mse, search_by_output_error  # noqa: E402
+from vitq.files import atomic_file  # noqa: E402
 from vitq.quantizers import build_quantizer  # noqa: E402
 from vitq.report.tables import markdown_table  # noqa: E402
 
@@ -106,7 +107,8 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(args.out_dir / f"{bits}bit.png", dpi=120)
+        with atomic_file(args.out_dir / f"{bits}bit.png") as partial:
+            fig.savefig(partial, format="png", dpi=120)
         plt.close(fig)
     write_report(args.out_dir / "softmax_mse.md", sections)
 
