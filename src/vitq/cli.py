@@ -384,8 +384,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         qmodel, record = _load_saved(args)
         calib_seconds = record.calib_seconds
         cache = spec.image_cache(qmodel.model)
-        files = None if record.calibration_images is None else [image.file for image in record.calibration_images]
-        split = runs.saved_split(cache, qmodel.config, files, args.limit)
+        split = runs.saved_split(cache, qmodel.config, record.calibration_files, args.limit)
     else:
         config = _request(args).build()
         model = spec.float_model()
@@ -453,8 +452,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a model saved by ``vitq quantize`` (``--format onnx``), naming every point left on a float path."""
     output = check_file_output(args.output, overwrite=args.overwrite, what="--output")
     qmodel, record = runs.read_quantized_dir(args.quantized)
-    files = None if record.calibration_images is None else [image.file for image in record.calibration_images]
-    exported = export_onnx(qmodel, output, opset=args.opset, calibration_files=files)
+    exported = export_onnx(qmodel, output, opset=args.opset, calibration_files=record.calibration_files)
     forms = Counter(point.form for point in exported.points)
     print(f"wrote {exported.path} ({exported.path.stat().st_size / MB:.2f} MB): "
           + ", ".join(f"{n} {form}" for form, n in sorted(forms.items())))

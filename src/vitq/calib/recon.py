@@ -44,12 +44,11 @@ from tqdm.auto import tqdm
 from vitq.calib.layer_inputs import weight_layers
 from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
 from vitq.calib.runner import run_batched
-from vitq.checks import check_finite
 from vitq.config import ReconConfig
 from vitq.errors import VitqError
 from vitq.files import write_safetensors
 from vitq.models import Stage
-from vitq.models.registry import load_state, read_state_file
+from vitq.models.registry import load_state_dict_file
 from vitq.quantizers import UniformQuantizer
 
 #: the checkpoint in ``checkpoint_dir``: the model state, with the progress in its metadata (one atomic file)
@@ -236,13 +235,6 @@ def _checkpoint_progress(path: Path, fingerprint: str, n_stages: int) -> int:
     return int(done)
 
 
-def _load_checkpoint(qmodel, path: Path) -> None:
-    """The checkpoint's state into ``qmodel``: finite tensors, exactly the model's keys and shapes."""
-    state = read_state_file(path)
-    check_finite(state, f"reconstruction checkpoint {path}")
-    load_state(qmodel.model, state, path, what="this reconstruction (remove the checkpoint to start over)")
-
-
 def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, seed: int = 0,
                       checkpoint_dir: str | Path | None = None, progress: bool = True) -> list[StageRecon]:
     """Reconstruct every stage of a calibrated ``qmodel`` in forward order on ``images`` (see the module
@@ -261,7 +253,8 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
         with torch.no_grad(), qmodel.quantization_disabled():
             for stage in stages[:done + 1]:
                 x_float = run_batched(stage.run, x_float, settings.batch_size)
-        _load_checkpoint(qmodel, checkpoint)
+        # finite tensors, exactly the model's keys and shapes
+        load_state_dict_file(qmodel.model, checkpoint, what="this reconstruction (remove the checkpoint to start over)")
     records: list[StageRecon] = []
     x = images
     bar = tqdm(stages, desc="reconstruction", unit="stage", disable=not progress)

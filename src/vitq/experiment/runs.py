@@ -185,6 +185,11 @@ class SavedRecord(BaseModel):
     calib_seconds: float | None = None
     calibration_images: list[CalibrationImage] | None = None
 
+    @property
+    def calibration_files(self) -> list[str] | None:
+        """The file names of the calibration images (``None``: not recorded)."""
+        return None if self.calibration_images is None else [image.file for image in self.calibration_images]
+
 
 def read_quantized_dir(folder: Path) -> tuple[QuantizedModel, SavedRecord]:
     """The model saved in ``folder`` by ``vitq quantize`` and its record (``quantize.json``; empty without one)."""

@@ -127,8 +127,6 @@ def load(path: str | Path) -> QuantizedModel:
     Everything read is validated first (:mod:`vitq.export.validate`): the header, then the tensor table against
     the architecture built on the meta device and the quantizer specs, then the data (finite, positive steps);
     only then is the model built and loaded, so a bad file costs no more than reading it."""
-    import timm
-
     path = Path(path)
     header = read_header(path)
     name, family, config, specs = _header_fields(path, header)
@@ -152,7 +150,7 @@ def load(path: str | Path) -> QuantizedModel:
             raise VitqError(f"does not match {name} and its header: {err}") from None
         state = read_state_file(path)
         check_tensors(state, quantizers)
-        qmodel = _skeleton(timm.create_model(name, pretrained=False), name, family, adapter, qconfig, quantizers)
+        qmodel = _skeleton(create_architecture(name), name, family, adapter, qconfig, quantizers)
         _add_folded_biases(qmodel, state)
         _unpack_weights(qmodel, state, packed)
     except VitqError as err:

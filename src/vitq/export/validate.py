@@ -98,8 +98,8 @@ def expected_param_shapes(quantizer: Quantizer, input_shape: Shape,
 def check_tensor_table(table: Mapping[str, tuple[Shape, str]], skeleton: QuantizedModel,
                        quantizers: Mapping[str, Quantizer | None], packed: Mapping[str, object],
                        image_size: tuple[int, int]) -> None:
-    """Cross-check the file's tensor table with the meta ``skeleton`` (whose slots hold no quantizers yet),
-    the quantizers built from the header's specs and the header's ``packed`` entries (see the module docstring).
+    """Cross-check the file's tensor table with the meta ``skeleton`` (its slots hold the ``quantizers`` built from
+    the header's specs, still uncalibrated) and the header's ``packed`` entries (see the module docstring).
 
     Model tensors must have the architecture's shape and a dtype of the same kind (float or integer); quantizer
     parameters and packed codes their exact shape and dtype."""
@@ -107,7 +107,8 @@ def check_tensor_table(table: Mapping[str, tuple[Shape, str]], skeleton: Quantiz
         if dtype not in FILE_DTYPES:
             raise VitqError(f"tensor {key} has dtype {dtype}, not one of {', '.join(FILE_DTYPES)}")
     points = skeleton.points()
-    # (shape, dtype, exact dtype?) of every tensor the file must hold
+    # (shape, dtype, exact dtype?) of every tensor the file must hold; the quantizers' (still empty) parameters
+    # get the shapes a calibration gives below
     expected = {key: (tuple(t.shape), t.dtype, False) for key, t in skeleton.model.state_dict().items()}
     for name, point in points.items():  # RepQ-ViT's fold may give a bias to a layer that has none in timm
         weight = getattr(point, "weight", None)

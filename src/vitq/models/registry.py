@@ -6,7 +6,7 @@ import difflib
 import logging
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -95,9 +95,8 @@ def create_architecture(name: str, device: str | torch.device | None = None) -> 
     import timm
 
     check_model_name(name)
-    if device is None:  # a device context would route every op of timm's init through a torch function mode
-        return timm.create_model(name, pretrained=False).eval()
-    with torch.device(device):
+    # no device context by default: it would route every op of timm's init through a torch function mode
+    with nullcontext() if device is None else torch.device(device):
         return timm.create_model(name, pretrained=False).eval()
 
 
