@@ -6,22 +6,35 @@ still ends with one line and exit code 130, like a Ctrl-C during the work (:func
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+
+EXIT_INTERRUPTED = 130
+
+
+def _interrupted(message: str | None) -> int:
+    """Exit 130 at once: a Ctrl-C inside an extension's import can leave CPython set to re-raise SIGINT when it
+    shuts down, which would kill the process and hide the exit code (outputs are already cleaned up)."""
+    if message:
+        print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def run() -> int:
     """Load the command line and run it on ``sys.argv``."""
     try:
-        from vitq.cli import EXIT_INTERRUPTED, main
+        from vitq.cli import main
     except KeyboardInterrupt:
-        print("vitq: interrupted (while loading; nothing was written)", file=sys.stderr)
-        return 130
+        return _interrupted("vitq: interrupted (while loading; nothing was written)")
     try:
         code = main()
     except KeyboardInterrupt:  # between main()'s own handlers (argument parsing): nothing was written yet
-        print("vitq: interrupted (nothing was written)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted("vitq: interrupted (nothing was written)")
+    if code == EXIT_INTERRUPTED:  # main() printed its line
+        return _interrupted(None)
     # the work is done and its outputs are in place: a Ctrl-C while the interpreter shuts down (torch takes a
     # moment) would otherwise kill the process by SIGINT and hide the exit code
     signal.signal(signal.SIGINT, signal.SIG_IGN)
