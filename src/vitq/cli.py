@@ -33,6 +33,8 @@ import torch
 
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE
+from vitq.data.loader import MAX_DEFAULT_WORKERS
+from vitq.device import DEVICE_CHOICES
 from vitq.errors import VitqError
 from vitq.eval.errors import PointError
 from vitq.eval.size import model_size
@@ -106,6 +108,11 @@ def _common_options() -> argparse.ArgumentParser:
                    help=f"local .safetensors state dict (default: $VITQ_ASSETS/{DEIT_TINY_CHECKPOINT} for "
                         f"{DEFAULT_MODEL} if present, else timm's pretrained download)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help=f"where the model runs: {DEVICE_CHOICES} (default auto: the first CUDA GPU, else the CPU)")
+    p.add_argument("--workers", type=_int_at_least(0, "non-negative"), metavar="N",
+                   help="image loader worker processes (default: one per CPU core but one, at most "
+                        f"{MAX_DEFAULT_WORKERS}; 0 decodes in the main process)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -241,7 +248,7 @@ def _run_spec(args: argparse.Namespace) -> RunSpec:
     """The model, data and evaluation settings of the command line (defaults filled in)."""
     return RunSpec.resolve(args.model, getattr(args, "checkpoint", None), getattr(args, "data", None),
                            batch_size=getattr(args, "batch_size", 64), limit=getattr(args, "limit", None),
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, device=args.device, workers=args.workers)
 
 
 def _request(args: argparse.Namespace) -> ConfigRequest:

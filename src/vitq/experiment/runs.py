@@ -21,6 +21,8 @@ from vitq.api import prepare, quantize
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.config import PointOverride, QuantConfig, ReconConfig, first_error, make
 from vitq.data import ImageCache, Split
+from vitq.data.loader import default_workers
+from vitq.device import resolve_device
 from vitq.errors import VitqError
 from vitq.eval.accuracy import EvalResult, evaluate
 from vitq.eval.errors import PointError, point_sqnr
@@ -45,7 +47,9 @@ MB = 1e6
 @dataclass(frozen=True)
 class RunSpec:
     """What runs are run on and how they are evaluated: the model (timm name and local checkpoint, ``None`` =
-    timm's pretrained download), the image folder, the evaluation batch size and image limit, progress bars."""
+    timm's pretrained download), the image folder, the evaluation batch size and image limit, progress bars, the
+    device (a resolved ``torch.device`` string, e.g. ``cpu`` or ``cuda:0``) and the image loader's worker
+    processes."""
 
     model: str
     checkpoint: Path | None
@@ -53,17 +57,21 @@ class RunSpec:
     batch_size: int = 64
     limit: int | None = None
     progress: bool = True
+    device: str = "cpu"
+    workers: int = 0
 
     @classmethod
     def resolve(cls, model: str | None = None, checkpoint: Path | None = None, data: Path | None = None,
-                **rest: Any) -> RunSpec:
+                device: str | None = None, workers: int | None = None, **rest: Any) -> RunSpec:
         """The spec with the defaults filled in: :data:`DEFAULT_MODEL`, the shipped DeiT-tiny checkpoint for the
-        default model when it is present (else the download), the shipped image sample."""
+        default model when it is present (else the download), the shipped image sample, the ``auto`` device
+        (checked here, before any work) and :func:`~vitq.data.loader.default_workers`."""
         model = model or DEFAULT_MODEL
         if checkpoint is None:
             default = assets_dir() / DEIT_TINY_CHECKPOINT
             checkpoint = default if model == DEFAULT_MODEL and default.is_file() else None
-        return cls(model, checkpoint, data or assets_dir() / IMAGENET_SAMPLE, **rest)
+        return cls(model, checkpoint, data or assets_dir() / IMAGENET_SAMPLE, device=str(resolve_device(device)),
+                   workers=default_workers() if workers is None else workers, **rest)
 
     def float_model(self) -> nn.Module:
         return create_model(self.model, checkpoint=self.checkpoint)
