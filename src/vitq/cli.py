@@ -49,6 +49,7 @@ from vitq.experiment.compare import (
     CompareSpec,
     run_compare,
 )
+from vitq.experiment.executors import EXECUTORS, ExecutorSpec
 from vitq.experiment.grammar import parse_option, parse_seed
 from vitq.experiment.runs import DEFAULT_MODEL, MB, MODEL_FILE, QUANTIZE_FILE, SQNR_IMAGES, ConfigRequest, RunSpec
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
@@ -237,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "configuration, seed and evaluation images) instead of running them again")
     p.add_argument("--overwrite", action="store_true",
                    help=f"start a new DIR/{JOURNAL_FILE} over an existing one (default: refuse; see --resume)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where the (method, bits, seed) runs are quantized and evaluated: local, one after the other "
+                        "in this process (default), or ray, one Ray task each (one GPU per task on a CUDA device, "
+                        "else one CPU core) while this process keeps the journal and the report; needs "
+                        'pip install "vitq[ray]"')
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="with --executor ray: the Ray cluster to run on, as ray.init takes it ('auto', "
+                        "'ray://HOST:10001'; default: start a local Ray for this command and stop it at the end)")
     p.set_defaults(run=cmd_compare)
     return parser
 
@@ -471,12 +480,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method variant x bit setting against float, per seed on the same images; writes md, csv and png."""
+    executor = ExecutorSpec(kind=args.executor, ray_address=args.ray_address)
+    executor.check()  # before the device is resolved or anything is loaded
     compare = CompareSpec(methods=args.methods, bits=args.bits, seeds=args.seeds, preset=args.preset,
                           reference=args.reference, request=_request(args), out_dir=args.out_dir,
-                          resume=args.resume, overwrite=args.overwrite, command=f"vitq {shlex.join(args.argv)}")
+                          resume=args.resume, overwrite=args.overwrite, command=f"vitq {shlex.join(args.argv)}",
+                          executor=executor)
     outcome = run_compare(_run_spec(args), compare)
-    print(text_table(summary_columns(outcome.reference), summary_rows(outcome.runs, outcome.reference)), end="")
+    if outcome.runs:
+        print(text_table(summary_columns(outcome.reference), summary_rows(outcome.runs, outcome.reference)), end="")
     print("wrote " + ", ".join(str(p) for p in outcome.paths.values()))
+    if outcome.failures:
+        total = len(outcome.runs) + len(outcome.failures)
+        print(f"vitq: error: {len(outcome.failures)} of {total} runs failed (listed in "
+              f"{outcome.paths['markdown']} and {JOURNAL_FILE}; --resume runs them again)", file=sys.stderr)
+        # a bug in any failed run is reported as a bug; otherwise the runs failed on the user's input
+        return EXIT_INTERNAL_ERROR if any(f.internal for f in outcome.failures) else EXIT_USER_ERROR
     return 0
 
 

@@ -5,9 +5,13 @@ against the float model, every run on the same images per seed, journaled so a l
     outcome = run_compare(spec, CompareSpec(methods="minmax,percentile", bits="W8A8,W4A4", seeds="0,1",
                                             out_dir=Path("runs/compare")))
 
-The plan and every configuration are validated before any model or image is loaded. Each finished run is one
+The plan and every configuration are validated before any model or image is loaded. The driver (this module)
+owns the plan, the splits, the journal and the report; each (variant, bits, seed) cell is quantized and evaluated
+by an executor (:mod:`vitq.experiment.executors`: in this process, or as Ray tasks). Each finished run is one
 line of the journal ``runs.jsonl`` keyed by everything its numbers depend on (:func:`run_key`); with
-``resume`` a run whose key is there is read back instead of run again.
+``resume`` a run whose key is there is read back instead of run again. A failed cell is one journal line with its
+error (run again by ``resume``), a section of the report and an entry of :attr:`CompareOutcome.failures`; the
+other cells go on.
 """
 
 from __future__ import annotations
@@ -21,13 +25,23 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-from torch import nn
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from vitq.config import QuantConfig, first_error, make
 from vitq.data import ImageCache, Split
 from vitq.errors import VitqError
-from vitq.eval.size import model_size
+from vitq.experiment.executors import (
+    Cell,
+    CellContext,
+    CellFailure,
+    CellResult,
+    Executor,
+    ExecutorSpec,
+    LocalExecutor,
+    RayExecutor,
+    Workbench,
+)
 from vitq.experiment.grammar import (
     FLOAT,
     Variant,
@@ -37,10 +51,10 @@ from vitq.experiment.grammar import (
     parse_seed,
     parse_variants,
 )
-from vitq.experiment.runs import MB, ConfigRequest, RunSpec, evaluate_on_split, quantize_on_split
+from vitq.experiment.runs import ConfigRequest, RunSpec
 from vitq.files import check_folder_output, write_text
 from vitq.methods import method_class, method_names
-from vitq.report import CompareRun, machine_summary, sha256_prefix, write_compare_report
+from vitq.report import CompareRun, FailedRun, machine_summary, sha256_prefix, write_compare_report
 from vitq.report.leaderboard import write_leaderboard
 
 JOURNAL_FILE = "runs.jsonl"
@@ -58,8 +72,8 @@ class CompareSpec:
     """A comparison as the user describes it: ``methods`` (variants, e.g. ``dopq-vit[softmax=log2]``), ``bits``
     (``W8A8,W4A4``) and ``seeds`` (``0,1,2``) as comma lists, or ``preset``; the settings every run shares
     (``request``: calibration size, options, overrides, reconstruction); an optional paired ``reference`` label;
-    the output folder, whether to resume its journal (or start it over an existing one: ``overwrite``), and the
-    command line for the report's provenance."""
+    the output folder, whether to resume its journal (or start it over an existing one: ``overwrite``), the
+    command line for the report's provenance, and where the cells run (``executor``)."""
 
     methods: str | None = None
     bits: str | None = None
@@ -71,13 +85,18 @@ class CompareSpec:
     resume: bool = False
     overwrite: bool = False
     command: str = "vitq compare"
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
 
 
 @dataclass
 class CompareOutcome:
+    """The finished runs in plan order (per seed: float, then the grid), the paired reference label, the files
+    written, and the cells that failed (``internal``: a bug rather than a problem with the input)."""
+
     runs: list[CompareRun]
     reference: str | None
     paths: dict[str, Path]
+    failures: list[FailedRun] = field(default_factory=list)
 
 
 def compare_plan(spec: CompareSpec) -> tuple[Plan, list[str]]:
@@ -117,12 +136,20 @@ def compare_grid(request: ConfigRequest, plan: Plan, seeds: Sequence[int]) -> Gr
 
 
 class JournalLine(BaseModel):
-    """One line of the journal: the run key and the run, type-checked (a number is not a string)."""
+    """One line of the journal, type-checked (a number is not a string): the run key and either the finished
+    ``run`` or, for a cell that failed, its one-line ``error``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     key: str
-    run: CompareRun
+    run: CompareRun | None = None
+    error: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JournalLine:
+        if (self.run is None) == (self.error is None):
+            raise ValueError("a journal line holds either a run or an error")
+        return self
 
 
 class Journal:
@@ -131,11 +158,13 @@ class Journal:
 
     Without ``resume`` an existing non-empty journal is refused (its runs would be lost) unless ``overwrite``
     starts a new one. With ``resume`` a torn last line (the usual trace of a kill) is dropped with a warning;
-    any other bad line is an error."""
+    any other bad line is an error. A failed run's line (its error) is kept for the record but never reused:
+    ``resume`` runs that cell again, and its later line supersedes the failure."""
 
     def __init__(self, path: Path, *, resume: bool, overwrite: bool = False) -> None:
         self.path = path
         self.done: dict[str, CompareRun] = {}
+        self.failed: dict[str, str] = {}  # key -> error of the last failure of a run not done since
         exists = path.is_file() and path.stat().st_size > 0
         if exists and not resume and not overwrite:
             raise VitqError(f"{path} already holds runs; pass --resume to reuse them or --overwrite to start over")
@@ -159,16 +188,29 @@ class Journal:
                 where, message, _ = first_error(err)
                 raise VitqError(f"{self.path} line {number} is not a compare run ({where or 'line'}: {message}); "
                                 "remove it or pass --overwrite") from None
-            self.done[canonical_key(entry.key)] = entry.run
+            key = canonical_key(entry.key)
+            if entry.run is not None:
+                self.done[key] = entry.run
+                self.failed.pop(key, None)
+            elif entry.error is not None and key not in self.done:
+                self.failed[key] = entry.error
         if torn:
             print(f"vitq: warning: {self.path}: dropped a cut-off last line (an interrupted write); its run "
                   "runs again", file=sys.stderr)
             write_text(self.path, "".join(line + "\n" for line in lines[:-1]))
 
     def add(self, key: str, run: CompareRun) -> None:
+        """Append a finished run."""
+        self._append({"key": key, "run": asdict(run)})
+
+    def add_failure(self, key: str, error: str) -> None:
+        """Append a failed run: its one-line error (``resume`` runs it again)."""
+        self._append({"key": key, "error": error})
+
+    def _append(self, line: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "run": asdict(run)}) + "\n")
+            f.write(json.dumps(line) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -193,27 +235,78 @@ def run_key(spec: RunSpec, label: str, config: QuantConfig, split: Split) -> str
                        "batch_size": spec.batch_size}, sort_keys=True)
 
 
-def run_cell(model: nn.Module, spec: RunSpec, label: str, config: QuantConfig, cache: ImageCache, split: Split,
-             float_top1: float | None, journal: Journal, report: Callable[[str], None] = print) -> CompareRun:
-    """Quantize (a copy of) ``model`` and evaluate it on ``split`` as the report's ``label``;
-    ``float_top1=None`` for the float run. Reuses a journaled run with the same key."""
-    key = run_key(spec, label, config, split)
-    setting = FLOAT if config.method == FLOAT else f"W{config.w_bits}A{config.a_bits}"
-    if key in journal.done:
-        run = journal.done[key]
-        report(f"seed {split.seed}: {label} {setting}: top-1 {run.top1:.2f} % (from {journal.path.name})")
-        return run
-    qmodel, calib_seconds = quantize_on_split(model, spec.model, config, cache, split, progress=spec.progress,
-                                              inplace=False)
-    result = evaluate_on_split(qmodel, cache, split, spec)
-    report(f"seed {split.seed}: {label} {setting}: {result.summary()}, calibration {calib_seconds:.1f} s")
-    run = CompareRun(method=label, setting=setting, seed=split.seed, n_images=result.n_images,
-                     top1=result.top1, top5=result.top5,
-                     float_top1=result.top1 if float_top1 is None else float_top1,
-                     calib_seconds=calib_seconds, eval_seconds=result.seconds,
-                     size_mb=model_size(qmodel).quantized_bytes / MB)
-    journal.add(key, run)
-    return run
+class Cells:
+    """The driver's side of the cells of one grid: each finished cell becomes its report row and journal line as
+    soon as its seed's float top-1 is known (a cell that finishes before its seed's float run waits for it), a
+    failed cell becomes a :class:`FailedRun`; every cell is reported with one progress line."""
+
+    def __init__(self, cells: Sequence[Cell], journal: Journal, report: Callable[[str], None]) -> None:
+        self.cells, self.journal, self.report = list(cells), journal, report
+        self.runs: dict[str, CompareRun] = {}
+        self.failures: dict[str, FailedRun] = {}
+        self.float_top1: dict[int, float] = {}
+        self.float_failed: dict[int, str] = {}
+        self.waiting: dict[int, list[tuple[Cell, CellResult]]] = {}
+
+    def todo(self) -> list[Cell]:
+        """The cells to run, in plan order; a journaled cell is read back (and reported) instead."""
+        todo = []
+        for cell in self.cells:
+            run = self.journal.done.get(cell.key)
+            if run is None:
+                todo.append(cell)
+                continue
+            self.report(f"seed {cell.split.seed}: {cell.label} {cell.setting}: top-1 {run.top1:.2f} % "
+                        f"(from {self.journal.path.name})")
+            self.runs[cell.key] = run
+            if cell.is_float:
+                self.float_top1[cell.split.seed] = run.top1
+        return todo
+
+    def finish(self, cell: Cell, outcome: CellResult | CellFailure) -> None:
+        """Record the outcome of ``cell`` (journal, progress line), or keep it until its float top-1 is known."""
+        seed = cell.split.seed
+        if isinstance(outcome, CellFailure):
+            self._fail(cell, outcome.error, outcome.internal)
+            if cell.is_float:
+                self.float_failed[seed] = outcome.error
+                for other, _ in self.waiting.pop(seed, []):
+                    self._fail(other, f"no float baseline: the float run of seed {seed} failed", False)
+        elif cell.is_float:
+            self._add(cell, outcome, outcome.top1)
+            self.float_top1[seed] = outcome.top1
+            for other, result in self.waiting.pop(seed, []):
+                self._add(other, result, outcome.top1)
+        elif seed in self.float_top1:
+            self._add(cell, outcome, self.float_top1[seed])
+        elif seed in self.float_failed:
+            self._fail(cell, f"no float baseline: the float run of seed {seed} failed", False)
+        else:
+            self.waiting.setdefault(seed, []).append((cell, outcome))
+
+    def _add(self, cell: Cell, result: CellResult, float_top1: float) -> None:
+        self.report(f"seed {cell.split.seed}: {cell.label} {cell.setting}: {result.summary}, "
+                    f"calibration {result.calib_seconds:.1f} s")
+        run = CompareRun(method=cell.label, setting=cell.setting, seed=cell.split.seed, n_images=result.n_images,
+                         top1=result.top1, top5=result.top5, float_top1=float_top1,
+                         calib_seconds=result.calib_seconds, eval_seconds=result.eval_seconds,
+                         size_mb=result.size_mb)
+        self.journal.add(cell.key, run)
+        self.runs[cell.key] = run
+
+    def _fail(self, cell: Cell, error: str, internal: bool) -> None:
+        self.report(f"seed {cell.split.seed}: {cell.label} {cell.setting}: failed: {error}")
+        self.journal.add_failure(cell.key, error)
+        self.failures[cell.key] = FailedRun(cell.label, cell.setting, cell.split.seed, error, internal)
+
+    def outcome(self) -> tuple[list[CompareRun], list[FailedRun]]:
+        """The finished runs and the failures, both in plan order (whatever order the cells finished in)."""
+        left = [cell for cells in self.waiting.values() for cell, _ in cells]
+        for cell in left:  # an executor that never gave the float run's outcome: a bug, still recorded
+            self._fail(cell, f"no float baseline: the float run of seed {cell.split.seed} never finished", True)
+        self.waiting.clear()
+        return ([self.runs[c.key] for c in self.cells if c.key in self.runs],
+                [self.failures[c.key] for c in self.cells if c.key in self.failures])
 
 
 def compare_meta(spec: RunSpec, compare: CompareSpec, cache: ImageCache, splits: Sequence[Split],
@@ -233,12 +326,33 @@ def compare_meta(spec: RunSpec, compare: CompareSpec, cache: ImageCache, splits:
     return meta + ([("paired reference", reference)] if reference else [])
 
 
+def grid_cells(spec: RunSpec, grid: Grid, splits: Sequence[Split], calib_size: int) -> list[Cell]:
+    """Every cell in plan order: per seed, the float baseline first, then the grid's variants and bits."""
+    cells = []
+    for split in splits:
+        float_config = make(QuantConfig, method=FLOAT, calib_size=calib_size, seed=split.seed)
+        for label, config in [(FLOAT, float_config), *grid[split.seed]]:
+            cells.append(Cell(run_key(spec, label, config, split), label, config, split))
+    return cells
+
+
+def open_executor(choice: ExecutorSpec, bench: Workbench) -> Executor:
+    """The executor ``choice`` names; ``bench`` is the driver's model and images (the local executor's own)."""
+    if choice.kind == "ray":
+        context = CellContext(bench.spec, threads=torch.get_num_threads())
+        return RayExecutor(context, address=choice.ray_address, cpus_per_task=choice.cpus_per_task)
+    return LocalExecutor(bench)
+
+
 def run_compare(spec: RunSpec, compare: CompareSpec, report: Callable[[str], None] = print) -> CompareOutcome:
     """Every variant x bit setting against float, per seed on the same images; writes md, csv and png (and
-    ``leaderboard.md`` for the leaderboard preset) into ``compare.out_dir``."""
+    ``leaderboard.md`` for the leaderboard preset) into ``compare.out_dir``.
+
+    A failed cell does not stop the others: it is in the journal, the report and ``failures`` of the outcome."""
     plan, settings = compare_plan(compare)
     reference = parse_reference(compare.reference, [variant for variant, _ in plan])
     seeds = list(dict.fromkeys(parse_seed(text) for text in parse_list(compare.seeds, "seeds")))
+    compare.executor.check()
     out_dir = compare.out_dir
     if out_dir is None:
         if compare.preset != "leaderboard":
@@ -248,19 +362,20 @@ def run_compare(spec: RunSpec, compare: CompareSpec, report: Callable[[str], Non
     journal = Journal(out_dir / JOURNAL_FILE, resume=compare.resume, overwrite=compare.overwrite)
     grid = compare_grid(compare.request, plan, seeds)
     calib_size = grid[seeds[0]][0][1].calib_size
-    model = spec.float_model()
-    cache = spec.image_cache(model)
-    splits = [cache.split(calib_size, seed, spec.limit) for seed in seeds]
-    cache.tensors(sorted({i for s in splits for i in s.calib + s.eval}))  # decode the whole grid's images once
-    runs = []
-    for split in splits:
-        float_config = make(QuantConfig, method=FLOAT, calib_size=calib_size, seed=split.seed)
-        baseline = run_cell(model, spec, FLOAT, float_config, cache, split, None, journal, report)
-        runs.append(baseline)
-        runs += [run_cell(model, spec, label, config, cache, split, baseline.top1, journal, report)
-                 for label, config in grid[split.seed]]
-    meta = compare_meta(spec, compare, cache, splits, reference)
-    paths = write_compare_report(out_dir, f"vitq compare: {spec.model}", meta, runs, settings, reference=reference)
+    bench = Workbench(spec)
+    splits = [bench.cache.split(calib_size, seed, spec.limit) for seed in seeds]
+    cells = Cells(grid_cells(spec, grid, splits, calib_size), journal, report)
+    todo = cells.todo()
+    if todo:
+        with open_executor(compare.executor, bench) as executor:
+            for cell, outcome in executor.run(todo):
+                cells.finish(cell, outcome)
+    runs, failures = cells.outcome()
+    if reference is not None and not any(run.method == reference for run in runs):
+        reference = None  # every run of the reference failed: there is nothing to pair with (see the failures)
+    meta = compare_meta(spec, compare, bench.cache, splits, reference)
+    paths = write_compare_report(out_dir, f"vitq compare: {spec.model}", meta, runs, settings, reference=reference,
+                                 failures=failures)
     if compare.preset == "leaderboard":
         paths["leaderboard"] = write_leaderboard(out_dir / "leaderboard.md", spec.model, meta, runs, settings)
-    return CompareOutcome(runs, reference, paths)
+    return CompareOutcome(runs, reference, paths, failures)

@@ -46,6 +46,18 @@ class CompareRun:
         return self.float_top1 - self.top1
 
 
+@dataclass(frozen=True)
+class FailedRun:
+    """A method x bit setting x seed run that raised: its one-line ``error``; ``internal`` when it was a bug (or a
+    lost worker) rather than a problem with the input."""
+
+    method: str
+    setting: str
+    seed: int
+    error: str
+    internal: bool = False
+
+
 CSV_COLUMNS = [f.name for f in fields(CompareRun)] + ["drop"]
 
 
@@ -139,9 +151,14 @@ def csv_rows(runs: Sequence[CompareRun], reference: str | None = None) -> tuple[
             [list(asdict(r).values()) + [r.drop, reference, deltas.get(_key(r))] for r in runs])
 
 
+FAILED_COLUMNS = ["method", "bits", "seed", "error"]
+
+
 def compare_markdown(title: str, meta: Sequence[tuple[str, str]], runs: Sequence[CompareRun],
-                     plot_name: str | None = None, reference: str | None = None) -> str:
-    """The markdown report: title, ``meta`` as a bullet list, summary table, per-seed table, plot."""
+                     plot_name: str | None = None, reference: str | None = None,
+                     failures: Sequence[FailedRun] = ()) -> str:
+    """The markdown report: title, ``meta`` as a bullet list, summary table, per-seed table, the failed runs (if
+    any: left out of the tables), plot."""
     parts = [f"# {title}\n", "\n".join(f"- {key}: {value}" for key, value in meta) + "\n",
              "## Summary (mean ± std over seeds)\n"]
     if reference:
@@ -149,6 +166,10 @@ def compare_markdown(title: str, meta: Sequence[tuple[str, str]], runs: Sequence
                      "bit setting on the same images, then mean ± std over seeds.\n")
     parts += [markdown_table(summary_columns(reference), summary_rows(runs, reference)),
               "## Per seed\n", markdown_table(per_seed_columns(reference), per_seed_rows(runs, reference))]
+    if failures:
+        parts += [f"## Failed runs\n\n{len(failures)} run(s) failed and are not in the tables above; "
+                  "`vitq compare --resume` runs them again.\n",
+                  markdown_table(FAILED_COLUMNS, [[f.method, f.setting, f.seed, f.error] for f in failures])]
     if plot_name:
         parts.append(f"![top-1 vs bit setting]({plot_name})\n")
     return "\n".join(parts)
@@ -167,11 +188,11 @@ def plot_series(runs: Sequence[CompareRun], settings: Sequence[str]) -> dict[str
 
 def write_compare_report(out_dir: str | Path, title: str, meta: Sequence[tuple[str, str]],
                          runs: Sequence[CompareRun], settings: Sequence[str],
-                         reference: str | None = None) -> dict[str, Path]:
+                         reference: str | None = None, failures: Sequence[FailedRun] = ()) -> dict[str, Path]:
     """Write ``compare.md``, ``compare.csv`` and ``compare.png`` into ``out_dir``; return their paths.
 
     With a ``reference`` label (a method label of ``runs``), the summary, per-seed table and CSV also get
-    the paired top-1 difference to it.
+    the paired top-1 difference to it. ``failures`` (runs that raised) are listed in ``compare.md`` only.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,5 +201,5 @@ def write_compare_report(out_dir: str | Path, title: str, meta: Sequence[tuple[s
                        mean_std(float_top1)[0] if float_top1 else None, title=title)
     csv_path = write_csv(out_dir / "compare.csv", *csv_rows(runs, reference))
     md = write_text(out_dir / "compare.md", compare_markdown(title, meta, runs, plot_name=png.name,
-                                                             reference=reference))
+                                                             reference=reference, failures=failures))
     return {"markdown": md, "csv": csv_path, "plot": png}
