@@ -314,6 +314,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print every quantizer slot: name, role and quantizer (or float). No data, no calibration."""
+    resolve_device(args.device)  # runs nothing on it, but a device this machine lacks is refused like elsewhere
     name = args.model or DEFAULT_MODEL
     model = create_model(name, checkpoint=args.checkpoint) if args.checkpoint else create_architecture(name)
     qmodel = vitq.prepare(model, _request(args).build(), model_name=name, inplace=True)
