@@ -18,6 +18,7 @@ from vitq.calib.recon import reconstruct_model
 from vitq.checks import check_calibrated, check_images, expected_image_size
 from vitq.config import QuantConfig
 from vitq.data import load_tensors
+from vitq.device import model_device, to_device
 from vitq.errors import VitqError
 from vitq.methods import Method, method_class
 from vitq.models import adapter_for
@@ -35,16 +36,19 @@ def model_name_of(model: nn.Module) -> str:
 
 
 def prepare(model: nn.Module, config: QuantConfig, *, model_name: str | None = None,
-            inplace: bool = False) -> QuantizedModel:
-    """Wrap ``model`` and build (uncalibrated) quantizers as the method and overrides say."""
-    return _prepare(model, config, method_class(config.method)(config), model_name, inplace)
+            inplace: bool = False, device: str | torch.device | None = None) -> QuantizedModel:
+    """Wrap ``model`` and build (uncalibrated) quantizers as the method and overrides say. ``device``
+    (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see :func:`vitq.device.resolve_device`): where the quantized model
+    lives; ``None`` keeps the device of ``model``'s parameters."""
+    return _prepare(model, config, method_class(config.method)(config), model_name, inplace, device)
 
 
 def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: str | None,
-             inplace: bool) -> QuantizedModel:
+             inplace: bool, device: str | torch.device | None = None) -> QuantizedModel:
     model_name = model_name or model_name_of(model)
     if not inplace:
         model = copy.deepcopy(model)
+    target = to_device(model, device)
     adapter = adapter_for(model)
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), model_name, adapter.family, config)
@@ -56,24 +60,29 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
     for slot in slots:
         spec = config.spec_for(slot.point, slot.name, method.slot_spec(slot))
         slot.quantizer = None if spec is None else build_quantizer(spec)
+    qmodel.model.to(target)  # empty quantizer buffers and modules added by the wrapping follow the model
     return qmodel
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib_data, *, model_name: str | None = None,
              inplace: bool = False, progress: bool = True,
-             recon_checkpoint: str | Path | None = None) -> QuantizedModel:
+             recon_checkpoint: str | Path | None = None,
+             device: str | torch.device | None = None) -> QuantizedModel:
     """Quantize ``model`` with ``config.method``, calibrated on ``calib_data``, then block-reconstructed on the
     same images when the method asks for it (``config.reconstruct``, see :mod:`vitq.calib.recon`).
 
     ``calib_data`` is an image tensor ``[N, 3, H, W]`` (already preprocessed) or a dataset of
     ``(image, label)`` pairs. The input model is left untouched unless ``inplace``. ``recon_checkpoint``: a
     folder where the reconstruction saves its progress after every block and from which a rerun resumes.
+    ``device``: where the model is quantized and lives (``None``: the device of ``model``'s parameters); the
+    calibration images are moved there.
     """
     method = method_class(config.method)(config)
     if not isinstance(calib_data, torch.Tensor):
         calib_data, _ = load_tensors(calib_data, progress=progress, desc="loading calibration images")
     calib_data = check_images(calib_data, "calibration images", expected_image_size(model))
-    qmodel = _prepare(model, config, method, model_name, inplace)
+    qmodel = _prepare(model, config, method, model_name, inplace, device)
+    calib_data = calib_data.to(model_device(qmodel.model))
     torch.manual_seed(config.seed)
     method.calibrate(qmodel, calib_data, progress=progress)
     check_calibrated(qmodel.eval(), calib_data)

@@ -34,7 +34,7 @@ import torch
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE
 from vitq.data.loader import MAX_DEFAULT_WORKERS
-from vitq.device import DEVICE_CHOICES
+from vitq.device import DEVICE_CHOICES, resolve_device
 from vitq.errors import VitqError
 from vitq.eval.errors import PointError
 from vitq.eval.size import model_size
@@ -323,6 +323,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print every quantizer slot: name, role and quantizer (or float). No data, no calibration."""
+    resolve_device(args.device)  # runs nothing on it, but a device this machine lacks is refused like elsewhere
     name = args.model or DEFAULT_MODEL
     model = create_model(name, checkpoint=args.checkpoint) if args.checkpoint else create_architecture(name)
     qmodel = vitq.prepare(model, _request(args).build(), model_name=name, inplace=True)
@@ -367,10 +368,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_saved(args: argparse.Namespace) -> tuple[QuantizedModel, runs.SavedRecord]:
-    """``--quantized DIR``'s model and record; refuses options that contradict the saved model."""
+def _load_saved(args: argparse.Namespace, device: str) -> tuple[QuantizedModel, runs.SavedRecord]:
+    """``--quantized DIR``'s model (on ``device``) and record; refuses options that contradict the saved model."""
     folder: Path = args.quantized
-    qmodel, record = runs.read_quantized_dir(folder)
+    qmodel, record = runs.read_quantized_dir(folder, device)
     saved = qmodel.config
     _refuse_conflicts(f"--quantized {folder}", {
         "--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
@@ -397,7 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_onnxruntime(args, json_path)
     spec = _run_spec(args)
     if args.quantized:
-        qmodel, record = _load_saved(args)
+        qmodel, record = _load_saved(args, spec.device)
         calib_seconds = record.calib_seconds
         cache = spec.image_cache(qmodel.model)
         split = runs.saved_split(cache, qmodel.config, record.calibration_files, args.limit)
@@ -435,6 +436,9 @@ def _eval_onnxruntime(args: argparse.Namespace, json_path: Path | None) -> int:
     """``vitq eval --backend onnxruntime --model FILE.onnx``: same split, same JSON keys as the torch backend."""
     from vitq.eval.ort import OrtModel
 
+    if resolve_device(args.device).type != "cpu" and args.device.strip().lower() != "auto":
+        raise VitqError(f"--backend onnxruntime runs on the CPU (onnxruntime's CPU provider); drop --device "
+                        f"{args.device}")
     if args.model is None:
         raise VitqError("--backend onnxruntime needs --model FILE.onnx (a file written by 'vitq export')")
     torch_only = {"--quantized": args.quantized, "--method": args.method, "--w-bits": args.w_bits,

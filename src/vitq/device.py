@@ -40,3 +40,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise VitqError(f"device {device!r} asked for, but this machine has {count} CUDA device(s) (cuda:0.."
                         f"cuda:{count - 1})")
     return torch.device("cuda", index)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device ``model`` runs on: that of its first parameter (else its first buffer; the CPU for a model
+    that holds no tensors). vitq keeps a model on one device, so the first tensor stands for all of them."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """Move ``model`` (in place) to ``device`` and return where it now is; ``None`` leaves it where it is."""
+    if device is None:
+        return model_device(model)
+    target = resolve_device(device)
+    model.to(target)
+    return target

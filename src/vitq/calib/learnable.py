@@ -64,7 +64,8 @@ class LearnedStep(nn.Module):
         scale, zero_point = q.broadcast(self.scale, x), q.broadcast(q.zero_point, x)
         x_hat = (torch.clamp(round_ste(x / scale) + zero_point, q.q_min, q.q_max) - zero_point) * scale
         if self.training and self.drop_prob > 0:
-            keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
+            # drawn on the CPU generator (the same seed gives the same masks on every device), moved as bools
+            keep_float = (torch.rand(x.shape, generator=self.generator) < self.drop_prob).to(x.device)
             x_hat = torch.where(keep_float, x, x_hat)
         return x_hat
 

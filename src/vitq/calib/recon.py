@@ -123,7 +123,8 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
             bar = tqdm(range(settings.iterations), desc=f"reconstructing {stage.name}", unit="it", leave=False,
                        disable=not progress)
             for iteration in bar:
-                batch = torch.randint(len(x), (min(settings.batch_size, len(x)),), generator=generator)
+                # drawn on the CPU generator: the same seed picks the same images on every device
+                batch = torch.randint(len(x), (min(settings.batch_size, len(x)),), generator=generator).to(x.device)
                 with torch.enable_grad():
                     loss = _stage_loss(stage.run(x[batch]), target[batch])
                     beta = settings.beta_at(iteration)
@@ -214,7 +215,7 @@ def _fingerprint(settings: ReconConfig, seed: int, n_images: int) -> str:
 
 def _save_checkpoint(qmodel, path: Path, done: int, fingerprint: str) -> None:
     # atomic: a checkpoint is either the old one or the new one
-    write_safetensors(path, {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()},
+    write_safetensors(path, {k: v.detach().to("cpu").contiguous() for k, v in qmodel.model.state_dict().items()},
                       {"done": str(done), "fingerprint": fingerprint})
 
 

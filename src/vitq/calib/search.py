@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.quantizers.base import Quantizer
+from vitq.quantizers.base import Quantizer, first_minimum
 
 Consumer = Callable[..., torch.Tensor]
 
@@ -70,45 +70,42 @@ def search_by_output_error(
     # Slices outer, candidates inner: each reference is computed once and each slice's quantizer-side work
     # can be shared between candidates (``fake_quant_candidates``, e.g. TanQ's per-clip part). Every
     # candidate's error is still the float64 sum over the slices in slice order.
-    errors = [0.0] * len(candidates)
+    # the errors stay float64 scalars on the device (no transfer per candidate and slice); the same float64
+    # additions in the same order as Python floats would do, then one transfer to pick the best
+    errors: list[torch.Tensor | float] = [0.0] * len(candidates)
     scratch = _Scratch()
     for s in slices:
         xs = part(x, s)
         ref = run(xs, s) if reference is None else part(reference, s)
         count = 0
         for i, q in enumerate(quantizer.fake_quant_candidates(xs, candidates)):
-            errors[i] += scratch.squared_error(run(q, s), ref)
+            errors[i] = scratch.squared_error(run(q, s), ref) + errors[i]
             count += 1
         if count != len(candidates):
             raise VitqError(f"{type(quantizer).__name__}.fake_quant_candidates gave {count} outputs "
                             f"for {len(candidates)} candidates")
 
-    best: dict[str, torch.Tensor] | None = None
-    best_err = math.inf
-    for params, err in zip(candidates, errors, strict=True):
-        if best is None or err < best_err:
-            best, best_err = params, err
-    assert best is not None
-    quantizer.set_params(best)
+    quantizer.set_params(candidates[first_minimum(errors)])  # ties keep the first candidate
     return quantizer.get_params()
 
 
 class _Scratch:
-    """``float((out − ref).double().square().sum())`` with the float64 difference written into a reused
-    buffer (one allocation per shape instead of three per call); same values, same summation."""
+    """``(out − ref).double().square().sum()`` (a float64 scalar on the device) with the float64 difference
+    written into a reused buffer (one allocation per shape instead of three per call); same values, same
+    summation."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
 
-    def squared_error(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+    def squared_error(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if (out.dtype != torch.float32 or ref.dtype != torch.float32 or out.shape != ref.shape
                 or not (out.is_contiguous() and ref.is_contiguous())):  # keep the reference layout's sum order
-            return float((out - ref).double().square().sum())
+            return (out - ref).double().square().sum()
         buf = self.buffer
         if buf is None or buf.shape != out.shape or buf.device != out.device:
             buf = self.buffer = torch.empty(out.shape, dtype=torch.float64, device=out.device)
         # the float32 difference, cast to float64 on write (as ``(out - ref).double()``)
-        return float(torch.sub(out, ref, out=buf).square_().sum())
+        return torch.sub(out, ref, out=buf).square_().sum()
 
 
 @torch.no_grad()
@@ -116,8 +113,8 @@ def attention_output_mse(quantizer: Quantizer, attn: torch.Tensor, v: torch.Tens
     """Relative attention-output error ‖A·V − Q(A)·V‖² / ‖A·V‖² of a calibrated quantizer
     (0 when both are 0, inf when only the reference is 0)."""
     ref = attn @ v
-    num = float((quantizer.quantize_dequantize(attn) @ v - ref).double().square().sum())
-    den = float(ref.double().square().sum())
+    num, den = torch.stack([(quantizer.quantize_dequantize(attn) @ v - ref).double().square().sum(),
+                            ref.double().square().sum()]).tolist()  # one transfer for both
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den

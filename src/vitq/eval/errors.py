@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vitq.device import model_device
 from vitq.quantized_model import QuantizedModel
 
 
@@ -27,8 +28,17 @@ class PointError:
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """SQNR of ``approx`` against ``reference`` in dB (``inf`` when they are equal)."""
-    signal = reference.double().pow(2).sum().item()
-    noise = (reference.double() - approx.double()).pow(2).sum().item()
+    signal, noise = _energies(reference, approx).tolist()
+    return _decibels(signal, noise)
+
+
+def _energies(reference: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """``[Σ reference², Σ (reference − approx)²]`` in float64, on the tensors' device."""
+    reference = reference.double()
+    return torch.stack([reference.pow(2).sum(), (reference - approx.double()).pow(2).sum()])
+
+
+def _decibels(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
     if signal == 0:
@@ -38,11 +48,13 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 @torch.no_grad()
 def point_sqnr(qmodel: QuantizedModel, images: torch.Tensor) -> list[PointError]:
-    """Accumulated SQNR at the output of every quantization point that quantizes something, in run order."""
+    """Accumulated SQNR at the output of every quantization point that quantizes something, in run order, on
+    ``images`` moved to the model's device. The energies stay there until one transfer at the end."""
+    images = images.to(model_device(qmodel))
     points = {name: point for name, point in qmodel.points().items()
               if any(getattr(point, attr) is not None for attr in point.slots())}
     outputs: dict[str, torch.Tensor] = {}
-    errors: dict[str, float] = {}
+    energies: dict[str, torch.Tensor] = {}
 
     def record(name):
         def hook(_module, _inputs, output):
@@ -51,7 +63,7 @@ def point_sqnr(qmodel: QuantizedModel, images: torch.Tensor) -> list[PointError]
 
     def compare(name):
         def hook(_module, _inputs, output):
-            errors[name] = sqnr_db(outputs[name], output)
+            energies[name] = _energies(outputs[name], output)
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in points.items()]
@@ -65,4 +77,7 @@ def point_sqnr(qmodel: QuantizedModel, images: torch.Tensor) -> list[PointError]
     finally:
         for handle in handles:
             handle.remove()
-    return [PointError(name, db) for name, db in errors.items()]
+    if not energies:
+        return []
+    values = torch.stack(list(energies.values())).tolist()
+    return [PointError(name, _decibels(signal, noise)) for name, (signal, noise) in zip(energies, values, strict=True)]

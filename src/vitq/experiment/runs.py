@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
@@ -22,7 +23,7 @@ from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.config import PointOverride, QuantConfig, ReconConfig, first_error, make
 from vitq.data import ImageCache, Split
 from vitq.data.loader import default_workers
-from vitq.device import resolve_device
+from vitq.device import model_device, resolve_device
 from vitq.errors import VitqError
 from vitq.eval.accuracy import EvalResult, evaluate
 from vitq.eval.errors import PointError, point_sqnr
@@ -74,7 +75,8 @@ class RunSpec:
                    workers=default_workers() if workers is None else workers, **rest)
 
     def float_model(self) -> nn.Module:
-        return create_model(self.model, checkpoint=self.checkpoint)
+        """The float model, on :attr:`device`."""
+        return create_model(self.model, checkpoint=self.checkpoint, device=self.device)
 
     def image_cache(self, model: nn.Module) -> ImageCache:
         """The image folder, preprocessed for ``model``."""
@@ -129,16 +131,32 @@ def quantize_on_split(model: nn.Module, name: str, config: QuantConfig, cache: I
     if config.method == FLOAT:  # nothing to calibrate: skip loading the calibration images
         return prepare(model, config, model_name=name, inplace=inplace), 0.0
     images, _ = cache.tensors(split.calib, "loading calibration images")
+    images = images.to(model_device(model))  # the images are decoded on the CPU; calibration runs on the model's
     start = time.perf_counter()
     qmodel = quantize(model, config, images, model_name=name, inplace=inplace, progress=progress,
                       recon_checkpoint=recon_checkpoint)
     return qmodel, time.perf_counter() - start
 
 
+class _FeedDevice(nn.Module):
+    """``model`` behind a forward that moves each batch of images to ``device``: the evaluation images stay on
+    the CPU (all of them on a GPU could not fit for a large folder) and only the batch being evaluated travels."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model, self.device = model, device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.device, non_blocking=True))
+
+
 def evaluate_on_split(model: nn.Module, cache: ImageCache, split: Split, spec: RunSpec) -> EvalResult:
-    """Top-1/top-5 of ``model`` on the split's evaluation images."""
-    data = cache.tensors(split.eval, "loading evaluation images")
-    return evaluate(model, data, batch_size=spec.batch_size, progress=spec.progress)
+    """Top-1/top-5 of ``model`` on the split's evaluation images, run on the model's device."""
+    images, labels = cache.tensors(split.eval, "loading evaluation images")
+    device = model_device(model)
+    if device.type != "cpu":  # labels are compared with the logits on the device; images move batch by batch
+        model, labels = _FeedDevice(model, device), labels.to(device)
+    return evaluate(model, (images, labels), batch_size=spec.batch_size, progress=spec.progress)
 
 
 def split_sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
@@ -199,11 +217,12 @@ class SavedRecord(BaseModel):
         return None if self.calibration_images is None else [image.file for image in self.calibration_images]
 
 
-def read_quantized_dir(folder: Path) -> tuple[QuantizedModel, SavedRecord]:
-    """The model saved in ``folder`` by ``vitq quantize`` and its record (``quantize.json``; empty without one)."""
+def read_quantized_dir(folder: Path, device: str | None = None) -> tuple[QuantizedModel, SavedRecord]:
+    """The model saved in ``folder`` by ``vitq quantize`` (on ``device``; ``None``: the CPU) and its record
+    (``quantize.json``; empty without one)."""
     if not folder.is_dir():
         raise VitqError(f"quantized model folder {folder} does not exist")
-    qmodel = load(folder / MODEL_FILE)
+    qmodel = load(folder / MODEL_FILE, device=device)
     info = folder / QUANTIZE_FILE
     if not info.is_file():
         return qmodel, SavedRecord()

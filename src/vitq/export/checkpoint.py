@@ -26,6 +26,7 @@ from torch import nn
 
 from vitq.checks import expected_image_size
 from vitq.config import QuantConfig, make
+from vitq.device import resolve_device
 from vitq.errors import VitqError
 from vitq.export.packing import pack_codes, unpack_codes
 from vitq.export.validate import (
@@ -51,7 +52,9 @@ HEADER_KEY = "vitq"
 
 def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Path:
     """Write ``qmodel`` to ``path`` (``.safetensors``); ``packed``: quantized weights as bit-packed codes."""
-    state = {k: v.detach().contiguous() for k, v in qmodel.model.state_dict().items()}
+    # the one move to the CPU of everything saved (a no-op for a CPU model); the codes are computed on the
+    # model's device and moved with the rest
+    state = {k: v.detach().to("cpu").contiguous() for k, v in qmodel.model.state_dict().items()}
     packed_entries = _pack_weights(qmodel, state) if packed else {}
     header = {
         "format": FORMAT,
@@ -80,7 +83,7 @@ def _pack_weights(qmodel: QuantizedModel, state: dict[str, torch.Tensor]) -> dic
             continue
         quantizer, weight = point.weight_quantizer, point.weight.detach()
         bits = packed_bits(quantizer)
-        codes = quantizer.int_repr(weight) - quantizer.q_min
+        codes = (quantizer.int_repr(weight) - quantizer.q_min).to("cpu")
         key = f"{name}.weight"
         del state[key]
         state[key + PACKED_SUFFIX] = pack_codes(codes, bits)
@@ -121,13 +124,15 @@ def _header_fields(path: Path, header: dict) -> tuple[str, str, dict, dict]:
     return header["model_name"], header["family"], header["config"], header["quantizers"]
 
 
-def load(path: str | Path) -> QuantizedModel:
-    """Rebuild a quantized model saved by :func:`save`.
+def load(path: str | Path, device: str | torch.device | None = None) -> QuantizedModel:
+    """Rebuild a quantized model saved by :func:`save`, on ``device`` (``None``: the CPU).
 
     Everything read is validated first (:mod:`vitq.export.validate`): the header, then the tensor table against
     the architecture built on the meta device and the quantizer specs, then the data (finite, positive steps);
-    only then is the model built and loaded, so a bad file costs no more than reading it."""
+    only then is the model built and loaded, so a bad file costs no more than reading it. The model is built
+    and loaded on the CPU and moved to ``device`` last, once everything has passed."""
     path = Path(path)
+    target = None if device is None else resolve_device(device)  # an unusable device fails before any reading
     header = read_header(path)
     name, family, config, specs = _header_fields(path, header)
     packed = header.get("packed", {})
@@ -156,6 +161,8 @@ def load(path: str | Path) -> QuantizedModel:
     except VitqError as err:
         raise VitqError(f"{path}: {err}") from None
     load_state(qmodel.model, state, path, what=f"quantized {name}")
+    if target is not None:
+        qmodel.model.to(target)
     return qmodel.eval()
 
 

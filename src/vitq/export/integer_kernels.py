@@ -60,7 +60,18 @@ def requantize(acc: torch.Tensor, mantissa: torch.Tensor, shift: torch.Tensor, z
     return out
 
 
-def integer_division(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int64 tensors, exactly, on any device. The CPU multiplies int64 directly; CUDA has no integer
+    matrix product, so there the operands go through float64: they are codes minus zero points (at most 9 bits
+    for the 2..8-bit grids) or a softmax code times a value code, so every product is below 2^18 and every
+    partial sum of up to 2^34 of them is an integer below 2^53, which float64 holds exactly in any summation
+    order."""
+    if a.device.type == "cpu":
+        return a @ b
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
+
+
+def integer_division(numerator: torch.Tensor, denominator: torch.Tensor | int) -> torch.Tensor:
     """``round(numerator / denominator)`` for non-negative numerator and positive denominator."""
     return torch.div(numerator + denominator // 2, denominator, rounding_mode="floor")
 
@@ -97,7 +108,7 @@ def shift_exp(codes: torch.Tensor, units_one: int) -> torch.Tensor:
     halvings = torch.div(t, units_one, rounding_mode="floor")
     remainder = t - halvings * units_one
     mantissa = units_one - (remainder >> 1)  # in units of 1/I_0, in (I_0/2, I_0]
-    scaled = integer_division(mantissa << EXP_BITS, torch.tensor(units_one))  # 2^(−r) in 2^−EXP_BITS units
+    scaled = integer_division(mantissa << EXP_BITS, units_one)  # 2^(−r) in 2^−EXP_BITS units
     return scaled >> halvings.clamp_max(62)
 
 

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vitq.device import model_device
 from vitq.errors import VitqError
 from vitq.export.integer_kernels import (
     PROB_BITS,
     dyadic,
     integer_layernorm,
+    integer_matmul,
     requantize,
     shift_gelu,
     shiftmax,
@@ -106,13 +108,14 @@ class IntegerLinear(nn.Module):
         w_scale = weights.scale.detach().double().reshape(-1).expand(weight.shape[0])
         acc_scale = inputs.scale * w_scale
         self.register_buffer("weight", codes - zero.to(torch.int64))
-        bias = torch.zeros(weight.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.double()
+        bias = (torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if layer.bias is None
+                else layer.bias.double())
         self.register_buffer("bias", torch.round(bias.detach() / acc_scale).to(torch.int64))
         self.register_buffer("acc_scale", acc_scale)
         self.input_zero = inputs.zero_point
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return (codes - self.input_zero) @ self.weight.T + self.bias
+        return integer_matmul(codes - self.input_zero, self.weight.T) + self.bias
 
 
 class IntegerLayerNorm(nn.Module):
@@ -174,10 +177,10 @@ class IntegerBlock(nn.Module):
                    for requantizer, part in zip((self.to_q, self.to_k, self.to_v), self.qkv(codes).chunk(3, dim=-1),
                                                 strict=True))
         z_q, z_k, z_v, z_a = self.zeros
-        scores = ((q - z_q) @ (k - z_k).transpose(-2, -1)) << self.score_shift
+        scores = integer_matmul(q - z_q, (k - z_k).transpose(-2, -1)) << self.score_shift
         probabilities = shiftmax(scores, self.score_units)
         attn = self.to_softmax(probabilities)
-        out = (attn - z_a) @ (v - z_v)
+        out = integer_matmul(attn - z_a, v - z_v)
         return self.to_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
@@ -219,10 +222,13 @@ class IntegerViT(nn.Module):
 
     @classmethod
     def compile(cls, qmodel: QuantizedModel, calib_images: torch.Tensor, batch_size: int = 32) -> IntegerViT:
-        """Build the runtime; its own two scales (residual stream, GELU input) come from ``calib_images``."""
-        residual_max, hidden_max = _calibration_ranges(qmodel, calib_images, batch_size)
+        """Build the runtime on ``qmodel``'s device; its own two scales (residual stream, GELU input) come from
+        ``calib_images`` (moved there)."""
+        device = model_device(qmodel)
+        residual_max, hidden_max = _calibration_ranges(qmodel, calib_images.to(device), batch_size)
+        # constants built from Python numbers (the dyadic multipliers of fixed scales) start on the CPU: move all
         return cls(qmodel, HEADROOM * residual_max / 2 ** (RESIDUAL_BITS - 1),
-                   HEADROOM * hidden_max / 2 ** (HIDDEN_BITS - 1))
+                   HEADROOM * hidden_max / 2 ** (HIDDEN_BITS - 1)).to(device)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Residual codes [B, 1 + patches, dim] of float ``images`` (quantized by the image quantizer)."""
@@ -245,10 +251,11 @@ def _calibration_ranges(qmodel: QuantizedModel, images: torch.Tensor, batch_size
     """Largest |residual stream| (block inputs and the final norm's input) and |fc1 output| of the fake-quant
     model on ``images``."""
     model = qmodel.model
-    found = {"residual": 0.0, "hidden": 0.0}
+    zero = torch.zeros((), device=images.device)
+    found = {"residual": zero, "hidden": zero}
 
-    def track(key: str, tensor: torch.Tensor) -> None:
-        found[key] = max(found[key], float(tensor.detach().abs().max()))
+    def track(key: str, tensor: torch.Tensor) -> None:  # a running maximum kept on the device: no sync per batch
+        found[key] = torch.maximum(found[key], tensor.detach().abs().amax())
 
     hooks = [block.register_forward_pre_hook(lambda m, args: track("residual", args[0])) for block in model.blocks]
     hooks.append(model.norm.register_forward_pre_hook(lambda m, args: track("residual", args[0])))
@@ -260,4 +267,4 @@ def _calibration_ranges(qmodel: QuantizedModel, images: torch.Tensor, batch_size
     finally:
         for hook in hooks:
             hook.remove()
-    return found["residual"], found["hidden"]
+    return float(found["residual"]), float(found["hidden"])

@@ -23,6 +23,7 @@ integer kernels prefer. The graph is produced by torch's TorchScript ONNX export
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitq.device import model_device
 from vitq.errors import VitqError
 from vitq.files import atomic_file
 from vitq.nn import QLinear
@@ -245,6 +247,8 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
     import onnx
 
     path = Path(path)
+    if model_device(qmodel).type != "cpu":  # traced on the CPU (the QDQ constants are numpy arrays): a CPU copy
+        qmodel = copy.deepcopy(qmodel).to("cpu")
     if image_size is None:
         image_size = tuple(qmodel.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     example = torch.zeros(1, 3, *image_size)

@@ -32,10 +32,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise VitqError(f"codes must be in [0, {2**bits}) to pack at {bits} bits, "
                         f"got [{int(flat.min())}, {int(flat.max())}]")
-    shifts = torch.arange(bits, dtype=torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64, device=flat.device)
     stream = ((flat[:, None] >> shifts) & 1).reshape(-1)  # bit k of the stream
     stream = torch.cat([stream, stream.new_zeros(packed_size(flat.numel(), bits) * 8 - stream.numel())])
-    weights = 1 << torch.arange(8, dtype=torch.int64)
+    weights = 1 << torch.arange(8, dtype=torch.int64, device=flat.device)
     return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
 
 
@@ -46,6 +46,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise VitqError(f"packed codes must be a 1-d uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}")
     if packed.numel() != packed_size(count, bits):
         raise VitqError(f"{packed.numel()} bytes cannot hold exactly {count} codes of {bits} bits")
-    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
+    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64, device=packed.device)) & 1)
+    stream = stream.reshape(-1)
     bits_per_code = stream[:count * bits].reshape(count, bits)
-    return (bits_per_code << torch.arange(bits, dtype=torch.int64)).sum(dim=1).to(torch.int32)
+    return (bits_per_code << torch.arange(bits, dtype=torch.int64, device=packed.device)).sum(dim=1).to(torch.int32)

@@ -290,8 +290,10 @@ class ERQ(RepQViT):
         if self.options.wqer:
             current = wqer_round(current, moments.quantized, grid, lam=lam, refine_iters=self.options.refine_iters)
         else:
-            current = torch.cat([grid.nearest(current[:, :-1], torch.arange(weight.shape[1])), current[:, -1:]], dim=1)
-        plain = torch.cat([plain_grid.nearest(weight, torch.arange(weight.shape[1])), bias[:, None]], dim=1)
+            columns = torch.arange(weight.shape[1], device=weight.device)
+            current = torch.cat([grid.nearest(current[:, :-1], columns), current[:, -1:]], dim=1)
+        columns = torch.arange(weight.shape[1], device=weight.device)
+        plain = torch.cat([plain_grid.nearest(weight, columns), bias[:, None]], dim=1)
         errors = (calibration_error(plain, original, moments), calibration_error(current, original, moments))
         kept_plain = errors[1] > errors[0]
         if kept_plain:

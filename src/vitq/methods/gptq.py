@@ -67,7 +67,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
     columns = w.shape[1]
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(columns)
+    order = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
+             else torch.arange(columns, device=w.device))
     w, h = w[:, order], h[order][:, order]
     h.diagonal().add_(damp * torch.diagonal(h).mean())
     # upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U, divided by U_ii, is [H_F⁻¹]_{i,F} / [H_F⁻¹]_ii
@@ -75,6 +76,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     group_grids: dict[int, RowGrid] = {}
     position = torch.argsort(order)  # position[c] = where natural column c sits in the processing order
+    natural_columns = order.tolist()  # read once: the column loop below never waits for the device
 
     def grid_of(natural: int, current: Callable[[], torch.Tensor]) -> RowGrid:
         if group_size is None:
@@ -94,7 +96,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
                 return torch.cat([w[:, :start], block, w[:, stop:]], dim=1)
 
             natural = order[start + j:start + j + 1]
-            q = grid_of(int(natural), current).nearest(block[:, j:j + 1], natural)[:, 0]
+            q = grid_of(natural_columns[start + j], current).nearest(block[:, j:j + 1], natural)[:, 0]
             err = (block[:, j] - q) / u[j, j]
             block[:, j:] -= err[:, None] * u[j, j:][None, :]
             block[:, j] = q

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vitq.checks import check_finite
+from vitq.device import resolve_device
 from vitq.errors import VitqError
 from vitq.models.base import ModelAdapter
 from vitq.registry import Registry
@@ -67,11 +68,13 @@ def _quiet_hub() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def create_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
+def create_model(name: str, checkpoint: str | Path | None = None,
+                 device: str | torch.device | None = None) -> nn.Module:
     """A float timm model in eval mode.
 
     With ``checkpoint`` (a local ``.safetensors`` state dict) the weights are loaded strictly from
-    it (every tensor finite); without, timm downloads its pretrained weights (needs a network).
+    it (every tensor finite); without, timm downloads its pretrained weights (needs a network). The weights are
+    loaded on the CPU, then the model is moved to ``device`` (``None``: stays on the CPU).
     """
     import timm
 
@@ -86,6 +89,8 @@ def create_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
     else:
         model = timm.create_model(name, pretrained=False)
         load_state_dict_file(model, checkpoint, what=f"model {name!r}")
+    if device is not None:
+        model.to(resolve_device(device))
     return model.eval()
 
 

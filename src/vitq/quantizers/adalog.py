@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from vitq.errors import VitqError
-from vitq.quantizers.base import Quantizer
+from vitq.quantizers.base import Quantizer, first_minimum
 from vitq.quantizers.ranges import REPQ_PERCENTILES, TailQuantiles
 from vitq.quantizers.registry import register_quantizer
 
@@ -84,8 +84,9 @@ class AdaLogQuantizer(Quantizer):
         return exponent.clamp_(0, self.zero_code - 1).masked_fill_(zero, self.zero_code).to(torch.int32)
 
     def _levels(self, codes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        steps = codes.clamp(0, self.zero_code - 1).to(torch.int64) * int(base)
-        fraction = self.table.to(scale.dtype)[steps % R]
+        # the base stays a tensor (int(base) would wait for the device at every call)
+        steps = codes.clamp(0, self.zero_code - 1).to(torch.int64) * base.to(torch.int64)
+        fraction = self.table.to(device=scale.device, dtype=scale.dtype)[steps % R]  # no-op once on the device
         out = torch.ldexp(fraction, -(steps // R)) * scale
         return out.masked_fill_(codes >= self.zero_code, 0.0) - self.shift
 
@@ -95,24 +96,23 @@ class AdaLogQuantizer(Quantizer):
     # ------------------------------------------------------------------ calibration
     def _scale_candidates(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fixed_scale is not None:
-            return [torch.tensor(self.fixed_scale)]
+            return [torch.tensor(self.fixed_scale, device=x.device)]
         tails = TailQuantiles((x.detach().float() + self.shift).reshape(1, -1), min(self.search_percentiles))
         return [tails.range(p)[1].reshape(()).clamp_min(MIN_SCALE) for p in self.search_percentiles]
 
     def search_candidates(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Every (scale, base) pair: scales outer, bases inner."""
-        return [{"scale": scale.reshape(1), "base": torch.tensor([float(q)])}
+        return [{"scale": scale.reshape(1), "base": torch.tensor([float(q)], device=scale.device)}
                 for scale in self._scale_candidates(x) for q in self.bases]
 
     def calibrate(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        best, best_error = None, math.inf
-        for params in self.search_candidates(x):
+        candidates = self.search_candidates(x)
+        errors = []  # kept on the device: one transfer for the whole search, not one per candidate
+        for params in candidates:
             scale, base = params["scale"].reshape(()), params["base"].reshape(())
-            error = float((self._levels(self._codes(x, scale, base), scale, base) - x).square().sum())
-            if error < best_error:
-                best, best_error = params, error
-        self.set_params(best)
+            errors.append((self._levels(self._codes(x, scale, base), scale, base) - x).square().sum())
+        self.set_params(candidates[first_minimum(errors)])
 
     # ------------------------------------------------------------------ quantization
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ Life cycle:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -65,11 +66,12 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Calibrated shapes are data dependent: adopt the checkpoint's shapes before loading.
+        # Calibrated shapes are data dependent: adopt the checkpoint's shapes before loading, on this quantizer's
+        # own device (a CPU state loaded into a GPU model, e.g. a reconstruction checkpoint, stays on the GPU).
         for name in self.param_names:
             key = prefix + name
             if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -127,3 +129,12 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind")
+
+
+def first_minimum(errors: Sequence[torch.Tensor]) -> int:
+    """Index of the smallest of ``errors`` (scalar tensors on one device), the first one on ties; NaN never wins.
+
+    A search keeps its candidates' errors on their device and reads back only this index: one transfer per
+    search, where a Python comparison per candidate would wait for the device at every candidate."""
+    stacked = torch.stack([error.reshape(()) for error in errors])
+    return int(torch.nan_to_num(stacked, nan=math.inf).argmin())

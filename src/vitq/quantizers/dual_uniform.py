@@ -38,7 +38,7 @@ def outlier_columns(weight: torch.Tensor, count: int) -> torch.Tensor:
     low = torch.nanquantile(negative, OUTLIER_PERCENTILES[1], dim=1, keepdim=True)
     # a row without positive (negative) values has a NaN threshold: no comparison is true
     counts = ((w > high) | (w < low)).sum(dim=0)
-    mask = torch.zeros(w.shape[1], dtype=torch.bool)
+    mask = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
     mask[torch.argsort(counts, descending=True, stable=True)[:count]] = True
     return mask
 

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 
 from vitq.errors import VitqError
-from vitq.quantizers.base import Quantizer
+from vitq.quantizers.base import Quantizer, first_minimum
 from vitq.quantizers.ranges import REPQ_PERCENTILES, TailQuantiles
 from vitq.quantizers.registry import register_quantizer
 
@@ -213,12 +213,9 @@ class LogQuantizer(Quantizer):
     def calibrate(self, x: torch.Tensor) -> None:
         """RepQ-ViT: keep the candidate Δ with the lowest ‖x − Q(x)‖² (the first one on ties)."""
         x = x.detach().float()
-        best, best_err = None, math.inf
-        for params in self.search_candidates(x):
-            err = float(self._fake_quant(x, params["scale"].reshape(())).sub_(x).square_().sum())
-            if best is None or err < best_err:
-                best, best_err = params, err
-        self.set_params(best)
+        candidates = self.search_candidates(x)
+        errors = [self._fake_quant(x, params["scale"].reshape(())).sub_(x).square_().sum() for params in candidates]
+        self.set_params(candidates[first_minimum(errors)])
 
     # --------------------------------------------------------------- quantization
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:

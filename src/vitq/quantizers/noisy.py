@@ -45,7 +45,8 @@ class NoisyUniformQuantizer(UniformQuantizer):
         self.amplitudes, self.noise_seed = amplitudes, noise_seed
 
     def _unit_noise(self, channels: int) -> torch.Tensor:
-        """The seeded U(−½, ½) draw, one value per channel (the same for every amplitude)."""
+        """The seeded U(−½, ½) draw, one value per channel (the same for every amplitude), drawn on the CPU so that
+        a seed gives the same noise on every device."""
         generator = torch.Generator().manual_seed(self.noise_seed)
         return torch.rand(channels, generator=generator) - 0.5
 
@@ -56,7 +57,7 @@ class NoisyUniformQuantizer(UniformQuantizer):
     def search_candidates(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """One candidate per amplitude: the noise, and the uniform range calibrated on ``x + noise``."""
         base_scale, _ = self._uniform_params(x)
-        unit = self._unit_noise(x.shape[-1]).to(x.dtype)
+        unit = self._unit_noise(x.shape[-1]).to(device=x.device, dtype=x.dtype)  # drawn on the CPU
         candidates = []
         for amplitude in self.amplitudes:
             noise = amplitude * base_scale.reshape(()) * unit
@@ -67,7 +68,7 @@ class NoisyUniformQuantizer(UniformQuantizer):
     def calibrate(self, x: torch.Tensor) -> None:
         """No consumer to judge the noise by: plain uniform quantization (zero noise)."""
         super().calibrate(x)
-        self.noise = torch.zeros(x.shape[-1], dtype=x.dtype)
+        self.noise = x.new_zeros(x.shape[-1])
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         return super().int_repr(x + self.noise)

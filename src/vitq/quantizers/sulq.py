@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from vitq.errors import VitqError
-from vitq.quantizers.base import Quantizer
+from vitq.quantizers.base import Quantizer, first_minimum
 from vitq.quantizers.registry import register_quantizer
 
 #: I&S-ViT's shift candidates η
@@ -53,7 +53,7 @@ class ShiftUniformLog2Quantizer(Quantizer):
     def _candidate(self, x: torch.Tensor, eta: float) -> dict[str, torch.Tensor]:
         y = torch.log2(x.detach().float().clamp_min(0) + eta)
         low, high = y.min(), y.max()
-        return {"shift": torch.tensor([eta]), "log_min": low.reshape(1),
+        return {"shift": torch.tensor([eta], device=y.device), "log_min": low.reshape(1),
                 "log_step": ((high - low) / self.q_max).clamp_min(MIN_LOG_STEP).reshape(1)}
 
     def search_candidates(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -61,13 +61,12 @@ class ShiftUniformLog2Quantizer(Quantizer):
 
     def calibrate(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        best, best_error = None, float("inf")
-        for params in self.search_candidates(x):
+        candidates = self.search_candidates(x)
+        errors = []  # kept on the device: one transfer for the whole search
+        for params in candidates:
             self.set_params(params)
-            error = float((self.quantize_dequantize(x) - x).double().square().sum())
-            if error < best_error:  # ties keep the smaller shift
-                best, best_error = params, error
-        self.set_params(best)
+            errors.append((self.quantize_dequantize(x) - x).double().square().sum())
+        self.set_params(candidates[first_minimum(errors)])  # ties keep the smaller shift
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.log2(x.clamp_min(0) + self.shift)

@@ -55,7 +55,7 @@ from typing import ClassVar
 import torch
 
 from vitq.errors import VitqError
-from vitq.quantizers.base import Quantizer
+from vitq.quantizers.base import Quantizer, first_minimum
 from vitq.quantizers.ranges import TailQuantiles
 from vitq.quantizers.registry import register_quantizer
 
@@ -152,10 +152,11 @@ TAN_MAPS: dict[str, TanMap] = {m.name: m for m in (TanMapSymmetric(), TanMapLog(
 
 
 @lru_cache(maxsize=1024)
-def _level_table(tan_map: TanMap, n: int, clip: float, s: float) -> torch.Tensor:
-    """The n dequantized values ``levels(s, n)·clip`` (float32, CPU); cached per (map, n, clip, shape),
-    so a search does not rebuild it for every call. Shared: never modify the result."""
-    return (tan_map.levels(s, n) * clip).float()
+def _level_table(tan_map: TanMap, n: int, clip: float, s: float, device: torch.device) -> torch.Tensor:
+    """The n dequantized values ``levels(s, n)·clip`` (float32, computed in float64 on the CPU, then moved to
+    ``device`` once); cached per (map, n, clip, shape, device), so neither a search nor a forward pass rebuilds
+    or re-uploads it for every call. Shared: never modify the result."""
+    return (tan_map.levels(s, n) * clip).float().to(device)
 
 
 @register_quantizer("tanq")
@@ -200,15 +201,15 @@ class TanQuantizer(Quantizer):
         self.n = 2**bits
 
     # --------------------------------------------------------------- table
-    def _table(self, clip: float, s: float) -> torch.Tensor:
-        """The n dequantized values for (clip, shape), float32 on the CPU (cached: do not modify)."""
-        return _level_table(self.map, self.n, clip, s)
+    def _table(self, clip: float, s: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The n dequantized values for (clip, shape), float32 on ``device`` (cached: do not modify)."""
+        return _level_table(self.map, self.n, clip, s, torch.device(device))
 
     def levels(self) -> torch.Tensor:
         """The n dequantized values, indexed (sorted) by code: increasing for "tan", decreasing for "tan_log"."""
         if not self.is_calibrated:
             raise VitqError(f"{type(self).__name__} used before calibration")
-        return self._table(float(self.clip), float(self.shape)).to(self.clip.device, copy=True)
+        return self._table(float(self.clip), float(self.shape), self.clip.device).clone()
 
     # --------------------------------------------------------------- quantization
     def _prepared(self, x: torch.Tensor, clip: float) -> torch.Tensor:
@@ -220,7 +221,7 @@ class TanQuantizer(Quantizer):
         return self.map.codes_from(self._prepared(x, clip), s, self.n)
 
     def _lookup(self, codes: torch.Tensor, clip: float, s: float, like: torch.Tensor) -> torch.Tensor:
-        table = self._table(clip, s).to(device=like.device, dtype=like.dtype)
+        table = self._table(clip, s, like.device).to(dtype=like.dtype)
         return torch.take(table, codes.long())  # = table[codes.long()], without advanced indexing
 
     def _fake_quant(self, x: torch.Tensor, clip: float, s: float) -> torch.Tensor:
@@ -260,8 +261,9 @@ class TanQuantizer(Quantizer):
         if flat.numel():
             if self.clip_percentiles:
                 tails = TailQuantiles(flat, min(self.clip_percentiles))
-                values += [float(tails.range(p)[1]) for p in self.clip_percentiles]
-            values.append(float(flat.max()))
+                values += [tails.range(p)[1].reshape(()) for p in self.clip_percentiles]
+            values.append(flat.max())
+        values = torch.stack(values).tolist() if values else []  # one transfer for all the candidates
         values.append(1.0)
         out: list[float] = []
         for v in values:
@@ -281,14 +283,10 @@ class TanQuantizer(Quantizer):
     def calibrate(self, x: torch.Tensor) -> None:
         """Pick (clip, shape) on the grid by ‖x − Q(x)‖² (first minimum in grid order)."""
         x = x.detach().float()
-        best, best_err = None, math.inf
         # round-trip through float32 like the buffers, so the error is the one forward() will give
         grid = [(float(torch.tensor(clip, dtype=torch.float32)), float(torch.tensor(s, dtype=torch.float32)))
                 for clip, s in self._grid(x)]
-        for params, fq in zip(grid, self._fake_quant_grid(x, grid), strict=True):
-            err = float(fq.sub_(x).square_().sum(dtype=torch.float64))
-            if best is None or err < best_err:
-                best, best_err = params, err
-        assert best is not None  # the grid always holds clip = 1.0
+        errors = [fq.sub_(x).square_().sum(dtype=torch.float64) for fq in self._fake_quant_grid(x, grid)]
+        best = grid[first_minimum(errors)]  # the grid always holds clip = 1.0: never empty
         self.set_params({"clip": torch.tensor(best[0], device=x.device),
                          "shape": torch.tensor(best[1], device=x.device)})

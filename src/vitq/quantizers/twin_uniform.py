@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import torch
 
 from vitq.errors import VitqError
-from vitq.quantizers.base import Quantizer
+from vitq.quantizers.base import Quantizer, first_minimum
 from vitq.quantizers.registry import register_quantizer
 
 #: −min GELU(x) (PTQ4ViT's constant): the negative range of the post-GELU quantizer covers [−GELU_MIN, 0]
@@ -76,13 +76,12 @@ class _TwinQuantizer(Quantizer):
 
     def calibrate(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        best, best_error = None, math.inf
-        for params in self.search_candidates(x):
+        candidates = self.search_candidates(x)
+        errors = []  # kept on the device: one transfer for the whole search
+        for params in candidates:
             self.set_params(params)
-            error = float((self.quantize_dequantize(x) - x).double().square().sum())
-            if error < best_error:
-                best, best_error = params, error
-        self.set_params(best)
+            errors.append((self.quantize_dequantize(x) - x).double().square().sum())
+        self.set_params(candidates[first_minimum(errors)])
 
 
 @register_quantizer("twin_uniform_softmax")
@@ -104,7 +103,7 @@ class TwinUniformSoftmaxQuantizer(_TwinQuantizer):
         self.split_exponents = exponents
 
     def search_candidates(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        return [{"split": torch.tensor([2.0**-i])} for i in self.split_exponents]
+        return [{"split": torch.tensor([2.0**-i], device=x.device)} for i in self.split_exponents]
 
     def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(fine codes, coarse codes without their offset H, mask of the fine range x ≤ s), as floats."""
@@ -152,7 +151,7 @@ class TwinUniformGeluQuantizer(_TwinQuantizer):
         else:
             top = max(0, math.ceil(math.log2(float(linear[-1]) / self.neg_step)))
             steps = [self.neg_step * 2**m for m in range(top + 1)]
-        return [{"pos_step": torch.tensor([step], dtype=torch.float32)} for step in steps]
+        return [{"pos_step": torch.tensor([step], dtype=torch.float32, device=x.device)} for step in steps]
 
     def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(negative-range codes, positive-range codes, mask x < 0), as floats."""

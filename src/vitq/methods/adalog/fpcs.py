@@ -90,13 +90,13 @@ def grid_candidates(rows: torch.Tensor, q_min: int, q_max: int, *, candidates: i
     n_zp = max(1, min(zero_points, MAX_ZERO_POINTS, levels + 1, candidates // 2))
     n_scale = candidates // n_zp
     x = rows.detach().float()
-    quantiles = torch.quantile(x, torch.tensor([1 - INNER_QUANTILE, INNER_QUANTILE]), dim=1)  # [2, R]
+    quantiles = torch.quantile(x, x.new_tensor([1 - INNER_QUANTILE, INNER_QUANTILE]), dim=1)  # [2, R]
     inner = (quantiles[1] - quantiles[0])[:, None]
     outer = (x.amax(dim=1) - x.amin(dim=1))[:, None]
     spacing = (outer - inner) / max(n_scale - 1, 1) / levels
-    scales = (inner / levels + spacing * torch.arange(n_scale, dtype=x.dtype)).clamp_min(MIN_SCALE)
+    scales = (inner / levels + spacing * torch.arange(n_scale, dtype=x.dtype, device=x.device)).clamp_min(MIN_SCALE)
     first_zp = q_min + 2 ** (levels.bit_length() - 1) - n_zp // 2
-    zps = torch.arange(first_zp, first_zp + n_zp, dtype=x.dtype).clamp(q_min, q_max)
+    zps = torch.arange(first_zp, first_zp + n_zp, dtype=x.dtype, device=x.device).clamp(q_min, q_max)
     return (scales.repeat(1, n_zp), zps.repeat_interleave(n_scale)[None, :].expand(len(x), -1).clone(),
             spacing.clamp_min(MIN_SCALE))
 
@@ -108,7 +108,7 @@ def progressive_search(score: Score, scales: torch.Tensor, zero_points: torch.Te
     Returns the best ``(scale, zero_point)`` per row ([R] each); ties keep the earlier candidate."""
     errors = score(scales, zero_points)
     n = settings.refine_count
-    offsets = torch.linspace(0, 1, n, dtype=scales.dtype) - 0.5
+    offsets = torch.linspace(0, 1, n, dtype=scales.dtype, device=scales.device) - 0.5
     for _ in range(settings.steps - 1):
         keep = errors.topk(min(settings.width, errors.shape[1]), dim=1, largest=False, sorted=True).indices
         scales, zero_points, errors = (t.gather(1, keep) for t in (scales, zero_points, errors))
@@ -158,8 +158,8 @@ def input_output_error(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.
 
     def score(scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
         errors = []
-        for s, z in zip(scales[0].tolist(), zero_points[0].tolist(), strict=True):
-            e = fake_quant(x, torch.tensor(s), torch.tensor(z), q_min, q_max).sub_(x).neg_()  # x − Q(x)
+        for s, z in zip(scales[0], zero_points[0], strict=True):  # 0-d views on the device: no transfer
+            e = fake_quant(x, s, z, q_min, q_max).sub_(x).neg_()  # x − Q(x)
             errors.append(2 * (linear_term * e).sum(dtype=torch.float64) + quadratic(e))
         return torch.stack(errors)[None, :]
 
