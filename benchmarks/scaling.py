@@ -4,7 +4,8 @@
     python benchmarks/scaling.py methods --device cpu --out-dir benchmarks/results/scaling_methods_cpu --resume
     python benchmarks/scaling.py methods --device cuda --out-dir benchmarks/results/scaling_methods_cuda
     python benchmarks/scaling.py agreement --device cpu --save preds_cpu.json
-    python benchmarks/scaling.py agreement --device cuda --against preds_cpu.json --out agreement.md
+    python benchmarks/scaling.py agreement --device cuda --save preds_cuda.json
+    python benchmarks/scaling.py agree preds_cpu.json preds_cuda.json --out benchmarks/results/scaling_agreement.md
 
 ``processes``: evaluation images/s of one process against two (``torchrun --nproc-per-node 2 -m vitq eval``) on
 this machine, in one run: the same images, the same total number of threads. ``methods``: calibration and
@@ -35,6 +36,7 @@ from vitq.experiment.compare import CompareSpec, run_compare
 from vitq.experiment.runs import ConfigRequest, quantize_on_split
 from vitq.files import write_json
 from vitq.methods import method_names
+from vitq.report.runinfo import machine_summary
 
 #: the configurations whose GPU and CPU predictions are compared: (label, method, w_bits, a_bits, reconstruct)
 AGREEMENT = [("percentile W8A8", "percentile", 8, 8, False), ("erq W4A4", "erq", 4, 4, False),
@@ -125,35 +127,43 @@ def predictions(label: str, method: str, w_bits: int, a_bits: int, reconstruct: 
 
 
 def cmd_agreement(args: argparse.Namespace) -> None:
+    """Save this device's predicted classes (and the true ones) for every :data:`AGREEMENT` configuration."""
     if args.device.startswith("cuda"):
         no_tf32()
     spec = RunSpec.resolve(progress=not args.no_progress, device=args.device, limit=args.limit,
                            batch_size=args.batch_size)
-    chosen = [row for row in AGREEMENT if not args.only or row[0] in args.only]
-    mine = {row[0]: predictions(*row, spec=spec, calib_size=args.calib_size) for row in chosen}
-    if args.save is not None:
-        write_json(args.save, {"device": spec.device, "limit": args.limit, "calib_size": args.calib_size,
-                               "runs": {label: {"classes": c, "calib_seconds": s} for label, (c, s) in mine.items()}})
-    if args.against is None:
-        return
-    other = json.loads(args.against.read_text())
     cache = spec.image_cache(spec.float_model())
-    labels = cache.tensors(cache.split(args.calib_size, 0, args.limit).eval)[1]  # to report both top-1s
+    labels = cache.tensors(cache.split(args.calib_size, 0, args.limit).eval)[1].tolist()
+    chosen = [row for row in AGREEMENT if not args.only or row[0] in args.only]
+    runs = {}
+    for row in chosen:
+        classes, seconds = predictions(*row, spec=spec, calib_size=args.calib_size)
+        runs[row[0]] = {"classes": classes, "calib_seconds": seconds}
+        write_json(args.save, {"device": spec.device, "machine": machine_summary(), "threads": torch.get_num_threads(),
+                               "limit": args.limit, "calib_size": args.calib_size, "labels": labels, "runs": runs})
+
+
+def cmd_agree(args: argparse.Namespace) -> None:
+    """The agreement table of two files written by ``agreement --save`` (on the same images)."""
+    a, b = (json.loads(path.read_text()) for path in (args.a, args.b))
+    if a["labels"] != b["labels"]:
+        raise SystemExit("the two files hold predictions for different images")
+    labels = torch.tensor(a["labels"])
     rows = []
-    for label, (classes, seconds) in mine.items():
-        theirs = other["runs"][label]
-        a, b = torch.tensor(classes), torch.tensor(theirs["classes"])
-        same = (a == b).float().mean().item() * 100
-        rows.append(f"| {label} | {len(a)} | {(b == labels).float().mean().item() * 100:.2f} | "
-                    f"{(a == labels).float().mean().item() * 100:.2f} | {same:.2f} | {int((a != b).sum())} | "
-                    f"{theirs['calib_seconds']:.1f} | {seconds:.1f} |")
+    for label in [name for name in a["runs"] if name in b["runs"]]:
+        ra, rb = a["runs"][label], b["runs"][label]
+        ca, cb = torch.tensor(ra["classes"]), torch.tensor(rb["classes"])
+        rows.append(f"| {label} | {len(ca)} | {(ca == labels).float().mean().item() * 100:.2f} | "
+                    f"{(cb == labels).float().mean().item() * 100:.2f} | {(ca == cb).float().mean().item() * 100:.2f} "
+                    f"| {int((ca != cb).sum())} | {ra['calib_seconds']:.1f} | {rb['calib_seconds']:.1f} |")
+    da, db = a["device"], b["device"]
     lines = report_header(
-        f"Agreement of {other['device']} and {spec.device} predictions",
-        f"- model: DeiT-tiny; calibration: {args.calib_size} images, seed 0; evaluation: the first {args.limit} "
-        "evaluation images of seed 0; TF32 off",
-        f"- {other['device']} predictions from `--save` on {other.get('machine', 'the same machine')}")
-    lines += [f"| configuration | images | top-1 % {other['device']} | top-1 % {spec.device} | same class % | "
-              f"images differing | calibration s {other['device']} | calibration s {spec.device} |",
+        f"Agreement of {da} and {db} predictions",
+        f"- model: DeiT-tiny; calibration: {a['calib_size']} images, seed 0; evaluation: {len(labels)} images; TF32 "
+        "off on the GPU",
+        f"- {da}: {a['machine']}, {a['threads']} threads", f"- {db}: {b['machine']}, {b['threads']} threads")
+    lines += [f"| configuration | images | top-1 % {da} | top-1 % {db} | same class % | images differing | "
+              f"calibration s {da} | calibration s {db} |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
     write_report(args.out, lines)
 
@@ -181,9 +191,13 @@ def main() -> None:
     sub.choices["methods"].add_argument("--out-dir", type=Path, required=True)
     sub.choices["methods"].add_argument("--resume", action="store_true")
     sub.choices["agreement"].add_argument("--only", action="append", help="one of the configuration labels")
-    sub.choices["agreement"].add_argument("--save", type=Path, help="write this device's predictions here")
-    sub.choices["agreement"].add_argument("--against", type=Path, help="compare with predictions saved by --save")
-    sub.choices["agreement"].add_argument("--out", type=Path, default=Path("benchmarks/results/agreement.md"))
+    sub.choices["agreement"].add_argument("--save", type=Path, required=True,
+                                          help="write this device's predictions here (after every configuration)")
+    p = sub.add_parser("agree", help="the agreement table of two --save files")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/scaling_agreement.md"))
+    p.set_defaults(run=cmd_agree)
     args = parser.parse_args()
     args.run(args)
 
