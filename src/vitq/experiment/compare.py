@@ -251,7 +251,7 @@ def run_compare(spec: RunSpec, compare: CompareSpec, report: Callable[[str], Non
     model = spec.float_model()
     cache = spec.image_cache(model)
     splits = [cache.split(calib_size, seed, spec.limit) for seed in seeds]
-    cache.tensors(sorted({i for s in splits for i in s.calib + s.eval}))  # decode the whole grid's images once
+    cache.preload(sorted({i for s in splits for i in s.calib + s.eval}))  # decode the grid's images once, if they fit
     runs = []
     for split in splits:
         float_config = make(QuantConfig, method=FLOAT, calib_size=calib_size, seed=split.seed)

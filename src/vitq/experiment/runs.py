@@ -48,8 +48,8 @@ MB = 1e6
 class RunSpec:
     """What runs are run on and how they are evaluated: the model (timm name and local checkpoint, ``None`` =
     timm's pretrained download), the image folder, the evaluation batch size and image limit, progress bars, the
-    device (a resolved ``torch.device`` string, e.g. ``cpu`` or ``cuda:0``) and the image loader's worker
-    processes."""
+    device (a resolved ``torch.device`` string, e.g. ``cpu`` or ``cuda:0``), the image loader's worker
+    processes and the labels file of a flat ImageNet validation folder (``None``: the folder's own, if any)."""
 
     model: str
     checkpoint: Path | None
@@ -59,6 +59,7 @@ class RunSpec:
     progress: bool = True
     device: str = "cpu"
     workers: int = 0
+    labels: Path | None = None
 
     @classmethod
     def resolve(cls, model: str | None = None, checkpoint: Path | None = None, data: Path | None = None,
@@ -77,8 +78,8 @@ class RunSpec:
         return create_model(self.model, checkpoint=self.checkpoint)
 
     def image_cache(self, model: nn.Module) -> ImageCache:
-        """The image folder, preprocessed for ``model``."""
-        return ImageCache(self.data, model, progress=self.progress)
+        """The image folder, preprocessed for ``model`` and decoded by :attr:`workers` loader processes."""
+        return ImageCache(self.data, model, progress=self.progress, workers=self.workers, labels=self.labels)
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,11 @@ def quantize_on_split(model: nn.Module, name: str, config: QuantConfig, cache: I
 
 
 def evaluate_on_split(model: nn.Module, cache: ImageCache, split: Split, spec: RunSpec) -> EvalResult:
-    """Top-1/top-5 of ``model`` on the split's evaluation images."""
-    data = cache.tensors(split.eval, "loading evaluation images")
-    return evaluate(model, data, batch_size=spec.batch_size, progress=spec.progress)
+    """Top-1/top-5 of ``model`` on the split's evaluation images, streamed (the cached tensors when the cache
+    holds them all, else decoded by ``spec.workers`` loader processes)."""
+    dataset, workers = cache.stream(split.eval)
+    return evaluate(model, dataset, indices=split.eval, batch_size=spec.batch_size, progress=spec.progress,
+                    workers=workers)
 
 
 def split_sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
