@@ -179,6 +179,32 @@ def _written(name: str, data: bytes | None = None, copy_of: str | None = None):
     return setup
 
 
+def _val_folder(out: Path, labels: dict[str, str], numbers=(1, 2, 3, 4, 5, 6)) -> Path:
+    """A flat folder of ``ILSVRC2012_val_<n>.JPEG`` noise images next to ``out`` holding the ``labels`` files
+    (name: text); the folder when ``labels`` holds a file of the folder's own, else the first file given."""
+    from PIL import Image
+
+    folder = out.parent / "val"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        Image.new("RGB", (20, 20), (n * 30, 0, 0)).save(folder / f"ILSVRC2012_val_{n:08d}.JPEG")
+    for name, text in labels.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def _eval_val(env, out, labels: dict[str, str], numbers=(1, 2, 3, 4, 5, 6), given: str | None = None):
+    """``vitq eval`` on a flat validation folder (:func:`_val_folder`), with ``--labels FOLDER/given``."""
+    folder = _val_folder(out, labels, numbers)
+    return ["eval", *_inputs(env, **{"--data": folder}), *(["--labels", folder / given] if given else [])]
+
+
+def _written_now(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
 def _nan_weight(state):
     state["blocks.1.attn.qkv.weight"][3, 5] = float("nan")
 
@@ -208,6 +234,41 @@ CASES: dict[str, Case] = {
     "calibration takes every image": Case(lambda e, o: ["eval", *_inputs(e, **{"--calib-size": N_IMAGES})],
                                           ("leaving none",)),
     "calibration larger than data": Case(lambda e, o: _quantize(e, o, **{"--calib-size": 99}), ("larger",)),
+    # ---- ImageNet validation labels files
+    "val folder without labels": Case(lambda e, o: _eval_val(e, o, {}), ("no labels file", "--labels")),
+    "val labels of the devkit": Case(lambda e, o: _eval_val(e, o, {"ILSVRC2012_validation_ground_truth.txt": "1\n"},
+                                                            given="ILSVRC2012_validation_ground_truth.txt"),
+                                     ("devkit", "meta.mat")),
+    "val folder with only the devkit's labels": Case(lambda e, o: _eval_val(
+        e, o, {"ILSVRC2012_validation_ground_truth.txt": "1\n"}), ("devkit", "meta.mat")),
+    "val label 1000": Case(lambda e, o: _eval_val(e, o, {"labels.txt": "0\n1\n2\n1000\n4\n5\n"}),
+                           ("labels.txt line 4", "label 1000")),
+    "val label not a number": Case(lambda e, o: _eval_val(e, o, {"labels.txt": "0\n1\n2\n3\nfour\n5\n"}),
+                                   ("labels.txt line 5", "'four'")),
+    "val labels too few": Case(lambda e, o: _eval_val(e, o, {"val_labels.txt": "0\n1\n"}),
+                               ("val_labels.txt", "has 2 lines", "holds 6")),
+    "val labels too many": Case(lambda e, o: _eval_val(e, o, {"labels.txt": "0\n" * 7}), ("has 7 lines",)),
+    "val labels of a subset by line": Case(lambda e, o: _eval_val(e, o, {"labels.txt": "0\n1\n"}, numbers=(1, 5)),
+                                           ("line 2", "for a subset")),
+    "val csv unknown file": Case(lambda e, o: _eval_val(e, o, {"ground_truth.csv": "".join(
+        f"ILSVRC2012_val_{n:08d},{n}\n" for n in (1, 2, 3, 4, 5, 6, 7))}), ("ground_truth.csv line 7",
+                                                                            "not an image of the folder")),
+    "val csv duplicate row": Case(lambda e, o: _eval_val(e, o, {"ground_truth.csv": "".join(
+        f"ILSVRC2012_val_{n:08d},{n}\n" for n in (1, 2, 3, 3, 4, 5, 6))}), ("line 4", "labelled again")),
+    "val csv missing row": Case(lambda e, o: _eval_val(e, o, {"ground_truth.csv": "".join(
+        f"ILSVRC2012_val_{n:08d},{n}\n" for n in (1, 2, 3, 5, 6))}), ("no label for 1", "ILSVRC2012_val_00000004")),
+    "val csv bad wnid": Case(lambda e, o: _eval_val(e, o, {"ground_truth.csv": "".join(
+        f"ILSVRC2012_val_{n:08d},n0144076{n}\n" for n in (1, 2, 3, 4, 5, 6))}), ("line 1", "not an ImageNet-1k wnid")),
+    "val kaggle bad row": Case(lambda e, o: _eval_val(e, o, {"LOC_val_solution.csv": "ImageId,PredictionString\n"
+                                                             "ILSVRC2012_val_00000001\n"}),
+                               ("LOC_val_solution.csv line 2", "expected 'file,label'")),
+    "val several labels files": Case(lambda e, o: _eval_val(e, o, {"labels.txt": "0\n", "ground_truth.csv": "x,0\n"}),
+                                     ("several labels files", "--labels")),
+    "val labels file missing": Case(lambda e, o: _eval_val(e, o, {}, given="nope.txt"), ("nope.txt", "does not exist")),
+    "val labels not UTF-8": Case(lambda e, o: ["eval", *_inputs(e, **{"--data": _val_folder(o, {})}), "--labels",
+                                               _written_now(o.parent / "l.txt", b"\xff\xfe0\n")], ("not UTF-8",)),
+    "labels for a folder named by class": Case(lambda e, o: ["eval", *_inputs(e), "--labels", _written_now(
+        o.parent / "l.txt", b"0\n")], ("applies to a flat folder of ILSVRC2012_val_",)),
     # ---- bits, methods, options, seeds
     "w bits 9": Case(lambda e, o: _quantize(e, o, "--w-bits", "9"), ("w_bits",)),
     "a bits 1": Case(lambda e, o: _quantize(e, o, "--a-bits", "1"), ("a_bits",)),
@@ -606,7 +667,8 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs POSIX file-size limits")
 def test_write_error_is_one_line_and_leaves_nothing(env, tmp_path):
     out = tmp_path / "q"
-    result = subprocess.run(_quantize_command(env, out), capture_output=True, text=True,
+    # --workers 0: loader worker processes hand batches over in shared-memory files, which the limit caps too
+    result = subprocess.run(_quantize_command(env, out, "--workers", "0"), capture_output=True, text=True,
                             preexec_fn=_limit_file_size(100_000), env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr

@@ -267,3 +267,128 @@ def test_real_images_through_deit_tiny_transform():
     foolbox = ImageNetImages(FOOLBOX, transform=transform_for_model(model))
     fool_images, _ = load_tensors(foolbox, [0], progress=False)
     assert fool_images.shape == (1, 3, 224, 224)
+
+
+# ---------------------------------------------------------------- ImageNet validation layouts
+
+
+def _val_files(folder: Path, numbers, suffix: str = ".JPEG") -> list[Path]:
+    return [_write_image(folder / f"ILSVRC2012_val_{n:08d}{suffix}") for n in numbers]
+
+
+def test_val_class_folder_tree(tmp_path):
+    val = tmp_path / "val"
+    _write_image(val / TENCH / "ILSVRC2012_val_00000293.JPEG")
+    _write_image(val / TENCH / "ILSVRC2012_val_00002138.JPEG")
+    _write_image(val / SHARK / "ILSVRC2012_val_00000001.JPEG")
+    ds = ImageNetImages(val)
+    assert ds.layout == "imagefolder"
+    assert [(p.name, label) for p, label in ds.samples] == [
+        ("ILSVRC2012_val_00000293.JPEG", 0), ("ILSVRC2012_val_00002138.JPEG", 0), ("ILSVRC2012_val_00000001.JPEG", 2)]
+
+
+def test_flat_val_with_one_label_per_line(tmp_path):
+    _val_files(tmp_path, range(1, 5))
+    (tmp_path / "labels.txt").write_text(f"65\n{SHARK}\n 0 \n999\n\n")  # indices or wnids; trailing blank lines
+    ds = ImageNetImages(tmp_path)
+    assert ds.layout == "ilsvrc-val" and ds.labels_file == tmp_path / "labels.txt"
+    assert [(p.name, label) for p, label in ds.samples] == [
+        ("ILSVRC2012_val_00000001.JPEG", 65), ("ILSVRC2012_val_00000002.JPEG", 2),
+        ("ILSVRC2012_val_00000003.JPEG", 0), ("ILSVRC2012_val_00000004.JPEG", 999)]
+
+
+def test_flat_val_with_labels_given_elsewhere(tmp_path):
+    _val_files(tmp_path / "val", [1, 2])
+    labels = tmp_path / "truth.txt"
+    labels.write_text("3\n4\n")
+    (tmp_path / "val" / "labels.txt").write_text("7\n8\n")  # the given file wins over the folder's
+    ds = ImageNetImages(tmp_path / "val", labels=labels)
+    assert [label for _, label in ds.samples] == [3, 4]
+
+
+def test_flat_val_csv_of_indices_with_header(tmp_path):
+    _val_files(tmp_path, [7, 12, 40])  # a subset: rows name their files
+    (tmp_path / "ground_truth.csv").write_text(
+        "file,label\nILSVRC2012_val_00000040.JPEG,5\nILSVRC2012_val_00000007.JPEG,0\nILSVRC2012_val_00000012,999\n")
+    assert [label for _, label in ImageNetImages(tmp_path).samples] == [0, 999, 5]
+
+
+def test_flat_val_csv_of_wnids(tmp_path):
+    _val_files(tmp_path, [2, 1])
+    labels = tmp_path / "mine.csv"
+    labels.write_text(f"ILSVRC2012_val_00000002,{GOLDFISH}\r\nILSVRC2012_val_00000001.JPEG,{TENCH}\r\n")
+    assert [label for _, label in ImageNetImages(tmp_path, labels=labels).samples] == [0, 1]
+
+
+def test_flat_val_kaggle_solution(tmp_path):
+    _val_files(tmp_path, [1, 2])
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n"
+        f"ILSVRC2012_val_00000002,{SHARK} 10 20 200 210 {SHARK} 5 5 50 50 \n"
+        f"ILSVRC2012_val_00000001,{GOLDFISH} 1 2 3 4 \n")
+    ds = ImageNetImages(tmp_path)
+    assert ds.layout == "ilsvrc-val" and [label for _, label in ds.samples] == [1, 2]
+
+
+#: (labels file name, its text, the files of the folder (numbers), the error): every case is one line naming the
+#: file (and the line when there is one)
+BAD_LABELS = {
+    "devkit ground truth": ("ILSVRC2012_validation_ground_truth.txt", "490\n361\n", [1, 2], "devkit.*meta.mat"),
+    "label 1000": ("labels.txt", "0\n1000\n", [1, 2], r"labels.txt line 2: label 1000 is not a class index"),
+    "negative label": ("labels.txt", "0\n-3\n", [1, 2], r"line 2: '-3' is not a class index"),
+    "word label": ("labels.txt", "tench\n0\n", [1, 2], r"line 1: 'tench' is not a class index"),
+    "unknown wnid": ("labels.txt", "n99999999\n0\n", [1, 2], r"line 1: 'n99999999' is not an ImageNet-1k wnid"),
+    "too few lines": ("labels.txt", "0\n", [1, 2], "has 1 lines but the folder holds 2"),
+    "too many lines": ("labels.txt", "0\n1\n2\n", [1, 2], "has 3 lines but the folder holds 2"),
+    "lines of a subset": ("labels.txt", "0\n1\n", [1, 3], r"line 2 labels ILSVRC2012_val_00000002.*for a subset"),
+    "blank line": ("labels.txt", "0\n\n1\n", [1, 2, 3], "line 2 is empty"),
+    "empty file": ("labels.txt", "\n", [1], "is empty"),
+    "csv unknown file": ("ground_truth.csv", "ILSVRC2012_val_00000001,0\nILSVRC2012_val_00000009,1\n", [1],
+                         r"line 2: 'ILSVRC2012_val_00000009' is not an image"),
+    "csv duplicate row": ("ground_truth.csv", "ILSVRC2012_val_00000001,0\nILSVRC2012_val_00000001,0\n", [1, 2],
+                          "line 2: .* is labelled again \\(first on line 1\\)"),
+    "csv missing image": ("ground_truth.csv", "ILSVRC2012_val_00000001,0\n", [1, 2],
+                          "no label for 1 of the folder's 2 images, e.g. ILSVRC2012_val_00000002.JPEG"),
+    "csv three fields": ("ground_truth.csv", "ILSVRC2012_val_00000001,0,1\n", [1], "line 1: expected 'file,label'"),
+    "csv label 1000": ("ground_truth.csv", "file,label\nILSVRC2012_val_00000001,1000\n", [1], "line 2: label 1000"),
+    "kaggle unknown wnid": ("LOC_val_solution.csv", "ImageId,PredictionString\nILSVRC2012_val_00000001,n0 1 2\n",
+                            [1], r"line 2: 'n0' is not a class index"),
+}
+
+
+@pytest.mark.parametrize("name, text, numbers, message", BAD_LABELS.values(), ids=BAD_LABELS.keys())
+def test_bad_labels_files_raise_one_clear_error(tmp_path, name, text, numbers, message):
+    _val_files(tmp_path / "val", numbers)
+    labels = tmp_path / name
+    labels.write_text(text)
+    with pytest.raises(VitqError, match=message) as info:
+        ImageNetImages(tmp_path / "val", labels=labels)
+    assert "\n" not in str(info.value) and name in str(info.value)
+
+
+BAD_VAL_FOLDERS = {
+    "no labels file": ([], "no labels file: give --labels FILE or put one of labels.txt"),
+    "several labels files": (["labels.txt", "val_labels.txt"], "several labels files"),
+    "only the devkit's file": (["ILSVRC2012_validation_ground_truth.txt"], "devkit.*meta.mat"),
+    "mixed with other names": ([f"{TENCH}_tench.JPEG"], "mixes ILSVRC2012_val_\\* files with other names"),
+}
+
+
+@pytest.mark.parametrize("extra, message", BAD_VAL_FOLDERS.values(), ids=BAD_VAL_FOLDERS.keys())
+def test_bad_val_folders_raise_one_clear_error(tmp_path, extra, message):
+    _val_files(tmp_path, [1])
+    for name in extra:
+        if name.endswith(".JPEG"):
+            _write_image(tmp_path / name)
+        else:
+            (tmp_path / name).write_text("0\n")
+    with pytest.raises(VitqError, match=message) as info:
+        ImageNetImages(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_labels_for_a_folder_named_by_class(tmp_path):
+    _write_image(tmp_path / f"{TENCH}_tench.JPEG")
+    (tmp_path.parent / "l.txt").write_text("0\n")
+    with pytest.raises(VitqError, match="applies to a flat folder of ILSVRC2012_val_"):
+        ImageNetImages(tmp_path, labels=tmp_path.parent / "l.txt")

@@ -33,6 +33,7 @@ import torch
 
 import vitq
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE
+from vitq.data.folders import LABEL_FILES
 from vitq.data.loader import MAX_DEFAULT_WORKERS
 from vitq.device import DEVICE_CHOICES, resolve_device
 from vitq.errors import VitqError
@@ -152,6 +153,10 @@ def _recon_options(*, checkpoint: bool) -> argparse.ArgumentParser:
 def _data_options(*, seed: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--data", type=Path, help=f"ImageNet image folder (default $VITQ_ASSETS/{IMAGENET_SAMPLE})")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="labels of a flat folder of ILSVRC2012_val_* images: one class index (0..999) or wnid per "
+                        "line, a CSV of file,label, or Kaggle's LOC_val_solution.csv (default: "
+                        f"{', '.join(LABEL_FILES)} in the folder)")
     p.add_argument("--calib-size", type=_positive_int, help="number of calibration images (default 32)")
     if seed:
         p.add_argument("--seed", type=_seed,
@@ -257,7 +262,8 @@ def _run_spec(args: argparse.Namespace) -> RunSpec:
     """The model, data and evaluation settings of the command line (defaults filled in)."""
     return RunSpec.resolve(args.model, getattr(args, "checkpoint", None), getattr(args, "data", None),
                            batch_size=getattr(args, "batch_size", 64), limit=getattr(args, "limit", None),
-                           progress=not args.no_progress, device=args.device, workers=args.workers)
+                           progress=not args.no_progress, device=args.device, workers=args.workers,
+                           labels=getattr(args, "labels", None))
 
 
 def _request(args: argparse.Namespace) -> ConfigRequest:

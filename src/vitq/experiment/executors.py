@@ -187,8 +187,8 @@ class LocalExecutor(Executor):
     def run(self, cells: Sequence[Cell]) -> Iterator[tuple[Cell, CellOutcome]]:
         if not cells:
             return
-        # decode every image the cells need at once, with one progress bar, rather than split by split
-        self.bench.cache.tensors(sorted({i for c in cells for i in c.split.calib + c.split.eval}))
+        # decode every image the cells need at once, with one progress bar, when they fit the cache budget
+        self.bench.cache.preload(sorted({i for c in cells for i in c.split.calib + c.split.eval}))
         for cell in cells:
             yield cell, self.bench.run(cell)
 

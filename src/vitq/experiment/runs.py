@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
@@ -49,8 +48,8 @@ MB = 1e6
 class RunSpec:
     """What runs are run on and how they are evaluated: the model (timm name and local checkpoint, ``None`` =
     timm's pretrained download), the image folder, the evaluation batch size and image limit, progress bars, the
-    device (a resolved ``torch.device`` string, e.g. ``cpu`` or ``cuda:0``) and the image loader's worker
-    processes."""
+    device (a resolved ``torch.device`` string, e.g. ``cpu`` or ``cuda:0``), the image loader's worker
+    processes and the labels file of a flat ImageNet validation folder (``None``: the folder's own, if any)."""
 
     model: str
     checkpoint: Path | None
@@ -60,6 +59,7 @@ class RunSpec:
     progress: bool = True
     device: str = "cpu"
     workers: int = 0
+    labels: Path | None = None
 
     @classmethod
     def resolve(cls, model: str | None = None, checkpoint: Path | None = None, data: Path | None = None,
@@ -79,8 +79,8 @@ class RunSpec:
         return create_model(self.model, checkpoint=self.checkpoint, device=self.device)
 
     def image_cache(self, model: nn.Module) -> ImageCache:
-        """The image folder, preprocessed for ``model``."""
-        return ImageCache(self.data, model, progress=self.progress)
+        """The image folder, preprocessed for ``model`` and decoded by :attr:`workers` loader processes."""
+        return ImageCache(self.data, model, progress=self.progress, workers=self.workers, labels=self.labels)
 
 
 @dataclass(frozen=True)
@@ -138,25 +138,12 @@ def quantize_on_split(model: nn.Module, name: str, config: QuantConfig, cache: I
     return qmodel, time.perf_counter() - start
 
 
-class _FeedDevice(nn.Module):
-    """``model`` behind a forward that moves each batch of images to ``device``: the evaluation images stay on
-    the CPU (all of them on a GPU could not fit for a large folder) and only the batch being evaluated travels."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        super().__init__()
-        self.model, self.device = model, device
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.device, non_blocking=True))
-
-
 def evaluate_on_split(model: nn.Module, cache: ImageCache, split: Split, spec: RunSpec) -> EvalResult:
-    """Top-1/top-5 of ``model`` on the split's evaluation images, run on the model's device."""
-    images, labels = cache.tensors(split.eval, "loading evaluation images")
-    device = model_device(model)
-    if device.type != "cpu":  # labels are compared with the logits on the device; images move batch by batch
-        model, labels = _FeedDevice(model, device), labels.to(device)
-    return evaluate(model, (images, labels), batch_size=spec.batch_size, progress=spec.progress)
+    """Top-1/top-5 of ``model`` on the split's evaluation images, streamed (the cached tensors when the cache
+    holds them all, else decoded by ``spec.workers`` loader processes)."""
+    dataset, workers = cache.stream(split.eval)
+    return evaluate(model, dataset, indices=split.eval, batch_size=spec.batch_size, progress=spec.progress,
+                    workers=workers)
 
 
 def split_sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
