@@ -65,3 +65,37 @@ def cpu_has_vnni() -> bool:
     except OSError:
         return True  # not Linux: nothing known against the check
     return any(flag in flags for flag in ("avx_vnni", "avx512_vnni", "amx_int8"))
+
+
+def self_labelled_folder(root: Path, n: int, model_name: str = "test_vit") -> tuple[Path, Path]:
+    """A random-init ``model_name`` checkpoint (seed 0) and ``n`` noise JPEGs in ``root``, each named after the
+    class the float model predicts for it (so top-1 is 100 % for float, not trivially 0, and a difference in the
+    quantized numbers shows): ``(checkpoint, image folder)``."""
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from vitq.data import imagenet_wnids
+    from vitq.experiment.runs import RunSpec
+    from vitq.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    checkpoint = root / f"{model_name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    data = root / "images"
+    data.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    pixels = [torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=generator) for _ in range(n)]
+    wnids = imagenet_wnids()
+    for i, image in enumerate(pixels):  # named for a placeholder class first: the transform needs a file to read
+        Image.fromarray(image.numpy()).save(data / f"{wnids[i]}_{i}.JPEG")
+    float_model = create_model(model_name, checkpoint=checkpoint)
+    cache = RunSpec(model_name, checkpoint, data, progress=False).image_cache(float_model)
+    images, _ = cache.tensors(list(range(n)))
+    with torch.no_grad():
+        predicted = float_model(images).argmax(dim=1).tolist()
+    for path, cls in zip(cache.file_names(range(n)), predicted, strict=True):
+        index = path.split("_")[1]
+        (data / path).rename(data / f"{wnids[cls]}_{index}")
+    return checkpoint, data

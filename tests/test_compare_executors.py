@@ -10,16 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from PIL import Image
-from safetensors.torch import save_file
+from helpers import self_labelled_folder
 
 from vitq.cli import main
-from vitq.data import imagenet_wnids
 from vitq.experiment.compare import JOURNAL_FILE, Journal
 from vitq.experiment.executors import RAY_MISSING, ExecutorSpec
-from vitq.models.registry import create_model
 
 MODEL, N_IMAGES, CALIB = "test_vit", 8, 2
 #: fields of a journaled run that are wall-clock measurements (differ between any two runs, local or not)
@@ -31,29 +27,7 @@ FAILING = "gptq[group_size=7]"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A random ``test_vit`` checkpoint and images named after the class the float model predicts for each."""
-    root = tmp_path_factory.mktemp("executors")
-    torch.manual_seed(0)
-    model = timm.create_model(MODEL, pretrained=False).eval()
-    checkpoint = root / "test_vit.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    data = root / "images"
-    data.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    pixels = [torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=generator) for _ in range(N_IMAGES)]
-    wnids = imagenet_wnids()
-    for i, image in enumerate(pixels):  # named for a placeholder class first: the transform needs a file to read
-        Image.fromarray(image.numpy()).save(data / f"{wnids[i]}_{i}.JPEG")
-    from vitq.experiment.runs import RunSpec
-
-    spec = RunSpec(MODEL, checkpoint, data, progress=False)
-    float_model = create_model(MODEL, checkpoint=checkpoint)
-    cache = spec.image_cache(float_model)
-    images, _ = cache.tensors(list(range(N_IMAGES)))
-    with torch.no_grad():
-        predicted = float_model(images).argmax(dim=1).tolist()
-    for path, cls in zip(cache.file_names(range(N_IMAGES)), predicted, strict=True):
-        index = path.split("_")[1]
-        (data / path).rename(data / f"{wnids[cls]}_{index}")
+    checkpoint, data = self_labelled_folder(tmp_path_factory.mktemp("executors"), N_IMAGES, MODEL)
     return {"checkpoint": checkpoint, "data": data}
 
 
@@ -182,3 +156,18 @@ def test_old_journal_lines_still_read(tmp_path):
     path.write_text(json.dumps({"key": "k", "run": run, "error": "both"}) + "\n")
     with pytest.raises(Exception, match="line 1"):
         Journal(path, resume=True)
+
+
+def test_run_key_names_a_device_and_labels_file_only_when_not_the_default(tmp_path):
+    from dataclasses import replace
+
+    from vitq.config import QuantConfig
+    from vitq.data import Split
+    from vitq.experiment.compare import run_key
+    from vitq.experiment.runs import RunSpec
+
+    spec, config, split = RunSpec("test_vit", None, tmp_path), QuantConfig(), Split(0, [0], [1, 2])
+    cpu = json.loads(run_key(spec, "minmax", config, split))
+    assert "device" not in cpu and "labels" not in cpu  # journals written before either existed stay valid
+    gpu = json.loads(run_key(replace(spec, device="cuda:0", labels=tmp_path / "l.txt"), "minmax", config, split))
+    assert gpu.pop("device") == "cuda:0" and gpu.pop("labels") == str(tmp_path / "l.txt") and gpu == cpu

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import self_labelled_folder
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vitq import distributed
+from vitq.cli import main
 from vitq.distributed import Context, shard
 
 
@@ -86,3 +91,39 @@ def test_two_gloo_processes_gather_hits_and_share_rank_zeros_model():
     expected = [i % 3 == 0 for i in range(7)]
     assert got[0][0] == got[1][0] == expected
     assert got[0][1] == got[1][1]  # the broadcast model computes exactly what rank 0's does
+
+
+# ---------------------------------------------------------------- vitq eval under torchrun
+
+N_IMAGES, CALIB = 9, 2  # 7 evaluation images: two processes do not divide them
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    checkpoint, data = self_labelled_folder(tmp_path_factory.mktemp("torchrun"), N_IMAGES)
+    return ["--model", "test_vit", "--checkpoint", str(checkpoint), "--data", str(data), "--calib-size", str(CALIB),
+            "--no-progress", "--workers", "0", "--threads", "1"]
+
+
+def test_torchrun_two_processes_print_the_one_process_result(files, tmp_path):
+    """Rank 0 calibrates and shares its model, each rank evaluates its shard, the summed counts are the
+    one-process counts (each image once), and only rank 0 writes the JSON."""
+    args = ["eval", "--method", "percentile", "--w-bits", "4", "--a-bits", "4", *files]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "vitq", *args, "--json", str(tmp_path / "two.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert (two["n_images"], two["top1"], two["top5"]) == (one["n_images"], one["top1"], one["top5"])
+    assert one["n_images"] == N_IMAGES - CALIB and 0 < one["top1"] < 100  # a count that could differ
+    assert done.stdout.count("top-1") == 1  # rank 0 alone prints
+
+
+def test_only_eval_runs_under_torchrun(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["quantize", "--method", "minmax", *files, "--output", str(tmp_path / "q")])
+    assert code == 2 and "only 'vitq eval' runs data-parallel" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -26,12 +26,14 @@ import shlex
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import vitq
+from vitq import distributed
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE
 from vitq.data.folders import LABEL_FILES
 from vitq.data.loader import MAX_DEFAULT_WORKERS
@@ -398,12 +400,24 @@ def _refuse_conflicts(what: str, given: dict[str, tuple[Any, Any]], extra: list[
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Top-1/top-5 on the evaluation split of a freshly quantized (or float, or saved) model."""
+    """Top-1/top-5 on the evaluation split of a freshly quantized (or float, or saved) model. Under torchrun the
+    evaluation images are sharded across the processes (:mod:`vitq.distributed`): rank 0 quantizes and shares its
+    model, every rank evaluates its shard, rank 0 reports the summed counts."""
     json_path, recon_checkpoint = _json_output(args), _recon_checkpoint(args)
     if args.backend == "onnxruntime":
         return _eval_onnxruntime(args, json_path)
     spec = _run_spec(args)
-    if args.quantized:
+    context = distributed.init(spec.device)
+    spec = replace(spec, device=context.device, progress=spec.progress and context.is_main)
+    try:
+        return _eval_torch(args, spec, context, json_path, recon_checkpoint)
+    finally:
+        distributed.close(context)
+
+
+def _eval_torch(args: argparse.Namespace, spec: RunSpec, context: distributed.Context, json_path: Path | None,
+                recon_checkpoint: Path | None) -> int:
+    if args.quantized:  # every rank reads the same file
         qmodel, record = _load_saved(args, spec.device)
         calib_seconds = record.calib_seconds
         cache = spec.image_cache(qmodel.model)
@@ -413,20 +427,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = spec.float_model()
         cache = spec.image_cache(model)
         split = cache.split(config.calib_size, config.seed, args.limit)
-        qmodel, calib_seconds = runs.quantize_on_split(model, spec.model, config, cache, split,
-                                                       progress=spec.progress, inplace=True,
-                                                       recon_checkpoint=recon_checkpoint)
+        qmodel, calib_seconds = None, None
+        if context.is_main:
+            qmodel, calib_seconds = runs.quantize_on_split(model, spec.model, config, cache, split,
+                                                           progress=spec.progress, inplace=True,
+                                                           recon_checkpoint=recon_checkpoint)
+        qmodel = distributed.broadcast_model(qmodel, context)
     evaluated: torch.nn.Module = qmodel
     if args.backend == "integer":
         from vitq.export.integer_vit import IntegerViT
 
         evaluated = IntegerViT.compile(qmodel, cache.tensors(split.calib, "loading calibration images")[0])
-    result = runs.evaluate_on_split(evaluated, cache, split, spec)
+    result = runs.evaluate_on_split(evaluated, cache, split, spec, context)
+    if not context.is_main:
+        return 0
     size = model_size(qmodel)
     record = runs.run_record(qmodel.model_name, qmodel.config, result=result, size=size,
-                             calib_seconds=calib_seconds, backend=args.backend)
+                             calib_seconds=calib_seconds, backend=args.backend, device=spec.device,
+                             processes=context.world_size)
     print(runs.describe(qmodel, calib_seconds) + (" — integer-only runtime" if args.backend == "integer" else ""))
-    print(result.summary())
+    print(result.summary() + (f" ({context.world_size} processes)" if context.distributed else ""))
     print(f"size: {size.summary()}")
     if args.sqnr:
         errors = runs.split_sqnr(qmodel, cache, split)
@@ -522,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0
     args.argv = argv
     try:
+        if distributed.launched_by_torchrun() and args.command != "eval":
+            raise VitqError(f"under torchrun only 'vitq eval' runs data-parallel; run 'vitq {args.command}' as one "
+                            "process")
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.run(args)

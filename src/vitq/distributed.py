@@ -129,4 +129,4 @@ def broadcast_model(qmodel, context: Context):
         if context.is_main:
             return qmodel
         path.write_bytes(data)
-        return load(path).to(context.device)
+        return load(path, device=context.device)

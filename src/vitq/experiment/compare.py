@@ -228,11 +228,18 @@ def canonical_key(key: str) -> str:
 
 
 def run_key(spec: RunSpec, label: str, config: QuantConfig, split: Split) -> str:
-    """Everything a compare run's numbers depend on (and its label in the report), as one string."""
-    return json.dumps({"model": spec.model, "checkpoint": None if spec.checkpoint is None else str(spec.checkpoint),
-                       "data": str(spec.data), "label": label, "config": config.model_dump(mode="json"),
-                       "eval_images": hashlib.sha256(json.dumps(split.eval).encode()).hexdigest()[:16],
-                       "batch_size": spec.batch_size}, sort_keys=True)
+    """Everything a compare run's numbers depend on (and its label in the report), as one string. The device
+    and a labels file are named only when they are not the defaults (the CPU, labels from file names), so the
+    keys of journals written before they existed stay valid."""
+    fields = {"model": spec.model, "checkpoint": None if spec.checkpoint is None else str(spec.checkpoint),
+              "data": str(spec.data), "label": label, "config": config.model_dump(mode="json"),
+              "eval_images": hashlib.sha256(json.dumps(split.eval).encode()).hexdigest()[:16],
+              "batch_size": spec.batch_size}
+    if spec.device != "cpu":
+        fields["device"] = spec.device
+    if spec.labels is not None:
+        fields["labels"] = str(spec.labels)
+    return json.dumps(fields, sort_keys=True)
 
 
 class Cells:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from vitq import distributed
 from vitq.api import prepare, quantize
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
 from vitq.config import PointOverride, QuantConfig, ReconConfig, first_error, make
@@ -24,7 +25,7 @@ from vitq.data import ImageCache, Split
 from vitq.data.loader import default_workers
 from vitq.device import model_device, resolve_device
 from vitq.errors import VitqError
-from vitq.eval.accuracy import EvalResult, evaluate
+from vitq.eval.accuracy import EvalResult, ImageHits, evaluate_indices
 from vitq.eval.errors import PointError, point_sqnr
 from vitq.eval.size import SizeReport
 from vitq.experiment.grammar import FLOAT
@@ -138,12 +139,21 @@ def quantize_on_split(model: nn.Module, name: str, config: QuantConfig, cache: I
     return qmodel, time.perf_counter() - start
 
 
-def evaluate_on_split(model: nn.Module, cache: ImageCache, split: Split, spec: RunSpec) -> EvalResult:
+def evaluate_on_split(model: nn.Module, cache: ImageCache, split: Split, spec: RunSpec,
+                      context: distributed.Context | None = None) -> EvalResult:
     """Top-1/top-5 of ``model`` on the split's evaluation images, streamed (the cached tensors when the cache
-    holds them all, else decoded by ``spec.workers`` loader processes)."""
-    dataset, workers = cache.stream(split.eval)
-    return evaluate(model, dataset, indices=split.eval, batch_size=spec.batch_size, progress=spec.progress,
-                    workers=workers)
+    holds them all, else decoded by ``spec.workers`` loader processes). Under torch.distributed (``context``)
+    each process evaluates its shard and every process gets the result of all images, in the split's order."""
+    context = context or distributed.Context()
+    indices = distributed.shard(split.eval, context.rank, context.world_size)
+    dataset, workers = cache.stream(indices)
+    start = time.perf_counter()
+    hits = evaluate_indices(model, dataset, indices, batch_size=spec.batch_size, workers=workers,
+                            progress=spec.progress)
+    total = len(split.eval)
+    hits = ImageHits(distributed.gather_hits(hits.top1, total, context).bool(),
+                     distributed.gather_hits(hits.top5, total, context).bool())
+    return EvalResult.from_hits(hits, time.perf_counter() - start)
 
 
 def split_sqnr(qmodel: QuantizedModel, cache: ImageCache, split: Split) -> list[PointError]:
