@@ -88,7 +88,7 @@ class EvalResult:
 def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int, *,
                      progress: bool = True, desc: str = "evaluating") -> ImageHits:
     """Per-image hits of ``model`` on ``batches`` of ``(images, labels)`` (``n_images`` in all, for the progress
-    bar), each moved to the model's device (:func:`~vitq.data.loader.model_device`).
+    bar), each moved to the model's device (:func:`~vitq.device.model_device`).
 
     Every batch is checked: finite ``[B, 3, H, W]`` float images of the model's size, integer labels below its
     number of classes, finite logits (a NaN or infinity is an error, not a prediction)."""
