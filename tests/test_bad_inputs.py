@@ -634,7 +634,9 @@ def test_sigint_leaves_the_output_absent_or_complete(env, tmp_path):
     for number, moment in enumerate(MOMENTS):
         out = tmp_path / f"at{number}"
         command = [c for c in _quantize_command(env, out, "--recon", "iterations=30") if c != "--no-progress"]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a runner started in the background (``cmd &``) ignores SIGINT, and its children would inherit that
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         if moment is None:
             time.sleep(1.0)
             head = b""

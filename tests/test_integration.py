@@ -40,13 +40,26 @@ def test_float_method_matches_plain_timm_on_eval_split(deit_tiny, split_seed0):
     assert wrapped.top1 == plain.top1
 
 
+#: methods whose post-softmax quantizer is log√2: its step near probability 1 (1 -> 0.71) does not shrink with bits,
+#: so their W8A8 drop is the quantizer's, measured 0.59 ± 0.24 (repq-vit) and 0.69 ± 0.53 (erq) over 3 seeds and
+#: 1.14 for both on seed 0 on one x86 CPU (benchmarks/results/w8a8_softmax_check.md, the leaderboard)
+LOG_SQRT2_SOFTMAX = {"repq-vit", "erq"}
+UNIFORM_SOFTMAX = vitq.PointOverride.parse("blocks.*.attn.softmax=uniform:8")
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile", "repq-vit", "dopq-vit", "gptq", "erq"])
 def test_w8a8_within_one_point_of_float(method, deit_tiny, split_seed0, float_top1_seed0):
+    """W8A8 is at float (within one point, ~10 of 968 images): a larger drop is a bug, not a method limit. The
+    log√2 softmax methods are held to that with an 8-bit uniform softmax, and to 1.5 points with their own."""
     calib, eval_data = split_seed0
     float_top1 = float_top1_seed0
-    qmodel = vitq.quantize(deit_tiny, vitq.QuantConfig(method=method, w_bits=8, a_bits=8), calib, progress=False)
-    quant_top1 = vitq.evaluate(qmodel, eval_data, progress=False).top1
-    assert abs(float_top1 - quant_top1) <= 1.0, (method, float_top1, quant_top1)
+    overrides = [[]] + ([[UNIFORM_SOFTMAX]] if method in LOG_SQRT2_SOFTMAX else [])
+    for override in overrides:
+        config = vitq.QuantConfig(method=method, w_bits=8, a_bits=8, overrides=override)
+        qmodel = vitq.quantize(deit_tiny, config, calib, progress=False)
+        quant_top1 = vitq.evaluate(qmodel, eval_data, progress=False).top1
+        bound = 1.5 if method in LOG_SQRT2_SOFTMAX and not override else 1.0
+        assert abs(float_top1 - quant_top1) <= bound, (method, override, float_top1, quant_top1)
 
 
 @pytest.fixture(scope="module")

@@ -552,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitq: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        # objects the interrupt left half-built (a DataLoader iterator whose worker processes were starting) fail
+        # in their finalizers as the exception is cleared: noise after a Ctrl-C, never a result
+        sys.unraisablehook = lambda unraisable: None
         print("vitq: interrupted (nothing half-written was left behind)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # a bug: still one line, with what to report
