@@ -287,12 +287,11 @@ class ERQ(RepQViT):
             set_weight_and_bias(layer, current[:, :-1], current[:, -1])
             recalibrate_weight(layer)
         grid = row_grid(quantizer, weight.shape[0], name)
+        columns = torch.arange(weight.shape[1], device=weight.device)
         if self.options.wqer:
             current = wqer_round(current, moments.quantized, grid, lam=lam, refine_iters=self.options.refine_iters)
         else:
-            columns = torch.arange(weight.shape[1], device=weight.device)
             current = torch.cat([grid.nearest(current[:, :-1], columns), current[:, -1:]], dim=1)
-        columns = torch.arange(weight.shape[1], device=weight.device)
         plain = torch.cat([plain_grid.nearest(weight, columns), bias[:, None]], dim=1)
         errors = (calibration_error(plain, original, moments), calibration_error(current, original, moments))
         kept_plain = errors[1] > errors[0]
