@@ -101,29 +101,49 @@ N_IMAGES, CALIB = 9, 2  # 7 evaluation images: two processes do not divide them
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     checkpoint, data = self_labelled_folder(tmp_path_factory.mktemp("torchrun"), N_IMAGES)
-    return ["--model", "test_vit", "--checkpoint", str(checkpoint), "--data", str(data), "--calib-size", str(CALIB),
-            "--no-progress", "--workers", "0", "--threads", "1"]
+    return ["--model", "test_vit", "--checkpoint", str(checkpoint), "--data", str(data), "--no-progress",
+            "--workers", "0", "--threads", "1"]
+
+
+def _torchrun_eval(args: list[str], json_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "vitq", *args, "--json", str(json_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _same_result(one_path, two_path) -> None:
+    one, two = (json.loads(path.read_text()) for path in (one_path, two_path))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert (two["n_images"], two["top1"], two["top5"]) == (one["n_images"], one["top1"], one["top5"])
+    assert one["n_images"] == N_IMAGES - CALIB and 0 < one["top1"] < 100  # a count that could differ
 
 
 def test_torchrun_two_processes_print_the_one_process_result(files, tmp_path):
     """Rank 0 calibrates and shares its model, each rank evaluates its shard, the summed counts are the
     one-process counts (each image once), and only rank 0 writes the JSON."""
-    args = ["eval", "--method", "percentile", "--w-bits", "4", "--a-bits", "4", *files]
+    args = ["eval", "--method", "percentile", "--w-bits", "4", "--a-bits", "4", "--calib-size", str(CALIB), *files]
     assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "vitq", *args, "--json", str(tmp_path / "two.json")],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert two["processes"] == 2 and one["processes"] == 1
-    assert (two["n_images"], two["top1"], two["top5"]) == (one["n_images"], one["top1"], one["top5"])
-    assert one["n_images"] == N_IMAGES - CALIB and 0 < one["top1"] < 100  # a count that could differ
+    done = _torchrun_eval(args, tmp_path / "two.json")
+    _same_result(tmp_path / "one.json", tmp_path / "two.json")
     assert done.stdout.count("top-1") == 1  # rank 0 alone prints
+
+
+def test_torchrun_evaluates_a_saved_model_like_one_process(files, tmp_path):
+    """With ``--quantized DIR`` every rank reads the saved model itself; the result is still the one-process one."""
+    saved = tmp_path / "saved"
+    assert main(["quantize", "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--calib-size", str(CALIB),
+                 *files, "--output", str(saved)]) == 0
+    args = ["eval", "--quantized", str(saved), *files]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    _torchrun_eval(args, tmp_path / "two.json")
+    _same_result(tmp_path / "one.json", tmp_path / "two.json")
 
 
 def test_only_eval_runs_under_torchrun(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code = main(["quantize", "--method", "minmax", *files, "--output", str(tmp_path / "q")])
+    code = main(["quantize", "--method", "minmax", "--calib-size", str(CALIB), *files, "--output", str(tmp_path / "q")])
     assert code == 2 and "only 'vitq eval' runs data-parallel" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
