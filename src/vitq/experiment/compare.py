@@ -242,6 +242,11 @@ def run_key(spec: RunSpec, label: str, config: QuantConfig, split: Split) -> str
     return json.dumps(fields, sort_keys=True)
 
 
+def _no_baseline(seed: int) -> str:
+    """The error of a cell whose seed's float run failed (its paired drop has nothing to be measured against)."""
+    return f"no float baseline: the float run of seed {seed} failed"
+
+
 class Cells:
     """The driver's side of the cells of one grid: each finished cell becomes its report row and journal line as
     soon as its seed's float top-1 is known (a cell that finishes before its seed's float run waits for it), a
@@ -278,7 +283,7 @@ class Cells:
             if cell.is_float:
                 self.float_failed[seed] = outcome.error
                 for other, _ in self.waiting.pop(seed, []):
-                    self._fail(other, f"no float baseline: the float run of seed {seed} failed", False)
+                    self._fail(other, _no_baseline(seed), False)
         elif cell.is_float:
             self._add(cell, outcome, outcome.top1)
             self.float_top1[seed] = outcome.top1
@@ -287,7 +292,7 @@ class Cells:
         elif seed in self.float_top1:
             self._add(cell, outcome, self.float_top1[seed])
         elif seed in self.float_failed:
-            self._fail(cell, f"no float baseline: the float run of seed {seed} failed", False)
+            self._fail(cell, _no_baseline(seed), False)
         else:
             self.waiting.setdefault(seed, []).append((cell, outcome))
 
