@@ -151,8 +151,8 @@ def evaluate_on_split(model: nn.Module, cache: ImageCache, split: Split, spec: R
     hits = evaluate_indices(model, dataset, indices, batch_size=spec.batch_size, workers=workers,
                             progress=spec.progress)
     total = len(split.eval)
-    hits = ImageHits(distributed.gather_hits(hits.top1, total, context).bool(),
-                     distributed.gather_hits(hits.top5, total, context).bool())
+    hits = ImageHits(distributed.gather_hits(hits.top1, total, context),
+                     distributed.gather_hits(hits.top5, total, context))
     return EvalResult.from_hits(hits, time.perf_counter() - start)
 
 
