@@ -99,3 +99,19 @@ def self_labelled_folder(root: Path, n: int, model_name: str = "test_vit") -> tu
         index = path.split("_")[1]
         (data / path).rename(data / f"{wnids[cls]}_{index}")
     return checkpoint, data
+
+
+def assert_close_to_fake_quant(qmodel, exported: torch.Tensor, images: torch.Tensor) -> None:
+    """``exported`` (the logits of an exported ``qmodel`` on ``images``) computes the fake-quant model: same classes
+    (a class may only differ on an image whose fake-quant top-2 margin is below that image's |exported −
+    fake-quant|: random-init logits are near ties, and one code rounded the other way at a tie flips them), and
+    |exported − fake-quant| well below |float − fake-quant| (the quantization error)."""
+    with torch.no_grad():
+        reference = qmodel(images)
+        with qmodel.quantization_disabled():
+            quantization_error = (qmodel(images) - reference).abs().mean()
+    top2 = reference.topk(2, dim=1).values
+    margin, deviation = top2[:, 0] - top2[:, 1], (exported - reference).abs().amax(1)
+    flipped = exported.argmax(1) != reference.argmax(1)
+    assert bool((margin[flipped] < deviation[flipped]).all()), (margin[flipped], deviation[flipped])
+    assert (exported - reference).abs().mean() < 0.3 * quantization_error

@@ -421,6 +421,20 @@ CASES: dict[str, Case] = {
                                                                                      "points")),
     "onnx with another seed": Case(lambda e, o: ["eval", "--backend", "onnxruntime", "--model", e["onnx"],
                                                  "--data", e["data"], "--seed", "4"], ("--seed 4 (saved: 0)",)),
+    # ---- OpenVINO
+    "openvino eval without a model": Case(lambda e, o: ["eval", "--backend", "openvino", "--data", e["data"]],
+                                          ("--backend openvino needs --model DIR",)),
+    "openvino eval with --target": Case(lambda e, o: ["eval", "--backend", "openvino", "--model", o / "ir", "--target",
+                                                      "openvino", "--data", e["data"]], ("drop", "--target")),
+    "openvino model missing": Case(lambda e, o: ["eval", "--backend", "openvino", "--model", o / "ir", "--data",
+                                                 e["data"]], ("out/ir does not exist",)),
+    "openvino model is an ONNX file": Case(lambda e, o: ["eval", "--backend", "openvino", "--model", e["onnx"],
+                                                         "--data", e["data"]], ("not an OpenVINO IR",)),
+    "openvino export onto a file": Case(lambda e, o: ["export", e["saved"], "--format", "openvino", "--output",
+                                                      o / "ir"], ("ir",), setup=_made("ir")),
+    "symmetric override of a log quantizer": Case(lambda e, o: _quantize(e, o, "--method", "repq-vit", "--override",
+                                                                         "*attn.softmax=symmetric"),
+                                                  ("'log_sqrt2' has no symmetric form",)),
     # ---- reconstruction checkpoints
     "reconstruction checkpoint is a file": Case(
         lambda e, o: _quantize(e, o, "--recon", "iterations=1", "--recon-checkpoint", o / "rc"), ("is a file",),

@@ -163,6 +163,40 @@ def test_export_onnx_then_eval_on_onnxruntime(cli, files, tmp_path):
     assert abs(on_ort["top1"] - on_torch["top1"]) <= 100 / on_torch["n_images"]  # at most one image apart
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
+def test_target_openvino_export_then_eval_on_openvino(cli, files, tmp_path):
+    pytest.importorskip("openvino")
+    out_dir, ir = tmp_path / "q", tmp_path / "ir"
+    code, out, err = cli("quantize", "--method", "percentile", "--target", "openvino", *_inputs(files),
+                         "--output", out_dir)
+    assert code == 0, err
+    saved = json.loads((out_dir / "quantize.json").read_text())["config"]["overrides"]
+    assert [o["pattern"] for o in saved][:2] == ["*.weight_quantizer", "*attn.q"]  # the target's, then the user's
+    code, out, err = cli("export", out_dir, "--format", "openvino", "--output", ir)
+    assert code == 0, err
+    assert (ir / "model.xml").is_file() and (ir / "model.bin").is_file() and "int8 QDQ" in out
+    assert "warning" not in err  # every point in the form OpenVINO's int8 kernels take
+    torch_json, ov_json = tmp_path / "torch.json", tmp_path / "ov.json"
+    assert cli("eval", "--quantized", out_dir, "--data", files["data"], "--no-progress", "--json", torch_json)[0] == 0
+    code, out, err = cli("eval", "--backend", "openvino", "--model", ir, "--data", files["data"], "--threads", "1",
+                         "--no-progress", "--json", ov_json)
+    assert code == 0, err
+    on_torch, on_ov = json.loads(torch_json.read_text()), json.loads(ov_json.read_text())
+    for key in ("n_images", "method", "w_bits", "a_bits", "calib_size", "seed", "model"):
+        assert on_ov[key] == on_torch[key], key
+    assert on_ov["backend"] == "openvino" and on_ov["openvino_file"] == str(ir / "model.xml")
+    assert on_ov["file_mb"] > 0 and on_ov["float_path_points"] == []
+
+
+def test_export_openvino_names_the_points_its_int8_kernels_do_not_take(cli, files, tmp_path):
+    pytest.importorskip("openvino")
+    out_dir = tmp_path / "q"
+    assert cli("quantize", "--method", "minmax", *_inputs(files), "--output", out_dir)[0] == 0
+    code, out, err = cli("export", out_dir, "--format", "openvino", "--output", tmp_path / "ir")
+    assert code == 0, err
+    assert "blocks.0.attn.qkv.weight_quantizer has zero points" in err and "--target openvino" in err
+
+
 def test_eval_integer_backend(cli, files, tmp_path):
     path = tmp_path / "int.json"
     code, out, err = cli("eval", "--method", "percentile", *_inputs(files), "--backend", "integer", "--json", path)

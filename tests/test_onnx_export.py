@@ -13,7 +13,7 @@ import onnx
 import pytest
 import timm
 import torch
-from helpers import cpu_has_vnni, random_images
+from helpers import assert_close_to_fake_quant, cpu_has_vnni, random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,17 +51,7 @@ def _torch_logits(qmodel, images) -> torch.Tensor:
 
 
 def _assert_close_to_fake_quant(qmodel, path, images, optimization="all") -> None:
-    """Same classes (a class may only differ on an image whose fake-quant top-2 margin is below that image's
-    |ONNX − fake-quant|: random-init logits are near ties, and one code rounded the other way at a tie flips
-    them), and |ONNX − fake-quant| well below |float − fake-quant| (the quantization error)."""
-    exported, reference = _ort_logits(path, images, optimization), _torch_logits(qmodel, images)
-    with torch.no_grad(), qmodel.quantization_disabled():
-        quantization_error = (qmodel(images) - reference).abs().mean()
-    top2 = reference.topk(2, dim=1).values
-    margin, deviation = top2[:, 0] - top2[:, 1], (exported - reference).abs().amax(1)
-    flipped = exported.argmax(1) != reference.argmax(1)
-    assert bool((margin[flipped] < deviation[flipped]).all()), (margin[flipped], deviation[flipped])
-    assert (exported - reference).abs().mean() < 0.3 * quantization_error
+    assert_close_to_fake_quant(qmodel, _ort_logits(path, images, optimization), images)
 
 
 def _int8_constants(path) -> list[np.ndarray]:
@@ -71,11 +61,11 @@ def _int8_constants(path) -> list[np.ndarray]:
     return [a for a in arrays if a.dtype == np.int8 and a.ndim in (2, 4)]
 
 
-def _export_layer(module: torch.nn.Module, x: torch.Tensor, path) -> torch.Tensor:
+def _export_layer(module: torch.nn.Module, x: torch.Tensor, path, signed_activations: bool = False) -> torch.Tensor:
     """Swap the layer's calibrated quantizers for their export shims, export it alone, run it in onnxruntime."""
     originals = {}
     for attr, role in module.slots().items():
-        entry, shim = _slot_export(Slot("layer", attr, role, module))
+        entry, shim = _slot_export(Slot("layer", attr, role, module), signed_activations)
         assert shim is not None, entry.reason
         originals[attr] = getattr(module, attr)
         setattr(module, attr, shim)
@@ -94,7 +84,8 @@ def _export_layer(module: torch.nn.Module, x: torch.Tensor, path) -> torch.Tenso
     ({"bits": 3}, {"bits": 6}),
     ({"bits": 8, "signed": True}, {"bits": 5, "signed": True, "symmetric": True}),
 ])
-def test_linear_layer_export_equals_fake_quant(w_spec, x_spec, tmp_path):
+@pytest.mark.parametrize("signed_activations", [False, True])  # signed codes stored as uint8 (offset) or int8
+def test_linear_layer_export_equals_fake_quant(w_spec, x_spec, signed_activations, tmp_path):
     torch.manual_seed(0)
     layer = QLinear(torch.nn.Linear(48, 24), "act")
     layer.weight_quantizer = build_quantizer({"kind": "uniform", "granularity": "channel", "axis": 0, **w_spec})
@@ -103,7 +94,8 @@ def test_linear_layer_export_equals_fake_quant(w_spec, x_spec, tmp_path):
     layer.weight_quantizer.calibrate(layer.weight.detach())
     layer.input_quantizer.calibrate(x)
     with torch.no_grad():
-        torch.testing.assert_close(_export_layer(layer, x, tmp_path / "linear.onnx"), layer(x), atol=1e-5, rtol=1e-5)
+        exported = _export_layer(layer, x, tmp_path / "linear.onnx", signed_activations)
+        torch.testing.assert_close(exported, layer(x), atol=1e-5, rtol=1e-5)
 
 
 def test_uniform_w4a4_export_forms_and_accuracy(float_model, images, tmp_path):

@@ -35,6 +35,7 @@ import torch
 import vitq
 from vitq import distributed
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE
+from vitq.config import OVERRIDE_FORMS
 from vitq.data.folders import LABEL_FILES
 from vitq.data.loader import MAX_DEFAULT_WORKERS
 from vitq.device import DEVICE_CHOICES, resolve_device
@@ -56,6 +57,7 @@ from vitq.experiment.executors import EXECUTORS, ExecutorSpec
 from vitq.experiment.grammar import parse_option, parse_seed
 from vitq.experiment.runs import DEFAULT_MODEL, MB, MODEL_FILE, QUANTIZE_FILE, SQNR_IMAGES, ConfigRequest, RunSpec
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
+from vitq.export.openvino import TARGETS
 from vitq.files import atomic_folder, check_file_output, check_folder_output, write_json
 from vitq.methods import method_class, method_names
 from vitq.models.registry import create_architecture, create_model
@@ -65,8 +67,10 @@ from vitq.report.compare import summary_columns, summary_rows
 
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 WORST_POINTS = 5
-BACKENDS = ("torch", "onnxruntime", "integer")
-EXPORT_FORMATS = ("onnx",)
+BACKENDS = ("torch", "onnxruntime", "openvino", "integer")
+#: the backends that evaluate an exported file (--model) rather than a torch model
+FILE_BACKENDS = ("onnxruntime", "openvino")
+EXPORT_FORMATS = ("onnx", "openvino")
 
 
 # ====================================================================== option parsing
@@ -132,9 +136,12 @@ def _method_options() -> argparse.ArgumentParser:
 def _tuning_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=VALUE",
-                   help="per-point override: PATTERN=float, PATTERN=BITS or PATTERN=KIND[:BITS] (repeatable)")
+                   help=f"per-point override: {OVERRIDE_FORMS} (repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option; VALUE is parsed as JSON when possible, else kept as text (repeatable)")
+    p.add_argument("--target", choices=sorted(TARGETS),
+                   help="shape the quantizers for a runtime's integer kernels: openvino = "
+                        f"{' '.join(TARGETS['openvino'])} (applied before --override)")
     return p
 
 
@@ -208,15 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch: the fake-quant model (default); onnxruntime: the ONNX file given as --model "
-                        "FILE.onnx (written by 'vitq export'), with --threads intra-op threads; integer: the "
+                        "FILE.onnx (written by 'vitq export'), with --threads intra-op threads; openvino: the IR "
+                        "folder given as --model DIR (written by 'vitq export --format openvino'); integer: the "
                         "integer-only runtime (I-ViT kernels) compiled from the quantized ViT/DeiT")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("export", help="write a model saved by 'vitq quantize' in a deployment format")
     p.add_argument("quantized", type=Path, metavar="QUANTIZED_DIR", help="folder written by 'vitq quantize --output'")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
-                   help="onnx: QuantizeLinear/DequantizeLinear graph with int8 weights (default)")
-    p.add_argument("--output", type=Path, required=True, metavar="FILE", help="the file to write (FILE.onnx)")
+                   help="onnx: QuantizeLinear/DequantizeLinear graph with int8 weights (default); openvino: "
+                        "OpenVINO IR (a folder with model.xml and model.bin) for OpenVINO's int8 kernels")
+    p.add_argument("--output", type=Path, required=True, metavar="PATH",
+                   help="the file to write (FILE.onnx), or the folder for --format openvino")
     p.add_argument("--opset", type=_int_at_least(13, "--opset"), default=DEFAULT_OPSET,
                    help="ONNX opset, >= 13 for per-channel QDQ (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
@@ -274,7 +284,8 @@ def _request(args: argparse.Namespace) -> ConfigRequest:
         method=getattr(args, "method", None), w_bits=getattr(args, "w_bits", None),
         a_bits=getattr(args, "a_bits", None), calib_size=getattr(args, "calib_size", None),
         seed=getattr(args, "seed", None), options=dict(parse_option(text) for text in args.option),
-        overrides=tuple(args.override), recon=dict(parse_option(text) for text in getattr(args, "recon", [])),
+        overrides=(*TARGETS.get(getattr(args, "target", None), ()), *args.override),
+        recon=dict(parse_option(text) for text in getattr(args, "recon", [])),
         reconstruct=getattr(args, "reconstruct", False))
 
 
@@ -404,8 +415,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluation images are sharded across the processes (:mod:`vitq.distributed`): rank 0 quantizes and shares its
     model, every rank evaluates its shard, rank 0 reports the summed counts."""
     json_path, recon_checkpoint = _json_output(args), _recon_checkpoint(args)
-    if args.backend == "onnxruntime":
-        return _eval_onnxruntime(args, json_path)
+    if args.backend in FILE_BACKENDS:
+        return _eval_file(args, json_path)
     spec = _run_spec(args)
     context = distributed.init(spec.device)
     spec = replace(spec, device=context.device, progress=spec.progress and context.is_main)
@@ -458,22 +469,32 @@ def _eval_torch(args: argparse.Namespace, spec: RunSpec, context: distributed.Co
     return 0
 
 
-def _eval_onnxruntime(args: argparse.Namespace, json_path: Path | None) -> int:
-    """``vitq eval --backend onnxruntime --model FILE.onnx``: same split, same JSON keys as the torch backend."""
-    from vitq.eval.ort import OrtModel
-
+def _eval_file(args: argparse.Namespace, json_path: Path | None) -> int:
+    """``vitq eval --backend onnxruntime --model FILE.onnx`` or ``--backend openvino --model DIR``: the exported
+    file on the same split, with the same JSON keys as the torch backend."""
+    backend = args.backend
     if resolve_device(args.device).type != "cpu" and args.device.strip().lower() != "auto":
-        raise VitqError(f"--backend onnxruntime runs on the CPU (onnxruntime's CPU provider); drop --device "
-                        f"{args.device}")
+        raise VitqError(f"--backend {backend} runs on the CPU; drop --device {args.device}")
+    what = "FILE.onnx (a file written by 'vitq export')" if backend == "onnxruntime" else \
+        "DIR (a folder written by 'vitq export --format openvino')"
     if args.model is None:
-        raise VitqError("--backend onnxruntime needs --model FILE.onnx (a file written by 'vitq export')")
+        raise VitqError(f"--backend {backend} needs --model {what}")
     torch_only = {"--quantized": args.quantized, "--method": args.method, "--w-bits": args.w_bits,
                   "--a-bits": args.a_bits, "--checkpoint": args.checkpoint, "--sqnr": args.sqnr or None,
-                  "--override/--option": args.override or args.option or None}
+                  "--override/--option/--target": args.override or args.option or args.target or None}
     given = [flag for flag, value in torch_only.items() if value is not None]
     if given:
-        raise VitqError(f"--backend onnxruntime evaluates the ONNX file as exported; drop {', '.join(given)}")
-    model = OrtModel(Path(args.model), threads=args.threads)
+        raise VitqError(f"--backend {backend} evaluates the exported file as it is; drop {', '.join(given)}")
+    if backend == "onnxruntime":
+        from vitq.eval.ort import OrtModel
+
+        model = OrtModel(Path(args.model), threads=args.threads)
+        files = [model.path]
+    else:
+        from vitq.eval.ov import OpenVinoModel
+
+        model = OpenVinoModel(Path(args.model), threads=args.threads)
+        files = model.files
     header = model.header
     saved = header.config
     _refuse_conflicts(f"--model {model.path}", {"--calib-size": (args.calib_size, saved.calib_size),
@@ -483,11 +504,11 @@ def _eval_onnxruntime(args: argparse.Namespace, json_path: Path | None) -> int:
     split = runs.saved_split(cache, saved, header.calibration_files, args.limit)
     result = runs.evaluate_on_split(model, cache, split, spec)
     float_points = [p.slot for p in header.points if p.form == "float path"]
-    record = runs.run_record(header.model_name, saved, result=result, backend="onnxruntime",
-                             onnx_file=str(model.path), file_mb=model.path.stat().st_size / MB,
-                             float_path_points=float_points)
-    print(f"{model.path} ({header.model_name}, {saved.label}) on onnxruntime, "
-          f"{len(float_points)} points on a float path")
+    record = runs.run_record(header.model_name, saved, result=result, backend=backend,
+                             **{"onnx_file" if backend == "onnxruntime" else "openvino_file": str(model.path)},
+                             file_mb=sum(f.stat().st_size for f in files) / MB, float_path_points=float_points)
+    print(f"{model.path} ({header.model_name}, {saved.label}) on {backend}, {len(float_points)} points on a float "
+          "path")
     print(result.summary())
     if json_path is not None:
         write_json(json_path, record)
@@ -495,16 +516,30 @@ def _eval_onnxruntime(args: argparse.Namespace, json_path: Path | None) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a model saved by ``vitq quantize`` (``--format onnx``), naming every point left on a float path."""
-    output = check_file_output(args.output, overwrite=args.overwrite, what="--output")
+    """Export a model saved by ``vitq quantize`` (``--format onnx`` or ``openvino``), naming every point left on a
+    float path, and for OpenVINO every point its int8 kernels do not take."""
+    if args.format == "openvino":
+        output = check_folder_output(args.output, overwrite=args.overwrite, what="--output")
+    else:
+        output = check_file_output(args.output, overwrite=args.overwrite, what="--output")
     qmodel, record = runs.read_quantized_dir(args.quantized)
-    exported = export_onnx(qmodel, output, opset=args.opset, calibration_files=record.calibration_files)
+    if args.format == "openvino":
+        from vitq.export.openvino import export_openvino
+
+        exported = export_openvino(qmodel, output, calibration_files=record.calibration_files)
+        written, megabytes = exported.xml, (exported.xml.stat().st_size + exported.bin.stat().st_size) / MB
+        slow = exported.slow_points
+    else:
+        exported = export_onnx(qmodel, output, opset=args.opset, calibration_files=record.calibration_files)
+        written, megabytes = exported.path, exported.path.stat().st_size / MB
+        slow = [(f"{p.slot} ({p.quantizer})", f"stays on a float path: {p.reason}") for p in exported.float_points]
     forms = Counter(point.form for point in exported.points)
-    print(f"wrote {exported.path} ({exported.path.stat().st_size / MB:.2f} MB): "
-          + ", ".join(f"{n} {form}" for form, n in sorted(forms.items())))
-    for point in exported.float_points:
-        print(f"vitq: warning: {point.slot} ({point.quantizer}) stays on a float path: {point.reason}",
-              file=sys.stderr)
+    print(f"wrote {written} ({megabytes:.2f} MB): " + ", ".join(f"{n} {form}" for form, n in sorted(forms.items())))
+    for slot, why in slow:
+        print(f"vitq: warning: {slot} {why}", file=sys.stderr)
+    if slow and args.format == "openvino":
+        print(f"vitq: warning: {len(slow)} points do not run on OpenVINO's int8 kernels; quantizing with --target "
+              "openvino gives every point the form they take", file=sys.stderr)
     return 0
 
 

@@ -23,6 +23,8 @@ from vitq.errors import VitqError
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
 from vitq.quantizers.registry import quantizer_class, quantizer_kinds
 
+#: what an override's CLI form looks like
+OVERRIDE_FORMS = "PATTERN=float, PATTERN=symmetric, PATTERN=BITS or PATTERN=KIND[:BITS]"
 #: the largest seed a torch generator takes
 MAX_SEED = 2**64 - 1
 
@@ -36,6 +38,7 @@ class PointOverride(BaseModel):
     bits: int | None = Field(default=None, ge=MIN_BITS, le=MAX_BITS)
     kind: str | None = None
     keep_float: bool = False
+    symmetric: bool = Field(False, description="zero point 0 and signed codes (what integer runtimes' GEMMs take)")
 
     @field_validator("kind")
     @classmethod
@@ -46,12 +49,13 @@ class PointOverride(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> PointOverride:
-        """Parse the CLI form ``PATTERN=float``, ``PATTERN=BITS``, ``PATTERN=KIND`` or ``PATTERN=KIND:BITS``."""
+        """Parse the CLI form ``PATTERN=float``, ``PATTERN=symmetric``, ``PATTERN=BITS``, ``PATTERN=KIND`` or
+        ``PATTERN=KIND:BITS``."""
         pattern, sep, value = text.partition("=")
         if not sep or not pattern or not value:
-            raise VitqError(f"override {text!r} must look like PATTERN=float, PATTERN=BITS or PATTERN=KIND[:BITS]")
-        if value == "float":
-            return make(cls, pattern=pattern, keep_float=True)
+            raise VitqError(f"override {text!r} must look like {OVERRIDE_FORMS}")
+        if value in ("float", "symmetric"):
+            return make(cls, pattern=pattern, **{"keep_float" if value == "float" else "symmetric": True})
         kind, _, bits = value.rpartition(":") if ":" in value else ("", "", value)
         if not (bits.isascii() and bits.isdigit()):  # "²".isdigit() but int("²") fails
             kind, bits = value, ""
@@ -71,6 +75,11 @@ class PointOverride(BaseModel):
             spec = {"kind": self.kind, **{k: v for k, v in spec.items() if k in accepted}}
         if self.bits is not None:
             spec["bits"] = self.bits
+        if self.symmetric:
+            if "symmetric" not in inspect.signature(quantizer_class(spec["kind"]).__init__).parameters:
+                raise VitqError(f"override {self.pattern}=symmetric: quantizer kind {spec['kind']!r} has no "
+                                "symmetric form (the uniform kinds have)")
+            spec.update(symmetric=True, signed=True)
         return spec
 
 

@@ -83,6 +83,23 @@ class OnnxHeader(BaseModel):
     points: list[OnnxPoint]
 
 
+def parse_header(text: str | None, path: Path) -> OnnxHeader:
+    """The vitq header ``text`` (JSON) of the exported file ``path``, validated: a timm model name, a valid config,
+    well-typed points. Missing or corrupt: one :class:`VitqError`."""
+    if text is None:
+        raise VitqError(f"{path} has no vitq metadata (was it written by 'vitq export'?)")
+    try:
+        header = OnnxHeader.model_validate_json(text)
+    except ValidationError as err:
+        where, message, _ = first_error(err)
+        raise VitqError(f"corrupt vitq metadata in {path}: {where or 'header'}: {message}") from None
+    try:
+        check_model_name(header.model_name)
+    except VitqError as err:
+        raise VitqError(f"corrupt vitq metadata in {path}: {err}") from None
+    return header
+
+
 class OrtModel(nn.Module):
     """An onnxruntime session as a module: ``forward(images) -> logits`` (torch tensors, CPU)."""
 
@@ -98,19 +115,7 @@ class OrtModel(nn.Module):
     def header(self) -> OnnxHeader:
         """The vitq header written by :func:`vitq.export.onnx.export_onnx` (model name, config, points),
         validated: a timm model name, a valid config, well-typed points."""
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if METADATA_KEY not in metadata:
-            raise VitqError(f"{self.path} has no vitq metadata (was it written by 'vitq export'?)")
-        try:
-            header = OnnxHeader.model_validate_json(metadata[METADATA_KEY])
-        except ValidationError as err:
-            where, message, _ = first_error(err)
-            raise VitqError(f"corrupt vitq metadata in {self.path}: {where or 'header'}: {message}") from None
-        try:
-            check_model_name(header.model_name)
-        except VitqError as err:
-            raise VitqError(f"corrupt vitq metadata in {self.path}: {err}") from None
-        return header
+        return parse_header(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), self.path)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to(torch.float32).contiguous().numpy()

@@ -17,7 +17,9 @@ What each quantization point becomes:
 
 Signed codes are moved to the storage type by an offset of ±128 applied to both codes and zero point
 (``(q − z)·Δ`` is unchanged): activations are stored as uint8 and weights as int8, the u8·s8 form that x86
-integer kernels prefer. The graph is produced by torch's TorchScript ONNX exporter; the custom
+integer kernels prefer. With ``signed_activations`` an activation with signed codes is stored as int8 instead
+(zero point 0 when it is symmetric): OpenVINO runs the attention product ``q·kᵀ`` on int8 kernels only for
+symmetric int8 inputs. The graph is produced by torch's TorchScript ONNX exporter; the custom
 ``autograd.Function`` s below compute our fake-quant in torch and emit the QDQ nodes through ``symbolic``.
 """
 
@@ -192,30 +194,31 @@ class _WeightExport(nn.Module):
         return _DequantizeWeight.apply(weight, self.dequantized, self.codes, self.params, self.transposed)
 
 
-def _slot_export(slot: Slot) -> tuple[PointExport, nn.Module | None]:
+def _slot_export(slot: Slot, signed_activations: bool) -> tuple[PointExport, nn.Module | None]:
     """The report entry of ``slot`` and the module that replaces its quantizer during export (``None``:
     keep the quantizer, i.e. its float fake-quant arithmetic)."""
     quantizer = slot.quantizer
     described = _describe(quantizer)
     weight = slot.role == "weight"
-    params = _qdq_params(quantizer, INT8 if weight else UINT8, weight=weight)
+    signed = weight or (signed_activations and getattr(quantizer, "signed", False))
+    params = _qdq_params(quantizer, INT8 if signed else UINT8, weight=weight)
     if isinstance(params, str):
         return PointExport(slot.name, slot.role, described, "float path", params), None
     if weight:
         shim = _WeightExport(quantizer, slot.module.weight, params, transposed=isinstance(slot.module, QLinear))
         return PointExport(slot.name, slot.role, described, "int8 weight"), shim
-    form = "uint8 QDQ + clip" if params.clip is not None else "uint8 QDQ"
+    form = ("int8" if signed else "uint8") + (" QDQ + clip" if params.clip is not None else " QDQ")
     return PointExport(slot.name, slot.role, described, form), _ActivationExport(quantizer, params)
 
 
 @contextmanager
-def _export_mode(qmodel: QuantizedModel) -> Iterator[list[PointExport]]:
+def _export_mode(qmodel: QuantizedModel, signed_activations: bool) -> Iterator[list[PointExport]]:
     """Swap every exportable quantizer for its QDQ shim; yields the per-slot report; restores on exit."""
     report, swapped = [], []
     for slot in qmodel.slots():
         if slot.quantizer is None or not slot.quantizer.enabled:
             continue
-        entry, shim = _slot_export(slot)
+        entry, shim = _slot_export(slot, signed_activations)
         report.append(entry)
         if shim is not None:
             swapped.append((slot, slot.quantizer))
@@ -237,12 +240,14 @@ def export_header(qmodel: QuantizedModel, points: list[PointExport],
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[int, int] | None = None,
-                opset: int = DEFAULT_OPSET, calibration_files: list[str] | None = None) -> OnnxExport:
+                opset: int = DEFAULT_OPSET, calibration_files: list[str] | None = None,
+                signed_activations: bool = False) -> OnnxExport:
     """Write ``qmodel`` to ``path`` as ONNX (input ``image`` [batch, 3, H, W], output ``logits``).
 
     The batch dimension is dynamic. Returns the per-slot report; the same report, the model name, the
     quantization config and ``calibration_files`` (the names of the calibration images, when known) are stored
-    in the file's metadata (key ``vitq``). The file is written whole or not at all.
+    in the file's metadata (key ``vitq``). The file is written whole or not at all. ``signed_activations``:
+    store activations with signed codes as int8 (default uint8, see the module notes).
     """
     import onnx
 
@@ -256,7 +261,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
     # float paths of log quantizers use exp2, which has no ONNX op: 2^x = Pow(2, x) (exact for integer x)
     torch.onnx.register_custom_op_symbolic(
         "aten::exp2", lambda g, x: g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x), opset)
-    with _export_mode(qmodel) as points, warnings.catch_warnings():
+    with _export_mode(qmodel, signed_activations) as points, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         buffer = io.BytesIO()
         try:
