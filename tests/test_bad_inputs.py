@@ -424,8 +424,8 @@ CASES: dict[str, Case] = {
     # ---- OpenVINO
     "openvino eval without a model": Case(lambda e, o: ["eval", "--backend", "openvino", "--data", e["data"]],
                                           ("--backend openvino needs --model DIR",)),
-    "openvino eval with --target": Case(lambda e, o: ["eval", "--backend", "openvino", "--model", o / "ir", "--target",
-                                                      "openvino", "--data", e["data"]], ("drop", "--target")),
+    "openvino eval with --deploy": Case(lambda e, o: ["eval", "--backend", "openvino", "--model", o / "ir", "--deploy",
+                                                      "openvino", "--data", e["data"]], ("drop", "--deploy")),
     "openvino model missing": Case(lambda e, o: ["eval", "--backend", "openvino", "--model", o / "ir", "--data",
                                                  e["data"]], ("out/ir does not exist",)),
     "openvino model is an ONNX file": Case(lambda e, o: ["eval", "--backend", "openvino", "--model", e["onnx"],

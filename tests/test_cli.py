@@ -164,14 +164,13 @@ def test_export_onnx_then_eval_on_onnxruntime(cli, files, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
-def test_target_openvino_export_then_eval_on_openvino(cli, files, tmp_path):
+def test_deploy_openvino_export_then_eval_on_openvino(cli, files, tmp_path):
     pytest.importorskip("openvino")
     out_dir, ir = tmp_path / "q", tmp_path / "ir"
-    code, out, err = cli("quantize", "--method", "percentile", "--target", "openvino", *_inputs(files),
+    code, out, err = cli("quantize", "--method", "repq-vit", "--deploy", "openvino", *_inputs(files),
                          "--output", out_dir)
     assert code == 0, err
-    saved = json.loads((out_dir / "quantize.json").read_text())["config"]["overrides"]
-    assert [o["pattern"] for o in saved][:2] == ["*.weight_quantizer", "*attn.q"]  # the target's, then the user's
+    assert json.loads((out_dir / "quantize.json").read_text())["config"]["deploy"] == "openvino"
     code, out, err = cli("export", out_dir, "--format", "openvino", "--output", ir)
     assert code == 0, err
     assert (ir / "model.xml").is_file() and (ir / "model.bin").is_file() and "int8 QDQ" in out
@@ -194,7 +193,7 @@ def test_export_openvino_names_the_points_its_int8_kernels_do_not_take(cli, file
     assert cli("quantize", "--method", "minmax", *_inputs(files), "--output", out_dir)[0] == 0
     code, out, err = cli("export", out_dir, "--format", "openvino", "--output", tmp_path / "ir")
     assert code == 0, err
-    assert "blocks.0.attn.qkv.weight_quantizer has zero points" in err and "--target openvino" in err
+    assert "blocks.0.attn.qkv.weight_quantizer has zero points" in err and "--deploy openvino" in err
 
 
 def test_eval_integer_backend(cli, files, tmp_path):

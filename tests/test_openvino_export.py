@@ -1,5 +1,5 @@
-"""Tests of ``--target openvino`` (symmetric overrides), vitq.export.openvino (IR export) and vitq.eval.ov (the
-OpenVINO runner) on timm's tiny ``test_vit``.
+"""Tests of ``--deploy openvino`` (symmetric overrides, integer zero points), vitq.export.openvino (IR export) and
+vitq.eval.ov (the OpenVINO runner) on timm's tiny ``test_vit``.
 
 The IR is run with float32 inference precision where it is compared with the fake-quant model (a CPU with AMX
 would otherwise run the float layers in bf16); the check is the loose whole-model one of the ONNX tests.
@@ -14,8 +14,9 @@ from helpers import assert_close_to_fake_quant, random_images
 import vitq
 from vitq.config import PointOverride
 from vitq.errors import VitqError
+from vitq.eval.ort import OrtModel
 from vitq.export.onnx import export_onnx
-from vitq.export.openvino import OPENVINO_TARGET, XML_FILE, export_openvino
+from vitq.export.openvino import XML_FILE, export_openvino, hoist_qdq_over_layout
 
 ov = pytest.importorskip("openvino")
 from vitq.eval.ov import OpenVinoModel  # noqa: E402  (needs openvino)
@@ -29,13 +30,15 @@ def images() -> torch.Tensor:
     return random_images(6)
 
 
-def _quantize(float_model, images, *overrides: str, method: str = "percentile") -> vitq.QuantizedModel:
-    config = vitq.QuantConfig(method=method, calib_size=3, overrides=[PointOverride.parse(o) for o in overrides])
+def _quantize(float_model, images, *overrides: str, method: str = "percentile",
+              deploy: str | None = None) -> vitq.QuantizedModel:
+    config = vitq.QuantConfig(method=method, calib_size=3, overrides=[PointOverride.parse(o) for o in overrides],
+                              deploy=deploy)
     return vitq.quantize(float_model, config, images[:3], progress=False)
 
 
 def test_symmetric_override_makes_zero_points_zero_and_codes_signed(float_model, images):
-    qmodel = _quantize(float_model, images, *OPENVINO_TARGET)
+    qmodel = _quantize(float_model, images, deploy="openvino")
     by_role: dict[str, list] = {}
     for slot in qmodel.slots():
         by_role.setdefault(slot.role, []).append(slot.quantizer)
@@ -58,7 +61,7 @@ def test_symmetric_override_parses_and_refuses_kinds_without_a_symmetric_form(fl
 
 
 def test_signed_activations_are_stored_as_int8_with_zero_point_0(float_model, images, tmp_path):
-    qmodel = _quantize(float_model, images, *OPENVINO_TARGET)
+    qmodel = _quantize(float_model, images, deploy="openvino")
     exported = export_onnx(qmodel, tmp_path / "m.onnx", signed_activations=True)
     forms = {p.slot: p.form for p in exported.points}
     assert forms["blocks.0.attn.q.quantizer"] == forms["blocks.0.attn.k.quantizer"] == "int8 QDQ"
@@ -70,8 +73,24 @@ def test_signed_activations_are_stored_as_int8_with_zero_point_0(float_model, im
     assert q_nodes and all(constants[n.input[2]].dtype == np.int8 and constants[n.input[2]] == 0 for n in q_nodes)
 
 
+def test_hoisting_qdq_over_layout_ops_leaves_the_function_unchanged(float_model, images, tmp_path):
+    qmodel = _quantize(float_model, images, deploy="openvino")
+    export_onnx(qmodel, tmp_path / "m.onnx", signed_activations=True)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert hoist_qdq_over_layout(model.graph) == 6  # the attention projection's input, once per block
+    assert hoist_qdq_over_layout(model.graph) == 0
+    producer = {out: node for node in model.graph.node for out in node.output}
+    proj = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and "attn/proj/input" in n.name]
+    assert all(producer[n.input[0]].op_type == "MatMul" for n in proj)  # now right after the attention product
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "hoisted.onnx"))
+    before = OrtModel(tmp_path / "m.onnx", threads=1, optimization="disable")(images)
+    after = OrtModel(tmp_path / "hoisted.onnx", threads=1, optimization="disable")(images)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
 def test_openvino_ir_computes_the_fake_quant_model(float_model, images, tmp_path):
-    qmodel = _quantize(float_model, images, *OPENVINO_TARGET)
+    qmodel = _quantize(float_model, images, deploy="openvino")
     exported = export_openvino(qmodel, tmp_path / "ir", calibration_files=["a.jpg"])
     assert exported.xml == tmp_path / "ir" / XML_FILE and exported.bin.is_file()
     assert exported.slow_points == []

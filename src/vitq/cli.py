@@ -57,13 +57,13 @@ from vitq.experiment.executors import EXECUTORS, ExecutorSpec
 from vitq.experiment.grammar import parse_option, parse_seed
 from vitq.experiment.runs import DEFAULT_MODEL, MB, MODEL_FILE, QUANTIZE_FILE, SQNR_IMAGES, ConfigRequest, RunSpec
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
-from vitq.export.openvino import TARGETS
 from vitq.files import atomic_folder, check_file_output, check_folder_output, write_json
 from vitq.methods import method_class, method_names
 from vitq.models.registry import create_architecture, create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import text_table
 from vitq.report.compare import summary_columns, summary_rows
+from vitq.targets import TARGETS, target_names
 
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 WORST_POINTS = 5
@@ -139,9 +139,9 @@ def _tuning_options() -> argparse.ArgumentParser:
                    help=f"per-point override: {OVERRIDE_FORMS} (repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option; VALUE is parsed as JSON when possible, else kept as text (repeatable)")
-    p.add_argument("--target", choices=sorted(TARGETS),
-                   help="shape the quantizers for a runtime's integer kernels: openvino = "
-                        f"{' '.join(TARGETS['openvino'])} (applied before --override)")
+    p.add_argument("--deploy", choices=target_names(),
+                   help="shape the quantizers for a runtime's integer kernels (integer zero points; openvino also "
+                        f"{' '.join(TARGETS['openvino'].overrides)}, applied before --override)")
     return p
 
 
@@ -284,7 +284,7 @@ def _request(args: argparse.Namespace) -> ConfigRequest:
         method=getattr(args, "method", None), w_bits=getattr(args, "w_bits", None),
         a_bits=getattr(args, "a_bits", None), calib_size=getattr(args, "calib_size", None),
         seed=getattr(args, "seed", None), options=dict(parse_option(text) for text in args.option),
-        overrides=(*TARGETS.get(getattr(args, "target", None), ()), *args.override),
+        overrides=tuple(args.override), deploy=getattr(args, "deploy", None),
         recon=dict(parse_option(text) for text in getattr(args, "recon", [])),
         reconstruct=getattr(args, "reconstruct", False))
 
@@ -481,7 +481,7 @@ def _eval_file(args: argparse.Namespace, json_path: Path | None) -> int:
         raise VitqError(f"--backend {backend} needs --model {what}")
     torch_only = {"--quantized": args.quantized, "--method": args.method, "--w-bits": args.w_bits,
                   "--a-bits": args.a_bits, "--checkpoint": args.checkpoint, "--sqnr": args.sqnr or None,
-                  "--override/--option/--target": args.override or args.option or args.target or None}
+                  "--override/--option/--deploy": args.override or args.option or args.deploy or None}
     given = [flag for flag, value in torch_only.items() if value is not None]
     if given:
         raise VitqError(f"--backend {backend} evaluates the exported file as it is; drop {', '.join(given)}")
@@ -538,7 +538,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for slot, why in slow:
         print(f"vitq: warning: {slot} {why}", file=sys.stderr)
     if slow and args.format == "openvino":
-        print(f"vitq: warning: {len(slow)} points do not run on OpenVINO's int8 kernels; quantizing with --target "
+        print(f"vitq: warning: {len(slow)} points do not run on OpenVINO's int8 kernels; quantizing with --deploy "
               "openvino gives every point the form they take", file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vitq.errors import VitqError
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
 from vitq.quantizers.registry import quantizer_class, quantizer_kinds
+from vitq.targets import TARGETS, target_names
 
 #: what an override's CLI form looks like
 OVERRIDE_FORMS = "PATTERN=float, PATTERN=symmetric, PATTERN=BITS or PATTERN=KIND[:BITS]"
@@ -130,10 +131,24 @@ class QuantConfig(BaseModel):
     overrides: list[PointOverride] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
     reconstruct: ReconConfig | None = Field(None, description="block reconstruction after calibration (None: off)")
+    deploy: str | None = Field(None, description="shape the quantizers for a runtime's integer kernels "
+                                                 "(vitq.targets: its overrides come before ``overrides``)")
+
+    @field_validator("deploy")
+    @classmethod
+    def _known_target(cls, deploy: str | None) -> str | None:
+        if deploy is not None and deploy not in TARGETS:
+            raise ValueError(f"unknown deployment target {deploy!r}; known: {', '.join(target_names())}")
+        return deploy
+
+    @property
+    def target_overrides(self) -> list[PointOverride]:
+        """The overrides of the :attr:`deploy` target (none without one)."""
+        return [] if self.deploy is None else [PointOverride.parse(text) for text in TARGETS[self.deploy].overrides]
 
     def spec_for(self, point: str, slot: str, spec: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Apply every matching override, in order (later ones win)."""
-        for override in self.overrides:
+        """Apply every matching override, the deployment target's first, in order (later ones win)."""
+        for override in [*self.target_overrides, *self.overrides]:
             if override.matches(point, slot):
                 spec = override.apply(spec)
         return spec

@@ -100,13 +100,14 @@ class ConfigRequest:
     overrides: Sequence[str] = ()
     recon: Mapping[str, Any] = field(default_factory=dict)
     reconstruct: bool = False
+    deploy: str | None = None
 
     def build(self, options: Mapping[str, Any] | None = None, **given: Any) -> QuantConfig:
         """The validated config; ``given`` (e.g. ``method=``) takes precedence and ``options`` (a variant's own)
         are merged over :attr:`options`. A variant's ``recon`` (true: the defaults) and ``recon.KEY`` options
         reconstruct that variant, e.g. ``dopq-vit[recon.iterations=100]``."""
         values = {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits,
-                  "calib_size": self.calib_size, "seed": self.seed, **given}
+                  "calib_size": self.calib_size, "seed": self.seed, "deploy": self.deploy, **given}
         options = {**self.options, **(options or {})}
         recon, reconstruct = dict(self.recon), bool(self.recon) or self.reconstruct
         for key in [k for k in options if k == RECON_KEY or k.startswith(RECON_KEY + ".")]:

@@ -258,9 +258,13 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
         image_size = tuple(qmodel.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     example = torch.zeros(1, 3, *image_size)
     qmodel.eval()
-    # float paths of log quantizers use exp2, which has no ONNX op: 2^x = Pow(2, x) (exact for integer x)
-    torch.onnx.register_custom_op_symbolic(
-        "aten::exp2", lambda g, x: g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x), opset)
+    # float paths of log quantizers use exp2 and ldexp, which have no ONNX op: 2^x = Pow(2, x) and
+    # ldexp(x, e) = x·2^e (exact for integer exponents)
+    def pow2(g, x):
+        return g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x)
+
+    torch.onnx.register_custom_op_symbolic("aten::exp2", pow2, opset)
+    torch.onnx.register_custom_op_symbolic("aten::ldexp", lambda g, x, e: g.op("Mul", x, pow2(g, e)), opset)
     with _export_mode(qmodel, signed_activations) as points, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         buffer = io.BytesIO()

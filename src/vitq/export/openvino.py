@@ -12,15 +12,20 @@ Which points OpenVINO's CPU plugin runs on integer kernels (measured in ``benchm
   its layer runs a float GEMM;
 - the inputs of the attention product ``q·kᵀ`` must be symmetric signed (stored as int8);
 - quantizing ``v`` and the softmax output adds a ``FakeQuantize`` that is not fused away (slower than keeping
-  them float, as NNCF's transformer preset does).
+  them float, as NNCF's transformer preset does);
+- a per-tensor ``FakeQuantize`` behind a ``Transpose``/``Reshape`` (the input of the attention projection, after
+  the heads are merged) is not fused into the ``MatMul`` that produced the tensor: the export moves such a QDQ
+  pair above the layout ops (:func:`hoist_qdq_over_layout`), which is exact, since a per-tensor quantizer acts
+  on each element alone.
 
-:data:`OPENVINO_TARGET` is the list of overrides that gives a method exactly that structure (``--target
-openvino``). The export names every point that misses it, with what to change.
+The ``openvino`` deployment target (:mod:`vitq.targets`, ``--deploy openvino``) gives a method exactly that
+structure. The export names every point that misses it, with what to change.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +35,6 @@ from vitq.export.onnx import METADATA_KEY, OnnxExport, PointExport, export_heade
 from vitq.files import atomic_folder
 from vitq.quantized_model import QuantizedModel
 
-#: overrides that shape a method's quantizers for OpenVINO's int8 kernels (``--target openvino``), applied before
-#: the user's own overrides: symmetric weights, symmetric q and k, float v and softmax output
-OPENVINO_TARGET = ("*.weight_quantizer=symmetric", "*attn.q=symmetric", "*attn.k=symmetric", "*attn.v=float",
-                   "*attn.softmax=float")
-#: runtime name -> its overrides
-TARGETS: dict[str, tuple[str, ...]] = {"openvino": OPENVINO_TARGET}
 #: the file names inside an exported folder
 XML_FILE, BIN_FILE = "model.xml", "model.bin"
 
@@ -72,6 +71,65 @@ def _slow_points(qmodel: QuantizedModel, exported: OnnxExport) -> list[tuple[str
     return slow
 
 
+#: ops that only move elements: a per-tensor quantizer commutes with them
+LAYOUT_OPS = ("Transpose", "Reshape")
+
+
+def hoist_qdq_over_layout(graph) -> int:
+    """Move every per-tensor ``QuantizeLinear → DequantizeLinear`` pair of the ONNX ``graph`` above the chain of
+    :data:`LAYOUT_OPS` that feeds it (each with this chain as its only consumer), so that it follows the op that
+    computed the values. Returns the number of pairs moved; the graph stays topologically sorted."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    moved = 0
+    for quantize in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        pair = consumers.get(quantize.output[0], [])
+        if len(pair) != 1 or pair[0].op_type != "DequantizeLinear" or _has_axis(quantize, producer):
+            continue
+        dequantize, chain = pair[0], []
+        node = producer.get(quantize.input[0])
+        while node is not None and node.op_type in LAYOUT_OPS and len(consumers[node.output[0]]) == 1:
+            chain.append(node)
+            node = producer.get(node.input[0])
+        if not chain:
+            continue
+        # source -> Q -> DQ -> first layout op ... last layout op -> the consumers of DQ
+        first, last = chain[-1], chain[0]
+        for consumer in consumers[dequantize.output[0]]:
+            consumer.input[:] = [last.output[0] if name == dequantize.output[0] else name for name in consumer.input]
+        quantize.input[0], first.input[0] = first.input[0], dequantize.output[0]
+        moved += 1
+    if moved:
+        _topological_sort(graph)
+    return moved
+
+
+def _has_axis(quantize, producer) -> bool:
+    """Whether ``quantize`` has a per-axis scale (a constant scale of more than one element, or one computed)."""
+    scale = producer.get(quantize.input[1])
+    if scale is None or scale.op_type != "Constant":
+        return True
+    return any(math.prod(attr.t.dims) != 1 for attr in scale.attribute if attr.name == "value")
+
+
+def _topological_sort(graph) -> None:
+    known = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in known for name in node.input)]
+        if not ready:
+            raise VitqError("the exported graph has a cycle")
+        for node in ready:
+            known.update(node.output)
+        ordered += ready
+        pending = [node for node in pending if node not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def export_openvino(qmodel: QuantizedModel, folder: str | Path, *,
                     calibration_files: list[str] | None = None) -> OpenVinoExport:
     """Write ``qmodel`` as OpenVINO IR into ``folder`` (:data:`XML_FILE` and :data:`BIN_FILE`; input ``image``
@@ -81,9 +139,14 @@ def export_openvino(qmodel: QuantizedModel, folder: str | Path, *,
         import openvino as ov
     except ImportError:
         raise VitqError("--format openvino needs OpenVINO: pip install 'vitq[openvino]'") from None
+    import onnx
+
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         exported = export_onnx(qmodel, onnx_path, calibration_files=calibration_files, signed_activations=True)
+        graph = onnx.load(str(onnx_path))
+        if hoist_qdq_over_layout(graph.graph):
+            onnx.save(graph, str(onnx_path))
         model = ov.convert_model(str(onnx_path))
     model.set_rt_info(json.dumps(export_header(qmodel, exported.points, calibration_files)), [METADATA_KEY])
     with atomic_folder(Path(folder)) as partial:
@@ -92,4 +155,5 @@ def export_openvino(qmodel: QuantizedModel, folder: str | Path, *,
     return OpenVinoExport(Path(folder) / XML_FILE, exported.points, _slow_points(qmodel, exported))
 
 
-__all__ = ["BIN_FILE", "OPENVINO_TARGET", "TARGETS", "XML_FILE", "OpenVinoExport", "export_openvino"]
+__all__ = ["BIN_FILE", "XML_FILE", "OpenVinoExport", "export_openvino",
+           "hoist_qdq_over_layout"]

@@ -393,8 +393,10 @@ def reparameterize_stage(qmodel, stage: Stage, x: torch.Tensor, *, target: Targe
        re-calibrated on the folded weight. The other quantizers keep their calibration (as in RepQ-ViT).
 
     A stage without pairs is simply calibrated in forward order, so a method can call this for every
-    stage (see :func:`reparameterize_model`). Returns the folds done.
+    stage (see :func:`reparameterize_model`). Returns the folds done. A model quantized for a deployment target
+    (``config.deploy``, :mod:`vitq.targets`) always rounds ``z̃``.
     """
+    round_zero_point = round_zero_point or qmodel.config.deploy is not None  # runtimes take integer zero points
     plans = [p for p in (_plan(qmodel, n, lin) for n, lin in stage_pairs(qmodel, stage)) if p is not None]
     for plan in plans:
         plan.linear.input_quantizer = plan.per_channel
