@@ -114,13 +114,18 @@ def open_engine(runtime: str, path: Path, threads: int) -> torch.nn.Module:
     return OrtModel(path, threads=threads) if runtime == "onnxruntime" else OpenVinoModel(path, threads=threads)
 
 
-def measure(engine: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, args) -> tuple[float, float, float]:
-    """Top-1 on all ``images``, batch-1 latency (s) and batch-``args.batch`` throughput (images/s)."""
-    accuracy = top1(engine, images, labels)
+def timings(engines: dict[str, torch.nn.Module], images: torch.Tensor, args) -> dict[str, tuple[float, float]]:
+    """Batch-1 latency (s) and batch-``args.batch`` throughput (images/s) of every engine: the median over
+    ``args.rounds`` rounds, each timing every engine in turn, so that a slow phase of the machine is shared."""
     batch1, batch_n = images[:1], images[:args.batch]
-    latency = median_seconds(lambda: engine(batch1), args.runs)
-    throughput = args.batch / median_seconds(lambda: engine(batch_n), args.runs_batch)
-    return accuracy, latency, throughput
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            latency = median_seconds(lambda engine=engine: engine(batch1), args.runs)
+            seconds = median_seconds(lambda engine=engine: engine(batch_n), args.runs_batch)
+            rounds[name].append((latency, args.batch / seconds))
+    return {name: (statistics.median(r[0] for r in values), statistics.median(r[1] for r in values))
+            for name, values in rounds.items()}
 
 
 def file_mb(path: Path) -> float:
@@ -135,8 +140,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="seeds of the paired top-1 table")
     parser.add_argument("--threads", type=int, default=2, help="torch, onnxruntime and OpenVINO threads")
     parser.add_argument("--batch", type=int, default=32, help="throughput batch size")
-    parser.add_argument("--runs", type=int, default=30, help="batch-1 calls timed per engine")
-    parser.add_argument("--runs-batch", type=int, default=5, help="large-batch calls timed per engine")
+    parser.add_argument("--runs", type=int, default=150, help="batch-1 calls timed per engine and round")
+    parser.add_argument("--runs-batch", type=int, default=5, help="large-batch calls timed per engine and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing every engine in turn")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deploy_speed.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,10 +185,12 @@ def main() -> None:
             engines[f"OpenVINO, vitq `{method}` `--deploy openvino`"] = ("openvino", ir.xml.parent, fake)
         if seed != args.seeds[0]:
             continue
-        for name, (runtime, path, fake) in engines.items():
-            accuracy, latency, throughput = measure(open_engine(runtime, path, args.threads), images, labels, args)
-            rows.append([name, runtime, f"{accuracy:.2f}", "" if fake is None else f"{fake:.2f}",
-                         f"{latency * 1000:.1f}", f"{throughput:.0f}", f"{file_mb(path):.1f}"])
+        opened = {name: open_engine(runtime, path, args.threads) for name, (runtime, path, _) in engines.items()}
+        accuracy = {name: top1(engine, images, labels) for name, engine in opened.items()}
+        for name, (latency, throughput) in timings(opened, images, args).items():
+            runtime, path, fake = engines[name]
+            rows.append([name, runtime, f"{accuracy[name]:.2f}", "" if fake is None else f"{fake:.2f}",
+                         f"{latency * 1000:.2f}", f"{throughput:.0f}", f"{file_mb(path):.1f}"])
             print(rows[-1], flush=True)
     gaps = {}
     for method, _seed, fake, deployed, *_ in paired:
@@ -194,7 +202,8 @@ def main() -> None:
             f"- images: {n_eval} evaluation images (top-1), {CALIB} calibration images of the same seeded split for "
             f"every int8 model (vitq, onnxruntime `quantize_static`, NNCF); speed table: seed {args.seeds[0]}",
             f"- latency: median of {args.runs} batch-1 calls; throughput: median of {args.runs_batch} "
-            f"batch-{args.batch} calls, after 2 warm-up calls; real evaluation images",
+            f"batch-{args.batch} calls, after 2 warm-up calls; real evaluation images; each the median of "
+            f"{args.rounds} rounds that time every engine in turn",
             f"- threads: {args.threads} (torch, onnxruntime intra-op, OpenVINO `INFERENCE_NUM_THREADS`); OpenVINO "
             f"CPU plugin defaults otherwise (latency hint, its default inference precision)",
             f"- onnxruntime {__import__('onnxruntime').__version__}, OpenVINO {__import__('openvino').__version__}, "
