@@ -1,11 +1,11 @@
 """Deployment speed of W8A8 DeiT-tiny on the CPU: vitq's exports beside the runtimes' own int8 quantization.
 
-One process, the same evaluation images and the same threads for every engine: onnxruntime (float, vitq's
-QDQ export, its own ``quantize_static`` and ``quantize_dynamic``) and OpenVINO (float, NNCF's int8 with
-``model_type=TRANSFORMER``, vitq's IR exports with ``--deploy openvino`` and without). Each engine: top-1 on the
-evaluation images of seed 0, batch-1 latency (median of ``--runs`` calls), batch-32 throughput (median of
-``--runs-batch`` calls) and file size. A second table pairs, for every seed, our fake-quant top-1 with the OpenVINO
-IR's and NNCF's (each calibrated on that seed's calibration images).
+One process, the same evaluation images and the same threads for every engine: onnxruntime (float, vitq's QDQ
+exports, with ``--deploy onnxruntime`` for the reparameterized methods, its own ``quantize_static`` and
+``quantize_dynamic``) and OpenVINO (float, NNCF's int8 with ``model_type=TRANSFORMER``, vitq's IR exports with
+``--deploy openvino`` and without). Each engine: top-1 on the evaluation images of the first seed, batch-1
+latency, batch-32 throughput (medians over interleaved rounds) and file size. A second table pairs, for every
+seed, our fake-quant top-1 with the OpenVINO IR's and NNCF's (each calibrated on that seed's calibration images).
 
     python benchmarks/deploy_speed.py --threads 2 --out benchmarks/results/deploy_speed.md
 """
@@ -24,6 +24,7 @@ import torch
 from common import comma_list, deit_tiny_split, report_header, write_report
 
 import vitq
+from vitq.config import PointOverride
 from vitq.errors import VitqError
 from vitq.eval.ort import OrtModel
 from vitq.eval.ov import OpenVinoModel
@@ -31,6 +32,8 @@ from vitq.export.onnx import export_onnx
 from vitq.export.openvino import export_openvino
 from vitq.report.tables import markdown_table
 
+UNIFORM_SOFTMAX_TEXT = "*attn.softmax=uniform:8"
+UNIFORM_SOFTMAX = PointOverride.parse(UNIFORM_SOFTMAX_TEXT)
 CPU_FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 CALIB = 32
 
@@ -154,23 +157,41 @@ def main() -> None:
         model, calib, (images, labels) = deit_tiny_split(CALIB, seed, None)
         float_onnx = tmp / f"float_{seed}.onnx"
         export_onnx(vitq.prepare(model, vitq.QuantConfig(method="float")), float_onnx)
-        engines: dict[str, tuple[str, Path, float | None]] = {}  # name -> (runtime, file, fake-quant top-1)
+        # name -> (runtime, file, fake-quant top-1, points not on the runtime's integer kernels)
+        engines: dict[str, tuple[str, Path, float | None, int | None]] = {}
         if seed == args.seeds[0]:
             plain = vitq.quantize(model, target_config("percentile", seed, None), calib, progress=False)
             plain_top1 = top1(plain, images, labels)
-            export_onnx(plain, tmp / "vitq_percentile.onnx")
+            plain_onnx = export_onnx(plain, tmp / "vitq_percentile.onnx")
             quantize_dynamic(str(float_onnx), str(tmp / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
-            engines["ORT float"] = ("onnxruntime", float_onnx, None)
-            engines["ORT, vitq `percentile` QDQ export"] = ("onnxruntime", tmp / "vitq_percentile.onnx", plain_top1)
+            engines["ORT float"] = ("onnxruntime", float_onnx, None, None)
+            engines["ORT, vitq `percentile` QDQ export"] = ("onnxruntime", plain_onnx.path, plain_top1,
+                                                           len(plain_onnx.float_points))
+            for method in [m for m in args.methods if m != "percentile"]:
+                for softmax in (False, True):  # the method's softmax quantizer, or 8-bit uniform (integer)
+                    config = target_config(method, seed, "onnxruntime")
+                    if softmax:
+                        config = config.model_copy(update={"overrides": [UNIFORM_SOFTMAX]})
+                    qmodel = vitq.quantize(model, config, calib, progress=False)
+                    exported = export_onnx(qmodel, tmp / f"vitq_{method}_{softmax}.onnx")
+                    if softmax and not any(p.role == "softmax" for p in exported.points):
+                        continue
+                    name = f"ORT, vitq `{method}` `--deploy onnxruntime`" + (
+                        f" `--override '{UNIFORM_SOFTMAX_TEXT}'`" if softmax else "")
+                    engines[name] = ("onnxruntime", exported.path, top1(qmodel, images, labels),
+                                     len(exported.float_points))
+                    if not exported.float_points:
+                        break  # already all integer: the override would only change the method
             engines["ORT `quantize_static` (percentile)"] = (
-                "onnxruntime", ort_static(float_onnx, calib, tmp / "ort_static.onnx"), None)
-            engines["ORT `quantize_dynamic`"] = ("onnxruntime", tmp / "ort_dynamic.onnx", None)
-            engines["OpenVINO float"] = ("openvino", openvino_float(float_onnx, tmp / "ov_float"), None)
+                "onnxruntime", ort_static(float_onnx, calib, tmp / "ort_static.onnx"), None, None)
+            engines["ORT `quantize_dynamic`"] = ("onnxruntime", tmp / "ort_dynamic.onnx", None, None)
+            engines["OpenVINO float"] = ("openvino", openvino_float(float_onnx, tmp / "ov_float"), None, None)
+            plain_ir = export_openvino(plain, tmp / "ov_percentile_plain")
             engines["OpenVINO, vitq `percentile` (no `--deploy`)"] = (
-                "openvino", export_openvino(plain, tmp / "ov_percentile_plain").xml.parent, plain_top1)
+                "openvino", plain_ir.xml.parent, plain_top1, len(plain_ir.slow_points))
         nncf_ir = nncf_int8(float_onnx, calib, tmp / f"nncf_{seed}")
         nncf_top1 = top1(open_engine("openvino", nncf_ir, args.threads), images, labels)
-        engines["OpenVINO + NNCF int8 (transformer preset)"] = ("openvino", nncf_ir, None)
+        engines["OpenVINO + NNCF int8 (transformer preset)"] = ("openvino", nncf_ir, None, None)
         for method in args.methods:
             try:
                 qmodel = vitq.quantize(model, target_config(method, seed, "openvino"), calib, progress=False)
@@ -182,15 +203,17 @@ def main() -> None:
             deployed = top1(open_engine("openvino", ir.xml.parent, args.threads), images, labels)
             paired.append([method, seed, f"{fake:.2f}", f"{deployed:.2f}", f"{deployed - fake:+.2f}",
                            f"{nncf_top1:.2f}", f"{deployed - nncf_top1:+.2f}", str(len(ir.slow_points))])
-            engines[f"OpenVINO, vitq `{method}` `--deploy openvino`"] = ("openvino", ir.xml.parent, fake)
+            engines[f"OpenVINO, vitq `{method}` `--deploy openvino`"] = ("openvino", ir.xml.parent, fake,
+                                                                         len(ir.slow_points))
         if seed != args.seeds[0]:
             continue
-        opened = {name: open_engine(runtime, path, args.threads) for name, (runtime, path, _) in engines.items()}
+        opened = {name: open_engine(runtime, path, args.threads) for name, (runtime, path, *_) in engines.items()}
         accuracy = {name: top1(engine, images, labels) for name, engine in opened.items()}
         for name, (latency, throughput) in timings(opened, images, args).items():
-            runtime, path, fake = engines[name]
+            runtime, path, fake, slow = engines[name]
             rows.append([name, runtime, f"{accuracy[name]:.2f}", "" if fake is None else f"{fake:.2f}",
-                         f"{latency * 1000:.2f}", f"{throughput:.0f}", f"{file_mb(path):.1f}"])
+                         f"{latency * 1000:.2f}", f"{throughput:.0f}", f"{file_mb(path):.1f}",
+                         "" if slow is None else str(slow)])
             print(rows[-1], flush=True)
     gaps = {}
     for method, _seed, fake, deployed, *_ in paired:
@@ -210,7 +233,10 @@ def main() -> None:
             f"NNCF {__import__('nncf').__version__}",
             f"- CPU flags: {cpu_flags()}"),
         markdown_table(["engine", "runtime", "top-1 %", "fake-quant top-1 %", "batch-1 ms",
-                        f"batch-{args.batch} img/s", "file MB"], rows),
+                        f"batch-{args.batch} img/s", "file MB", "points off the int8 kernels"], rows),
+        "",
+        "`points off the int8 kernels`: onnxruntime, the points left on a float path; OpenVINO, the points its int8 "
+        "kernels do not take (float paths, weights with zero points, unsigned q/k, quantized v/softmax).",
         "",
         "## Exported vs fake-quant vs NNCF, per seed",
         "",

@@ -151,6 +151,7 @@ def test_export_onnx_then_eval_on_onnxruntime(cli, files, tmp_path):
     assert onnx_file.is_file() and "int8 weight" in out and "uint8 QDQ + clip" in out
     # random init: the flat softmax's range misses 0, its zero point cannot be stored: named on stderr
     assert "blocks.0.attn.softmax.quantizer" in err and "float path" in err
+    assert "--override '*attn.softmax=uniform:8'" in err  # with what would give it an integer form
     torch_json, ort_json = tmp_path / "torch.json", tmp_path / "ort.json"
     assert cli("eval", "--quantized", out_dir, "--data", files["data"], "--no-progress", "--json", torch_json)[0] == 0
     code, out, err = cli("eval", "--backend", "onnxruntime", "--model", onnx_file, "--data", files["data"],
@@ -185,6 +186,18 @@ def test_deploy_openvino_export_then_eval_on_openvino(cli, files, tmp_path):
         assert on_ov[key] == on_torch[key], key
     assert on_ov["backend"] == "openvino" and on_ov["openvino_file"] == str(ir / "model.xml")
     assert on_ov["file_mb"] > 0 and on_ov["float_path_points"] == []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
+def test_deploy_onnxruntime_rounds_the_reparameterized_zero_points(cli, files, tmp_path):
+    for deploy in ([], ["--deploy", "onnxruntime"]):
+        out_dir = tmp_path / f"q{len(deploy)}"
+        assert cli("quantize", "--method", "repq-vit", *deploy, *_inputs(files), "--output", out_dir)[0] == 0
+        code, out, err = cli("export", out_dir, "--output", tmp_path / f"m{len(deploy)}.onnx")
+        assert code == 0, err
+        fractional = "fractional zero point" in err
+        assert fractional == (not deploy), err  # rounded by the target: integer QDQ
+        assert ("quantizing with --deploy onnxruntime rounds them" in err) == (not deploy)
 
 
 def test_export_openvino_names_the_points_its_int8_kernels_do_not_take(cli, files, tmp_path):

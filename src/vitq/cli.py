@@ -540,7 +540,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     if slow and args.format == "openvino":
         print(f"vitq: warning: {len(slow)} points do not run on OpenVINO's int8 kernels; quantizing with --deploy "
               "openvino gives every point the form they take", file=sys.stderr)
+    elif slow:
+        for hint in _float_path_hints(exported.float_points):
+            print(f"vitq: warning: {hint}", file=sys.stderr)
     return 0
+
+
+def _float_path_hints(points: list) -> list[str]:
+    """What to change so that the float paths of an ONNX export get an integer form (measured in
+    benchmarks/results/deploy_speed.md: float paths make the onnxruntime graph several times slower)."""
+    hints = []
+    fractional = [p for p in points if "fractional zero point" in p.reason]
+    if fractional:
+        hints.append(f"{len(fractional)} points have fractional zero points: quantizing with --deploy onnxruntime "
+                     "rounds them (integer QDQ)")
+    softmax = [p for p in points if p.role == "softmax"]
+    if softmax:
+        hints.append(f"{len(softmax)} softmax quantizers stay on a float path, which makes onnxruntime several times "
+                     "slower; --override '*attn.softmax=uniform:8' gives them an integer form")
+    return hints
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
