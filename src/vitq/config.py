@@ -17,7 +17,7 @@ import fnmatch
 import inspect
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from vitq.errors import VitqError
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
@@ -30,6 +30,16 @@ OVERRIDE_FORMS = "PATTERN=float, PATTERN=symmetric, PATTERN=BITS or PATTERN=KIND
 MAX_SEED = 2**64 - 1
 
 
+def _without_new_defaults(model: BaseModel, handler, names: tuple[str, ...]) -> dict[str, Any]:
+    """``model`` dumped by pydantic's ``handler``, without the fields ``names`` while they hold their defaults:
+    settings added later leave the files and run keys written before them byte for byte the same."""
+    data = handler(model)
+    for name in names:
+        if name in data and getattr(model, name) == type(model).model_fields[name].default:
+            del data[name]
+    return data
+
+
 class PointOverride(BaseModel):
     """Change the quantizer of every slot whose point or slot name matches ``pattern``."""
 
@@ -40,6 +50,10 @@ class PointOverride(BaseModel):
     kind: str | None = None
     keep_float: bool = False
     symmetric: bool = Field(False, description="zero point 0 and signed codes (what integer runtimes' GEMMs take)")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict[str, Any]:
+        return _without_new_defaults(self, handler, ("symmetric",))
 
     @field_validator("kind")
     @classmethod
@@ -134,6 +148,10 @@ class QuantConfig(BaseModel):
     deploy: str | None = Field(None, description="shape the quantizers for a runtime's integer kernels "
                                                  "(vitq.targets: its overrides come before ``overrides``)")
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict[str, Any]:
+        return _without_new_defaults(self, handler, ("deploy",))
+
     @field_validator("deploy")
     @classmethod
     def _known_target(cls, deploy: str | None) -> str | None:
@@ -155,7 +173,9 @@ class QuantConfig(BaseModel):
 
     @property
     def label(self) -> str:
-        return "float" if self.method == "float" else f"{self.method} W{self.w_bits}A{self.a_bits}"
+        if self.method == "float":
+            return "float"
+        return f"{self.method} W{self.w_bits}A{self.a_bits}" + (f" for {self.deploy}" if self.deploy else "")
 
 
 def first_error(err: ValidationError) -> tuple[str, str, Any]:
