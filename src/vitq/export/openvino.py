@@ -90,6 +90,8 @@ def hoist_qdq_over_layout(graph) -> int:
         if len(pair) != 1 or pair[0].op_type != "DequantizeLinear" or _has_axis(quantize, producer):
             continue
         dequantize, chain = pair[0], []
+        if dequantize.output[0] in {value.name for value in graph.output}:
+            continue  # a graph output keeps its name
         node = producer.get(quantize.input[0])
         while node is not None and node.op_type in LAYOUT_OPS and len(consumers[node.output[0]]) == 1:
             chain.append(node)
