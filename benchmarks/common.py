@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import shlex
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +29,18 @@ def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module,
     cache = spec.image_cache(model)
     split = cache.split(calib_size, seed, n_eval)
     return model, cache.tensors(split.calib)[0], cache.tensors(split.eval)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The median wall time of ``repeats`` calls of ``run``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def comma_list(kind: Callable[[str], T]) -> Callable[[str], list[T]]:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import comma_list, deit_tiny_split, report_header, write_report
+from common import comma_list, deit_tiny_split, median_seconds, report_header, write_report
 
 import vitq
 from vitq.config import PointOverride
@@ -46,17 +45,6 @@ def cpu_flags() -> str:
             flags = set(line.split(":", 1)[1].split())
             break
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-
-
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def top1(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> float:

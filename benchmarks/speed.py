@@ -12,32 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import deit_tiny_split, report_header, write_report
+from common import deit_tiny_split, median_seconds, report_header, write_report
 
 import vitq
 from vitq.eval.ort import open_session, session_options
 from vitq.export.onnx import export_onnx
 from vitq.report.tables import markdown_table
-
-
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ort_runner(session, images: np.ndarray) -> Callable[[], object]:
