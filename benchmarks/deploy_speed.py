@@ -1,11 +1,12 @@
 """Deployment speed of W8A8 DeiT-tiny on the CPU: vitq's exports beside the runtimes' own int8 quantization.
 
 One process, the same evaluation images and the same threads for every engine: onnxruntime (float, vitq's QDQ
-exports, with ``--deploy onnxruntime`` for the reparameterized methods, its own ``quantize_static`` and
-``quantize_dynamic``) and OpenVINO (float, NNCF's int8 with ``model_type=TRANSFORMER``, vitq's IR exports with
-``--deploy openvino`` and without). Each engine: top-1 on the evaluation images of the first seed, batch-1
-latency, batch-32 throughput (medians over interleaved rounds) and file size. A second table pairs, for every
-seed, our fake-quant top-1 with the OpenVINO IR's and NNCF's (each calibrated on that seed's calibration images).
+exports, ``--format onnxruntime`` for ``percentile``, ``--deploy onnxruntime`` for the reparameterized methods,
+its own ``quantize_static`` and ``quantize_dynamic``) and OpenVINO (float, NNCF's int8 with
+``model_type=TRANSFORMER``, vitq's IR exports with ``--deploy openvino`` and without). Each engine: top-1 on the
+evaluation images of the first seed, batch-1 latency, batch-32 throughput (medians over interleaved rounds) and
+file size. A second table pairs, for every seed, our fake-quant top-1 with the OpenVINO IR's and NNCF's (each
+calibrated on that seed's calibration images).
 
     python benchmarks/deploy_speed.py --threads 2 --out benchmarks/results/deploy_speed.md
 """
@@ -29,6 +30,7 @@ from vitq.eval.ort import OrtModel
 from vitq.eval.ov import OpenVinoModel
 from vitq.export.onnx import export_onnx
 from vitq.export.openvino import export_openvino
+from vitq.export.ort import export_onnxruntime
 from vitq.report.tables import markdown_table
 
 UNIFORM_SOFTMAX_TEXT = "*attn.softmax=uniform:8"
@@ -155,6 +157,9 @@ def main() -> None:
             engines["ORT float"] = ("onnxruntime", float_onnx, None, None)
             engines["ORT, vitq `percentile` QDQ export"] = ("onnxruntime", plain_onnx.path, plain_top1,
                                                            len(plain_onnx.float_points))
+            engines["ORT, vitq `percentile` `--format onnxruntime`"] = (
+                "onnxruntime", export_onnxruntime(plain, tmp / "vitq_percentile_ort.onnx").path, plain_top1,
+                len(plain_onnx.float_points))
             for method in [m for m in args.methods if m != "percentile"]:
                 for softmax in (False, True):  # the method's softmax quantizer, or 8-bit uniform (integer)
                     config = target_config(method, seed, "onnxruntime")

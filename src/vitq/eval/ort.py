@@ -49,16 +49,20 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     return options
 
 
-def open_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
-    """An onnxruntime CPU session for ``path``; a missing or unreadable file raises :class:`VitqError`."""
+def open_session(path: str | Path, threads: int | None = None, optimization: str = "all",
+                 save_to: str | Path | None = None):
+    """An onnxruntime CPU session for ``path``; a missing or unreadable file raises :class:`VitqError`.
+    ``save_to``: also write the graph as optimised at level ``optimization`` there."""
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise VitqError(f"ONNX file {path} does not exist")
     try:
-        return ort.InferenceSession(str(path), session_options(threads, optimization),
-                                    providers=["CPUExecutionProvider"])
+        options = session_options(threads, optimization)
+        if save_to is not None:
+            options.optimized_model_filepath = str(save_to)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for corrupt files
         raise VitqError(f"onnxruntime cannot load {path}: {err}") from None
 

@@ -1,0 +1,106 @@
+"""Export for onnxruntime: our QDQ ONNX with onnxruntime's own fusions applied ahead of time, biases folded in.
+
+:func:`vitq.export.onnx.export_onnx` writes standard ONNX (``QuantizeLinear``/``DequantizeLinear`` around plain
+``MatMul``), which every runtime reads. onnxruntime fuses that graph when it loads it: each ``DQ → MatMul``
+becomes an integer GEMM (``MatMulIntegerToFloat``, or ``QLinearMatMul`` between two quantized inputs), the
+erf GELU with its bias becomes ``BiasGelu``, LayerNorm is its own kernel. What it does not fuse is the bias of a
+Linear layer: the integer GEMM is followed by a separate ``Add`` over the whole activation.
+
+:func:`export_onnxruntime` therefore
+
+1. writes the QDQ ONNX,
+2. lets onnxruntime optimise it at its *extended* level and save the result (its own fusions, which are not
+   specific to this CPU: the hardware-specific layouts of the *all* level are left to load time),
+3. folds each constant bias ``Add`` into the ``bias`` input of the ``MatMulIntegerToFloat`` that feeds it
+   (:func:`fold_bias_into_integer_matmul`); the kernel adds it while the GEMM result is still in cache.
+
+The file uses onnxruntime's contrib operators (domain ``com.microsoft``): onnxruntime runs it, other runtimes do
+not (they take ``--format onnx``). It computes the same model as the QDQ file (the bias is added in the same
+float32 arithmetic, in one step instead of two). Which graph placements are fastest was measured, and is in
+``benchmarks/results/ort_graph.md``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from vitq.errors import VitqError
+from vitq.export.onnx import DEFAULT_OPSET, OnnxExport, export_onnx
+from vitq.files import atomic_file
+from vitq.quantized_model import QuantizedModel
+
+#: the contrib GEMM whose optional 7th input is a bias added to its float output
+INTEGER_MATMUL = "MatMulIntegerToFloat"
+BIAS_INPUT = 6
+
+
+def _constants(graph) -> dict[str, tuple[int, ...]]:
+    """Shapes of the graph's constant tensors (initializers and ``Constant`` nodes), by name."""
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = tuple(attr.t.dims)
+    return shapes
+
+
+def fold_bias_into_integer_matmul(graph) -> int:
+    """Fold every ``Add(MatMulIntegerToFloat(...), bias)`` of the ONNX ``graph`` into the GEMM's ``bias`` input.
+
+    Only when the GEMM's output feeds that ``Add`` alone, the GEMM has no bias yet, and the other operand is a
+    constant 1-D tensor as long as the output's last dimension (the bias of a Linear layer; a residual or a
+    broadcast constant is left alone). The ``Add``'s output name is kept. Returns the number of folds."""
+    constants = _constants(graph)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {value.name for value in graph.output}
+    folded = []
+    for gemm in [n for n in graph.node if n.op_type == INTEGER_MATMUL]:
+        users = consumers.get(gemm.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add" or gemm.output[0] in graph_outputs:
+            continue
+        if len(gemm.input) > BIAS_INPUT and gemm.input[BIAS_INPUT]:
+            continue
+        add = users[0]
+        others = [name for name in add.input if name != gemm.output[0]]
+        weight_shape = constants.get(gemm.input[1], ())
+        if len(others) != 1 or len(weight_shape) != 2 or constants.get(others[0]) != (weight_shape[1],):
+            continue
+        gemm.input.extend([""] * (BIAS_INPUT - len(gemm.input)))
+        gemm.input.append(others[0])
+        gemm.output[0] = add.output[0]
+        folded.append(add)
+    for add in folded:
+        graph.node.remove(add)
+    return len(folded)
+
+
+def export_onnxruntime(qmodel: QuantizedModel, path: str | Path, *, opset: int = DEFAULT_OPSET,
+                       calibration_files: list[str] | None = None) -> OnnxExport:
+    """Write ``qmodel`` to ``path`` as an onnxruntime-optimised ONNX file (see the module notes); same input,
+    output, metadata and report as :func:`vitq.export.onnx.export_onnx`. The file is written whole or not at
+    all."""
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401  (the optimiser)
+    except ImportError:
+        raise VitqError("--format onnxruntime needs onnxruntime: pip install onnxruntime") from None
+    from vitq.eval.ort import open_session
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        qdq, optimized = Path(tmp) / "qdq.onnx", Path(tmp) / "optimized.onnx"
+        exported = export_onnx(qmodel, qdq, opset=opset, calibration_files=calibration_files)
+        open_session(qdq, optimization="extended", save_to=optimized)
+        model = onnx.load(str(optimized))  # onnxruntime keeps the metadata (the vitq header)
+    fold_bias_into_integer_matmul(model.graph)
+    with atomic_file(path) as partial:
+        onnx.save(model, str(partial))
+    return OnnxExport(path, exported.points)
+
+
+__all__ = ["export_onnxruntime", "fold_bias_into_integer_matmul"]
