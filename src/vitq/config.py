@@ -86,8 +86,11 @@ class PointOverride(BaseModel):
         spec = dict(spec)
         if self.kind is not None and self.kind != spec["kind"]:
             # keep the options the new kind also understands (bits, granularity, init, ...)
-            accepted = inspect.signature(quantizer_class(self.kind).__init__).parameters
+            new_class = quantizer_class(self.kind)
+            accepted = inspect.signature(new_class.__init__).parameters
             spec = {"kind": self.kind, **{k: v for k, v in spec.items() if k in accepted}}
+            if getattr(new_class, "fixed_bits", False):  # a float format's name fixes its bits (fp8_e4m3: 8)
+                spec.pop("bits", None)
         if self.bits is not None:
             spec["bits"] = self.bits
         if self.symmetric:
