@@ -165,6 +165,22 @@ def test_export_onnx_then_eval_on_onnxruntime(cli, files, tmp_path, export_forma
     assert abs(on_ort["top1"] - on_torch["top1"]) <= 100 / on_torch["n_images"]  # at most one image apart
 
 
+def test_sensitivity_writes_the_ranked_table_json_and_plot(cli, files, tmp_path):
+    out = tmp_path / "sens"
+    code, stdout, err = cli("sensitivity", "--method", "minmax", "--w-bits", "4", "--a-bits", "4", *_inputs(files),
+                            "--hutchinson", "1", "--top", "3", "--out-dir", out)
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {"sensitivity.md", "sensitivity.json", "sensitivity.png"}
+    saved = json.loads((out / "sensitivity.json").read_text())
+    assert saved[0]["slot"] == "patch_embed.proj.weight_quantizer" and saved[0]["hessian_trace"] is not None
+    table = (out / "sensitivity.md").read_text()
+    assert "vitq sensitivity --method minmax" in table and f"{CALIB} calibration images" in table
+    kls = [float(line.split("|")[5]) for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(kls) == len(saved) and kls == sorted(kls, reverse=True)
+    assert stdout.count("\n") >= 5 and "most sensitive first" in stdout  # the top 3 on the terminal
+    assert cli("sensitivity", *_inputs(files), "--out-dir", out)[0] == 2  # not empty: needs --overwrite
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
 def test_deploy_openvino_export_then_eval_on_openvino(cli, files, tmp_path):
     pytest.importorskip("openvino")

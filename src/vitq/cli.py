@@ -1,4 +1,5 @@
-"""The ``vitq`` command line: ``methods``, ``inspect``, ``quantize``, ``eval``, ``compare`` and ``export``.
+"""The ``vitq`` command line: ``methods``, ``inspect``, ``quantize``, ``eval``, ``sensitivity``, ``compare`` and
+``export``.
 
     vitq methods                      # every method: paper, kind, options with defaults
     vitq inspect --method percentile --w-bits 4 --a-bits 4 --override head=8
@@ -8,6 +9,7 @@
     vitq export runs/minmax_w8a8 --format onnx --output runs/minmax_w8a8.onnx
     vitq eval --backend onnxruntime --model runs/minmax_w8a8.onnx --threads 2
     vitq eval --quantized runs/minmax_w8a8 --backend integer
+    vitq sensitivity --method percentile --w-bits 4 --a-bits 4 --out-dir runs/sensitivity
     vitq compare --methods minmax,percentile --bits W8A8,W6A6,W4A4 --seeds 0,1,2 --out-dir runs/compare
     vitq compare --methods "dopq-vit[softmax=log2],dopq-vit[softmax=tanq]" --reference "dopq-vit[softmax=log2]" \
         --out-dir runs/softmax
@@ -41,6 +43,7 @@ from vitq.data.loader import MAX_DEFAULT_WORKERS
 from vitq.device import DEVICE_CHOICES, resolve_device
 from vitq.errors import VitqError
 from vitq.eval.errors import PointError
+from vitq.eval.sensitivity import point_sensitivity
 from vitq.eval.size import model_size
 from vitq.experiment import runs
 from vitq.experiment.compare import (
@@ -63,6 +66,8 @@ from vitq.models.registry import create_architecture, create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import text_table
 from vitq.report.compare import summary_columns, summary_rows
+from vitq.report.sensitivity import COLUMNS, JSON_FILE, PLOT_FILE, TABLE_FILE, write_sensitivity
+from vitq.report.sensitivity import rows as sensitivity_rows
 from vitq.targets import TARGETS, target_names
 
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -181,7 +186,7 @@ def _eval_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``vitq`` argument parser with its six subcommands."""
+    """The ``vitq`` argument parser and its subcommands."""
     parser = _Parser(prog="vitq", description="Post-training quantization of Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"vitq {vitq.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -233,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX opset, >= 13 for per-channel QDQ (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("sensitivity", parents=[common, method, tuning, _data_options(seed=True)],
+                       help="what quantizing each point alone costs (KL to float, top-1, SQNR, Hessian trace) on the "
+                            "calibration images: a ranked table, JSON and a plot")
+    p.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
+                   help=f"folder for {TABLE_FILE}, {JSON_FILE} and {PLOT_FILE}")
+    p.add_argument("--images", type=_positive_int, metavar="N",
+                   help="measure on the first N calibration images (default: all of them)")
+    p.add_argument("--hutchinson", type=_int_at_least(0, "non-negative"), default=8, metavar="N",
+                   help="Rademacher samples of the Hutchinson Hessian-trace estimate for weights (default "
+                        "%(default)s; 0 skips it)")
+    p.add_argument("--top", type=_int_at_least(0, "non-negative"), default=15, metavar="N",
+                   help="print the N most sensitive points (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    p.set_defaults(run=cmd_sensitivity)
 
     p = sub.add_parser("compare", parents=[common, tuning, _recon_options(checkpoint=False),
                                            _data_options(seed=False), _eval_options()],
@@ -565,6 +585,37 @@ def _float_path_hints(points: list) -> list[str]:
         hints.append(f"{len(softmax)} softmax quantizers stay on a float path, which makes onnxruntime several times "
                      "slower; --override '*attn.softmax=uniform:8' gives them an integer form")
     return hints
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """Quantize on the calibration split, then measure every point alone on the calibration images (never the
+    evaluation images: the ranking is meant to choose precisions)."""
+    out_dir = check_folder_output(args.out_dir, overwrite=args.overwrite, what="--out-dir")
+    spec, config = _run_spec(args), _request(args).build()
+    if config.method == runs.FLOAT:
+        raise VitqError("--method float quantizes nothing; choose a quantization method")
+    model = spec.float_model()
+    cache = spec.image_cache(model)
+    split = cache.split(config.calib_size, config.seed)
+    qmodel, _ = runs.quantize_on_split(model, spec.model, config, cache, split, progress=spec.progress,
+                                       inplace=True)
+    chosen = split.calib[:args.images] if args.images else split.calib
+    images, labels = cache.tensors(chosen, "loading calibration images")
+    results = point_sensitivity(qmodel, images, labels, hutchinson_samples=args.hutchinson, seed=config.seed,
+                                progress=spec.progress)
+    title = f"Per-point sensitivity: {qmodel.model_name}, {config.label}"
+    header = [f"- command: `vitq {shlex.join(args.argv)}`",
+              f"- {len(chosen)} calibration images (seed {config.seed}); each point quantized alone, the rest float, "
+              "with the parameters calibrated for the whole model",
+              f"- KL: mean KL(float ‖ point quantized) per image; top-1 on those images; SQNR of the point's own "
+              f"input; tr(H)/n: Hutchinson ({args.hutchinson} samples) mean Hessian diagonal of the cross-entropy, "
+              "HAWQ Ω = tr(H)/n·‖W − Q(W)‖²"]
+    with atomic_folder(out_dir) as folder:
+        write_sensitivity(folder, results, header, title)
+    print(f"{title}: {len(results)} points on {len(chosen)} calibration images, most sensitive first")
+    print(text_table(COLUMNS, sensitivity_rows(results)[:args.top]), end="")
+    print(f"wrote {out_dir / TABLE_FILE}, {JSON_FILE}, {PLOT_FILE}")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -92,11 +92,6 @@ class _QdqParams:
     offset: int
 
 
-def _describe(quantizer: Quantizer) -> str:
-    spec = quantizer.spec()
-    return " ".join(str(p) for p in (spec["kind"], f"{spec['bits']}-bit", spec.get("granularity")) if p)
-
-
 def _qdq_params(quantizer: Quantizer, storage: tuple[int, int], *, weight: bool) -> _QdqParams | str:
     """The QDQ form of ``quantizer`` in ``storage`` (uint8 or int8 range), or why there is none.
 
@@ -198,7 +193,7 @@ def _slot_export(slot: Slot, signed_activations: bool) -> tuple[PointExport, nn.
     """The report entry of ``slot`` and the module that replaces its quantizer during export (``None``:
     keep the quantizer, i.e. its float fake-quant arithmetic)."""
     quantizer = slot.quantizer
-    described = _describe(quantizer)
+    described = quantizer.describe()
     weight = slot.role == "weight"
     signed = weight or (signed_activations and getattr(quantizer, "signed", False))
     params = _qdq_params(quantizer, INT8 if signed else UINT8, weight=weight)

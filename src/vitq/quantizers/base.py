@@ -60,6 +60,11 @@ class Quantizer(nn.Module):
         """The constructor arguments, enough to rebuild an uncalibrated twin of this quantizer."""
         return {"kind": self.kind, "bits": self.bits, **self._spec_kwargs}
 
+    def describe(self) -> str:
+        """A short label: ``uniform 4-bit channel`` (kind, bits, granularity when it has one)."""
+        spec = self.spec()
+        return " ".join(str(p) for p in (spec["kind"], f"{spec['bits']}-bit", spec.get("granularity")) if p)
+
     @property
     def is_calibrated(self) -> bool:
         return all(getattr(self, name).numel() > 0 for name in self.param_names)

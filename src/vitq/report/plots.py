@@ -7,6 +7,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from vitq.files import atomic_file
 
@@ -35,6 +36,31 @@ def plot_compare(path: str | Path, settings: Sequence[str],
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as partial:
+        fig.savefig(partial, format="png")
+    return path
+
+
+def plot_sensitivity(path: str | Path, labels: Sequence[str], values: Sequence[float], is_weight: Sequence[bool], *,
+                     title: str = "", xlabel: str = "KL to the float prediction (nats/image)") -> Path:
+    """Horizontal bars, the first label on top, log-scaled; weights and activations in two colours."""
+    fig = Figure(figsize=(7.0, 1.2 + 0.16 * len(labels)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    y = list(range(len(labels)))[::-1]
+    colours = ["tab:blue" if weight else "tab:orange" for weight in is_weight]
+    floor = min([v for v in values if v > 0], default=1e-12) / 10  # a zero cannot sit on a log axis
+    ax.barh(y, [max(v, floor) for v in values], color=colours)
+    ax.set_yticks(y, list(labels), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.legend(handles=[Patch(color="tab:blue", label="weight"), Patch(color="tab:orange", label="activation")],
+              fontsize="small")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as partial:
