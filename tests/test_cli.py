@@ -175,10 +175,28 @@ def test_sensitivity_writes_the_ranked_table_json_and_plot(cli, files, tmp_path)
     assert saved[0]["slot"] == "patch_embed.proj.weight_quantizer" and saved[0]["hessian_trace"] is not None
     table = (out / "sensitivity.md").read_text()
     assert "vitq sensitivity --method minmax" in table and f"{CALIB} calibration images" in table
-    kls = [float(line.split("|")[5]) for line in table.splitlines() if line.startswith("| ")][1:]
+    kls = [float(line.split("|")[5]) for line in [ln for ln in table.splitlines() if ln.startswith("| ")][2:]]
     assert len(kls) == len(saved) and kls == sorted(kls, reverse=True)
     assert stdout.count("\n") >= 5 and "most sensitive first" in stdout  # the top 3 on the terminal
     assert cli("sensitivity", *_inputs(files), "--out-dir", out)[0] == 2  # not empty: needs --overwrite
+
+
+def test_sensitivity_budget_writes_an_allocation_that_quantize_reads_back(cli, files, tmp_path):
+    out, saved = tmp_path / "mp", tmp_path / "q"
+    code, stdout, err = cli("sensitivity", "--method", "minmax", "--w-bits", "4", "--a-bits", "8", *_inputs(files),
+                            "--hutchinson", "0", "--budget", "w-avg-bits=5", "--menu", "3,8", "--out-dir", out)
+    assert code == 0, err
+    assert "--budget w-avg-bits=5:" in stdout and "overrides.txt" in stdout
+    lines = [line for line in (out / "overrides.txt").read_text().splitlines() if not line.startswith("#")]
+    assert lines and all(line.endswith(("=3", "=8")) for line in lines)
+    assert cli("quantize", "--method", "minmax", "--w-bits", "4", "--a-bits", "8", *_inputs(files),
+               "--overrides-file", out / "overrides.txt", "--output", saved)[0] == 0
+    specs = read_header(saved / "model.safetensors")["quantizers"]
+    assert {f"{name}={spec['bits']}" for name, spec in specs.items() if name.endswith("weight_quantizer")} == \
+        set(lines)
+    code, _, err = cli("sensitivity", *_inputs(files), "--budget", "w-avg-bits=5", "--budget", "w-size-mb=1",
+                       "--out-dir", tmp_path / "two")
+    assert code == 2 and "one --budget per role" in err
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter

@@ -60,8 +60,18 @@ from vitq.experiment.executors import EXECUTORS, ExecutorSpec
 from vitq.experiment.grammar import parse_option, parse_seed
 from vitq.experiment.runs import DEFAULT_MODEL, MB, MODEL_FILE, QUANTIZE_FILE, SQNR_IMAGES, ConfigRequest, RunSpec
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
-from vitq.files import atomic_folder, check_file_output, check_folder_output, write_json
+from vitq.files import atomic_folder, check_file_output, check_folder_output, write_json, write_text
 from vitq.methods import method_class, method_names
+from vitq.mixed_precision import (
+    BUDGET_KINDS,
+    DEFAULT_MENU,
+    Budget,
+    allocate,
+    bit_sensitivities,
+    check_menu,
+    overrides_text,
+    read_overrides_file,
+)
 from vitq.models.registry import create_architecture, create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import text_table
@@ -72,6 +82,8 @@ from vitq.targets import TARGETS, target_names
 
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 WORST_POINTS = 5
+#: the allocation written by "vitq sensitivity --budget"
+OVERRIDES_FILE = "overrides.txt"
 BACKENDS = ("torch", "onnxruntime", "openvino", "integer")
 #: the backends that evaluate an exported file (--model) rather than a torch model
 FILE_BACKENDS = ("onnxruntime", "openvino")
@@ -104,6 +116,14 @@ def _int_at_least(minimum: int, what: str):
 
 
 _positive_int = _int_at_least(1, "positive")
+
+
+def _bits_menu(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated bit-widths (:func:`vitq.mixed_precision.check_menu`)."""
+    try:
+        return check_menu([int(part) for part in text.split(",")])
+    except (ValueError, VitqError) as err:
+        raise argparse.ArgumentTypeError(f"expected bit-widths like 2,3,4,6,8, got {text!r} ({err})") from None
 
 
 def _seed(text: str) -> int:
@@ -142,6 +162,9 @@ def _tuning_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=VALUE",
                    help=f"per-point override: {OVERRIDE_FORMS} (repeatable)")
+    p.add_argument("--overrides-file", type=Path, metavar="FILE",
+                   help="overrides, one PATTERN=VALUE per line ('#' comments), applied before --override (e.g. the "
+                        "overrides.txt of 'vitq sensitivity --budget')")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option; VALUE is parsed as JSON when possible, else kept as text (repeatable)")
     p.add_argument("--deploy", choices=target_names(),
@@ -249,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hutchinson", type=_int_at_least(0, "non-negative"), default=8, metavar="N",
                    help="Rademacher samples of the Hutchinson Hessian-trace estimate for weights (default "
                         "%(default)s; 0 skips it)")
+    p.add_argument("--budget", action="append", default=[], metavar="KIND=VALUE",
+                   help=f"also allocate bits per point under a budget ({', '.join(BUDGET_KINDS)}; one per role, "
+                        "repeatable) and write the allocation as overrides.txt for --overrides-file")
+    p.add_argument("--menu", type=_bits_menu, default=",".join(map(str, DEFAULT_MENU)), metavar="BITS,...",
+                   help="bit-widths the allocation chooses from (default %(default)s)")
     p.add_argument("--top", type=_int_at_least(0, "non-negative"), default=15, metavar="N",
                    help="print the N most sensitive points (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
@@ -306,7 +334,8 @@ def _request(args: argparse.Namespace) -> ConfigRequest:
         method=getattr(args, "method", None), w_bits=getattr(args, "w_bits", None),
         a_bits=getattr(args, "a_bits", None), calib_size=getattr(args, "calib_size", None),
         seed=getattr(args, "seed", None), options=dict(parse_option(text) for text in args.option),
-        overrides=tuple(args.override), deploy=getattr(args, "deploy", None),
+        overrides=(*(read_overrides_file(args.overrides_file) if args.overrides_file else ()), *args.override),
+        deploy=getattr(args, "deploy", None),
         recon=dict(parse_option(text) for text in getattr(args, "recon", [])),
         reconstruct=getattr(args, "reconstruct", False))
 
@@ -594,15 +623,31 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     spec, config = _run_spec(args), _request(args).build()
     if config.method == runs.FLOAT:
         raise VitqError("--method float quantizes nothing; choose a quantization method")
+    budgets = [Budget.parse(text) for text in args.budget]
+    if len({budget.weights for budget in budgets}) < len(budgets):
+        raise VitqError("one --budget per role: weights (w-avg-bits, w-size-mb) and activations (a-avg-bits)")
     model = spec.float_model()
     cache = spec.image_cache(model)
     split = cache.split(config.calib_size, config.seed)
     qmodel, _ = runs.quantize_on_split(model, spec.model, config, cache, split, progress=spec.progress,
-                                       inplace=True)
+                                       inplace=False)
     chosen = split.calib[:args.images] if args.images else split.calib
     images, labels = cache.tensors(chosen, "loading calibration images")
     results = point_sensitivity(qmodel, images, labels, hutchinson_samples=args.hutchinson, seed=config.seed,
                                 progress=spec.progress)
+    allocation_lines = []
+    calib = cache.tensors(split.calib, "loading calibration images")[0] if budgets else None
+    for budget in budgets:
+        costs, sizes = bit_sensitivities(model, config, calib, images, labels, args.menu, budget.weights,
+                                         model_name=spec.model, progress=spec.progress)
+        bits = allocate(costs, sizes, budget.total_bits(sizes))
+        spent = budget.describe(bits, sizes)
+        counts = Counter(bits.values())
+        print(f"--budget {budget.kind}={budget.value:g}: {spent}; " +
+              ", ".join(f"{counts[b]} points at {b} bits" for b in sorted(counts)))
+        allocation_lines += [f"# --budget {budget.kind}={budget.value:g}: {spent}, menu "
+                             f"{','.join(map(str, args.menu))}, KL costs on {len(chosen)} calibration images",
+                             overrides_text(bits)]
     title = f"Per-point sensitivity: {qmodel.model_name}, {config.label}"
     header = [f"- command: `vitq {shlex.join(args.argv)}`",
               f"- {len(chosen)} calibration images (seed {config.seed}); each point quantized alone, the rest float, "
@@ -612,6 +657,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
               "HAWQ Ω = tr(H)/n·‖W − Q(W)‖²"]
     with atomic_folder(out_dir) as folder:
         write_sensitivity(folder, results, header, title)
+        if allocation_lines:
+            write_text(folder / OVERRIDES_FILE, f"# vitq {shlex.join(args.argv)}\n" + "\n".join(allocation_lines))
+    if allocation_lines:
+        print(f"wrote {out_dir / OVERRIDES_FILE}: quantize with --overrides-file {out_dir / OVERRIDES_FILE}")
     print(f"{title}: {len(results)} points on {len(chosen)} calibration images, most sensitive first")
     print(text_table(COLUMNS, sensitivity_rows(results)[:args.top]), end="")
     print(f"wrote {out_dir / TABLE_FILE}, {JSON_FILE}, {PLOT_FILE}")
