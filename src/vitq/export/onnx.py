@@ -225,6 +225,15 @@ def _export_mode(qmodel: QuantizedModel, signed_activations: bool) -> Iterator[l
             setattr(slot.module, slot.attr, quantizer)
 
 
+def graph_consumers(graph) -> dict[str, list]:
+    """The nodes of an ONNX ``graph`` that read each tensor name, in graph order (for graph rewrites)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def export_header(qmodel: QuantizedModel, points: list[PointExport],
                   calibration_files: list[str] | None = None) -> dict:
     """What a reader of the ONNX file needs: model name (preprocessing), config and calibration file names (so an
@@ -276,4 +285,5 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
     return OnnxExport(path, points)
 
 
-__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "OnnxExport", "PointExport", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "OnnxExport", "PointExport", "export_onnx",
+           "graph_consumers"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitq.errors import VitqError
-from vitq.export.onnx import METADATA_KEY, OnnxExport, PointExport, export_header, export_onnx
+from vitq.export.onnx import METADATA_KEY, OnnxExport, PointExport, export_header, export_onnx, graph_consumers
 from vitq.files import atomic_folder
 from vitq.quantized_model import QuantizedModel
 
@@ -80,10 +80,7 @@ def hoist_qdq_over_layout(graph) -> int:
     :data:`LAYOUT_OPS` that feeds it (each with this chain as its only consumer), so that it follows the op that
     computed the values. Returns the number of pairs moved; the graph stays topologically sorted."""
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph_consumers(graph)
     moved = 0
     for quantize in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         pair = consumers.get(quantize.output[0], [])

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from vitq.errors import VitqError
-from vitq.export.onnx import DEFAULT_OPSET, OnnxExport, export_onnx
+from vitq.export.onnx import DEFAULT_OPSET, OnnxExport, export_onnx, graph_consumers
 from vitq.files import atomic_file
 from vitq.quantized_model import QuantizedModel
 
@@ -53,10 +53,7 @@ def fold_bias_into_integer_matmul(graph) -> int:
     constant 1-D tensor as long as the output's last dimension (the bias of a Linear layer; a residual or a
     broadcast constant is left alone). The ``Add``'s output name is kept. Returns the number of folds."""
     constants = _constants(graph)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph_consumers(graph)
     graph_outputs = {value.name for value in graph.output}
     folded = []
     for gemm in [n for n in graph.node if n.op_type == INTEGER_MATMUL]:
