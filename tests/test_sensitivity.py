@@ -117,3 +117,11 @@ def test_bad_arguments_are_refused(measured):
         point_sensitivity(qmodel, images, labels[:2])
     with pytest.raises(VitqError, match="hutchinson_samples"):
         point_sensitivity(qmodel, images, labels, hutchinson_samples=-1)
+
+
+def test_named_slots_alone_are_measured_with_the_same_numbers(measured):
+    qmodel, images, labels, results = measured
+    chosen = {results[0].slot, results[7].slot}
+    subset = point_sensitivity(qmodel, images, labels, hutchinson_samples=0, progress=False, slots=chosen)
+    assert [r.slot for r in subset] == [results[0].slot, results[7].slot]
+    assert [r.kl for r in subset] == [results[0].kl, results[7].kl]

@@ -155,9 +155,9 @@ def bit_sensitivities(model: nn.Module, config: QuantConfig, calib: torch.Tensor
             *config.overrides, *(PointOverride(pattern=name, bits=bits) for name in names)]})
         qmodel = quantize(model, at_bits, calib, model_name=model_name, progress=progress)
         sizes = sizes or point_sizes(qmodel, images[:1], weights)
-        for result in point_sensitivity(qmodel, images, labels, hutchinson_samples=0, progress=progress):
-            if result.slot in costs:
-                costs[result.slot][bits] = result.kl
+        for result in point_sensitivity(qmodel, images, labels, hutchinson_samples=0, progress=progress,
+                                        slots=costs):
+            costs[result.slot][bits] = result.kl
     return costs, sizes
 
 

@@ -21,7 +21,7 @@ quantization), so the numbers describe the points of that model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -122,14 +122,15 @@ def hutchinson_traces(qmodel: QuantizedModel, weights: Sequence[torch.Tensor], b
 
 
 def point_sensitivity(qmodel: QuantizedModel, images: torch.Tensor, labels: torch.Tensor, *,
-                      hutchinson_samples: int = 8, seed: int = 0, progress: bool = True) -> list[PointSensitivity]:
-    """The sensitivity of every quantizing slot of ``qmodel`` on the labelled ``images``, in model order (see the
-    module notes); ``hutchinson_samples=0`` skips the Hessian traces."""
+                      hutchinson_samples: int = 8, seed: int = 0, progress: bool = True,
+                      slots: Collection[str] | None = None) -> list[PointSensitivity]:
+    """The sensitivity of every quantizing slot of ``qmodel`` (or of those named in ``slots``) on the labelled
+    ``images``, in model order (see the module notes); ``hutchinson_samples=0`` skips the Hessian traces."""
     if len(images) == 0 or len(images) != len(labels):
         raise VitqError(f"sensitivity needs labelled images, got {len(images)} images and {len(labels)} labels")
     if hutchinson_samples < 0:
         raise VitqError(f"hutchinson_samples must be >= 0, got {hutchinson_samples}")
-    slots = quantized_slots(qmodel)
+    slots = [slot for slot in quantized_slots(qmodel) if slots is None or slot.name in slots]
     if not slots:
         raise VitqError("the model quantizes nothing: no sensitivity to measure")
     qmodel.eval()
