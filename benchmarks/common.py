@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import shlex
 import statistics
 import sys
@@ -61,3 +62,14 @@ def write_report(path: Path, lines: list[str]) -> None:
     text = "\n".join(lines)
     write_text(path, text)
     print(text)
+
+
+def journal_records(path: Path) -> list[dict]:
+    """The records of a benchmark's JSON-lines journal (none when it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def append_journal(path: Path, record: dict) -> None:
+    """Append ``record`` to the journal at ``path`` as one JSON line, so an interrupted run resumes after it."""
+    with path.open("a") as journal:
+        journal.write(json.dumps(record) + "\n")

@@ -13,12 +13,11 @@ the drop from float on the same images; mean and spread over the seeds. Each res
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
-from common import comma_list, deit_tiny_split, report_header, write_report
+from common import append_journal, comma_list, deit_tiny_split, journal_records, report_header, write_report
 
 import vitq
 from vitq.config import PointOverride
@@ -39,11 +38,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/float_formats.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    done = {}
-    if args.journal.exists():
-        for line in args.journal.read_text().splitlines():
-            record = json.loads(line)
-            done[(record["setting"], record["seed"])] = record["top1"]
+    records = journal_records(args.journal)
+    done = {(record["setting"], record["seed"]): record["top1"] for record in records}
+    n_eval = records[-1]["n_eval"] if records else 0  # every seed's split has as many evaluation images
     for seed in args.seeds:
         if all((name, seed) in done for name in ["float"] + [s[0] for s in SETTINGS]):
             continue
@@ -58,8 +55,7 @@ def main() -> None:
             qmodel = vitq.quantize(model, config, calib, progress=False)
             top1 = vitq.evaluate(qmodel, data, progress=False).top1
             done[(name, seed)] = top1
-            with args.journal.open("a") as journal:
-                journal.write(json.dumps({"setting": name, "seed": seed, "top1": top1, "n_eval": n_eval}) + "\n")
+            append_journal(args.journal, {"setting": name, "seed": seed, "top1": top1, "n_eval": n_eval})
             print(name, seed, f"{top1:.2f}", flush=True)
     rows = []
     for name, _, kind in SETTINGS:

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import comma_list, report_header, write_report
+from common import append_journal, comma_list, journal_records, report_header, write_report
 
 import vitq
 from vitq.config import PointOverride
@@ -68,19 +68,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_precision.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    done = {}
-    if args.journal.exists():
-        for line in args.journal.read_text().splitlines():
-            record = json.loads(line)
-            done[(record["method"], record["seed"], record["bits"], record["a_bits"])] = record
+    done = {(record["method"], record["seed"], record["bits"], record["a_bits"]): record
+            for record in journal_records(args.journal)}
     for method in args.methods:
         for seed in args.seeds:
             key = (method, seed, args.bits, args.a_bits)
             if key in done:
                 continue
             done[key] = run_cell(method, seed, args.bits, args.a_bits)
-            with args.journal.open("a") as journal:
-                journal.write(json.dumps(done[key]) + "\n")
+            append_journal(args.journal, done[key])
             print(json.dumps(done[key]), flush=True)
     rows = []
     for method in args.methods:
