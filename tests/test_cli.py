@@ -165,6 +165,22 @@ def test_export_onnx_then_eval_on_onnxruntime(cli, files, tmp_path, export_forma
     assert abs(on_ort["top1"] - on_torch["top1"]) <= 100 / on_torch["n_images"]  # at most one image apart
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
+def test_weight_only_model_exports_packed_4_bit_weights(cli, files, tmp_path):
+    out_dir, onnx_file = tmp_path / "q", tmp_path / "w4.onnx"
+    assert cli("quantize", "--method", "minmax", "--w-bits", "4", "--a-bits", "16", *_inputs(files), "--output",
+               out_dir)[0] == 0
+    code, out, err = cli("export", out_dir, "--format", "onnxruntime", "--packed-weights", "--output", onnx_file)
+    assert code == 0, err
+    assert "4-bit weight (MatMulNBits)" in out and "QDQ" not in out and not err  # activations float: no QDQ
+    torch_json, ort_json = tmp_path / "torch.json", tmp_path / "ort.json"
+    assert cli("eval", "--quantized", out_dir, "--data", files["data"], "--no-progress", "--json", torch_json)[0] == 0
+    assert cli("eval", "--backend", "onnxruntime", "--model", onnx_file, "--data", files["data"], "--threads", "1",
+               "--no-progress", "--json", ort_json)[0] == 0
+    on_torch, on_ort = json.loads(torch_json.read_text()), json.loads(ort_json.read_text())
+    assert on_torch["a_bits"] == on_ort["a_bits"] == 16 and on_ort["top1"] == on_torch["top1"]
+
+
 def test_sensitivity_writes_the_ranked_table_json_and_plot(cli, files, tmp_path):
     out = tmp_path / "sens"
     code, stdout, err = cli("sensitivity", "--method", "minmax", "--w-bits", "4", "--a-bits", "4", *_inputs(files),

@@ -41,6 +41,23 @@ def test_bits_at_the_limits(bits):
     assert QuantConfig(w_bits=bits, a_bits=bits, image_bits=bits).w_bits == bits
 
 
+@pytest.mark.parametrize("field", ["w_bits", "image_bits"])
+def test_only_activations_take_the_weight_only_16(field):
+    with pytest.raises(ValidationError):
+        QuantConfig(**{field: 16})
+
+
+def test_a16_is_weight_only_every_activation_float(float_model):
+    config = QuantConfig(method="minmax", w_bits=4, a_bits=16,
+                         overrides=[PointOverride(pattern="blocks.0.attn.qkv", bits=8)])
+    assert config.weight_only and not QuantConfig(a_bits=8).weight_only and config.label == "minmax W4A16"
+    qmodel = vitq.prepare(float_model, config)
+    slots = qmodel.slots()
+    assert all(s.quantizer is None for s in slots if s.role != "weight")  # the image input too; no override revives
+    assert all(s.quantizer is not None and s.quantizer.bits == (8 if s.point == "blocks.0.attn.qkv" else 4)
+               for s in slots if s.role == "weight")
+
+
 def test_unknown_method():
     """The config is plain data (it imports no method); the name is checked when the method is built."""
     config = make(QuantConfig, method="gptq4")

@@ -8,9 +8,12 @@ from helpers import assert_close_to_fake_quant, random_images
 from onnx import TensorProto, helper, numpy_helper
 
 import vitq
+from vitq.calib.runner import calibrating
 from vitq.eval.ort import OrtModel, open_session
+from vitq.export.matmul_nbits import FORM, nbits_problem, nbits_weight
 from vitq.export.onnx import export_onnx
 from vitq.export.ort import export_onnxruntime, fold_bias_into_integer_matmul
+from vitq.quantizers import build_quantizer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # torch's TorchScript ONNX exporter
@@ -83,3 +86,91 @@ def test_onnxruntime_export_computes_the_qdq_export(float_model, tmp_path):
     depth = len(float_model.blocks)
     assert sum(len(n.input) == 7 and bool(n.input[6]) for n in gemms) == 3 * depth
     assert [n.op_type for n in nodes].count("BiasGelu") == depth
+
+
+# ---------------------------------------------------------------------------------------- MatMulNBits
+def _decode(stored) -> np.ndarray:
+    """The [N, K] weight MatMulNBits computes with, decoded element by element from its documented layout."""
+    n_blocks = stored.packed.shape[1]
+    zero_bytes = -(-n_blocks // 2)
+    weight = np.zeros((stored.out_features, stored.in_features))
+    for n in range(stored.out_features):
+        for k in range(stored.in_features):
+            block, within = divmod(k, stored.block_size)
+            byte = int(stored.packed[n, block, within // 2])
+            code = byte & 15 if within % 2 == 0 else byte >> 4
+            zero_byte = int(stored.zero_points[n * zero_bytes + block // 2])
+            zero = zero_byte & 15 if block % 2 == 0 else zero_byte >> 4
+            weight[n, k] = (code - zero) * stored.scales[n * n_blocks + block]
+    return weight
+
+
+@pytest.mark.parametrize(("bits", "granularity", "in_features"), [
+    (4, "channel", 192), (3, "channel", 40), (2, "channel", 64), (4, "tensor", 48), (4, "group", 96), (3, "group", 64)])
+def test_nbits_storage_decodes_to_the_fake_quant_weight(bits, granularity, in_features):
+    weight = torch.randn(6, in_features) * torch.linspace(0.1, 2.0, 6)[:, None]
+    spec = {"kind": "uniform", "bits": bits, "granularity": granularity, "axis": 0}
+    if granularity == "group":
+        spec["group_size"] = 32 if in_features % 32 == 0 else 16
+    quantizer = build_quantizer(spec)
+    with calibrating([quantizer]):
+        quantizer(weight)
+    assert nbits_problem(quantizer) is None
+    stored = nbits_weight(quantizer, weight)
+    if granularity == "group":
+        assert stored.block_size == spec["group_size"]
+    assert stored.packed.dtype == np.uint8 and stored.packed.shape[2] == stored.block_size // 2
+    np.testing.assert_allclose(_decode(stored), quantizer(weight).double().numpy(), rtol=0, atol=1e-6)
+
+
+def test_nbits_problem_names_the_weights_without_a_4_bit_form():
+    weight = torch.randn(4, 32)
+    cases = {"8-bit codes": {"kind": "uniform", "bits": 8, "granularity": "channel", "axis": 0},
+             "group size 8": {"kind": "uniform", "bits": 4, "granularity": "group", "group_size": 8},
+             "not a uniform": {"kind": "log2", "bits": 4}}
+    for expected, spec in cases.items():
+        quantizer = build_quantizer(spec)
+        with calibrating([quantizer]):
+            quantizer(weight)
+        assert expected in nbits_problem(quantizer)
+    quantizer = build_quantizer({"kind": "uniform", "bits": 4, "granularity": "channel", "axis": 0})
+    with calibrating([quantizer]):
+        quantizer(weight)
+    quantizer.zero_point.add_(0.5)
+    assert "fractional zero point" in nbits_problem(quantizer)
+
+
+@pytest.mark.parametrize(("method", "w_bits", "a_bits"), [("gptq", 4, 16), ("gptq[group_size=16]", 3, 16),
+                                                         ("minmax", 4, 8)])
+def test_packed_weights_run_as_matmul_nbits(float_model, tmp_path, method, w_bits, a_bits):
+    images = random_images(6)
+    name, _, option = method.partition("[")
+    options = dict([option.rstrip("]").split("=")]) if option else {}
+    config = vitq.QuantConfig(method=name, w_bits=w_bits, a_bits=a_bits, calib_size=3,
+                              options={k: int(v) for k, v in options.items()})
+    qmodel = vitq.quantize(float_model, config, images[:3], progress=False)
+    exported = export_onnxruntime(qmodel, tmp_path / "packed.onnx", packed_weights=True)
+    unpacked = export_onnxruntime(qmodel, tmp_path / "int8.onnx")
+    linears = sum(p.role == "weight" and not p.slot.startswith("patch_embed") for p in exported.points)
+    assert sum(p.form == FORM for p in exported.points) == linears  # every Linear; the patch-embedding Conv is int8
+    assert (tmp_path / "packed.onnx").stat().st_size < 0.75 * (tmp_path / "int8.onnx").stat().st_size
+    nodes = onnx.load(str(tmp_path / "packed.onnx")).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == linears
+    assert sum(len(n.input) == 6 and bool(n.input[5]) for n in nbits) >= 3 * len(float_model.blocks)  # biases in
+    model = OrtModel(tmp_path / "packed.onnx", threads=1)
+    assert [p.form for p in model.header.points] == [p.form for p in exported.points]
+    logits = model(images)
+    with torch.no_grad():
+        reference, float_logits = qmodel(images), float_model(images)
+    quantization_error = (float_logits - reference).abs().mean()  # gptq rewrites the weights: vs the float model
+    if a_bits == 16:  # float activations: the fake-quant model up to float32 summation order
+        torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, OrtModel(unpacked.path, threads=1)(images), rtol=1e-4, atol=1e-4)
+    else:  # quantized inputs: float32 sums against integer GEMMs move a few codes across a rounding boundary
+        assert_close_to_fake_quant(qmodel, logits, images)
+    export_onnxruntime(qmodel, tmp_path / "int8_compute.onnx", packed_weights=True, accuracy="int8")
+    assert {a.name: a.i for n in onnx.load(str(tmp_path / "int8_compute.onnx")).graph.node
+            if n.op_type == "MatMulNBits" for a in n.attribute}["accuracy_level"] == 4
+    int8_compute = OrtModel(tmp_path / "int8_compute.onnx", threads=1)(images)
+    assert (int8_compute - reference).abs().mean() < 0.5 * quantization_error  # one more rounding of the input

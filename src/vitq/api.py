@@ -58,7 +58,8 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
             raise VitqError(f"override {override.pattern!r} matches no quantizer slot of {model_name} (slots look "
                             f"like {slots[0].point} or {slots[0].name}; 'vitq inspect' lists them)")
     for slot in slots:
-        spec = config.spec_for(slot.point, slot.name, method.slot_spec(slot))
+        weight_only_float = config.weight_only and slot.role != "weight"
+        spec = config.spec_for(slot.point, slot.name, None if weight_only_float else method.slot_spec(slot))
         slot.quantizer = None if spec is None else build_quantizer(spec)
     qmodel.model.to(target)  # empty quantizer buffers and modules added by the wrapping follow the model
     return qmodel

@@ -24,6 +24,7 @@ line and 1). Outputs are checked before any work and written whole at the end, o
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 from collections import Counter
@@ -59,6 +60,7 @@ from vitq.experiment.compare import (
 from vitq.experiment.executors import EXECUTORS, ExecutorSpec
 from vitq.experiment.grammar import parse_option, parse_seed
 from vitq.experiment.runs import DEFAULT_MODEL, MB, MODEL_FILE, QUANTIZE_FILE, SQNR_IMAGES, ConfigRequest, RunSpec
+from vitq.export.matmul_nbits import ACCURACY_LEVELS
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
 from vitq.files import atomic_folder, check_file_output, check_folder_output, write_json, write_text
 from vitq.methods import method_class, method_names
@@ -154,7 +156,7 @@ def _method_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--method", choices=method_names(), help="quantization method (default percentile)")
     p.add_argument("--w-bits", type=int, help="weight bits, 2..8 (default 8)")
-    p.add_argument("--a-bits", type=int, help="activation bits, 2..8 (default 8)")
+    p.add_argument("--a-bits", type=int, help="activation bits, 2..8 (default 8); 16: weight-only, activations float")
     return p
 
 
@@ -259,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the file to write (FILE.onnx), or the folder for --format openvino")
     p.add_argument("--opset", type=_int_at_least(13, "--opset"), default=DEFAULT_OPSET,
                    help="ONNX opset, >= 13 for per-channel QDQ (default %(default)s)")
+    p.add_argument("--packed-weights", action="store_true",
+                   help="--format onnxruntime: Linear weights of 2 to 4 bits stored packed, two per byte, and run by "
+                        "onnxruntime's MatMulNBits (a smaller file; see docs/deployment.md)")
+    p.add_argument("--nbits-accuracy", choices=tuple(ACCURACY_LEVELS), default="fp32",
+                   help="how MatMulNBits computes: fp32 (the fake-quant model's arithmetic; default) or int8 (its "
+                        "input quantized per block at run time: faster, one more rounding)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(run=cmd_export)
 
@@ -569,6 +577,11 @@ def _eval_file(args: argparse.Namespace, json_path: Path | None) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model saved by ``vitq quantize`` (``--format onnx``, ``onnxruntime`` or ``openvino``), naming every
     point left on a float path, and for OpenVINO every point its int8 kernels do not take."""
+    if args.format != "onnxruntime" and (args.packed_weights or args.nbits_accuracy != "fp32"):
+        raise VitqError("--packed-weights and --nbits-accuracy need --format onnxruntime (MatMulNBits is an "
+                        "onnxruntime operator)")
+    if args.nbits_accuracy != "fp32" and not args.packed_weights:
+        raise VitqError("--nbits-accuracy needs --packed-weights")
     if args.format == "openvino":
         output = check_folder_output(args.output, overwrite=args.overwrite, what="--output")
     else:
@@ -582,7 +595,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         slow = exported.slow_points
     else:
         if args.format == "onnxruntime":
-            from vitq.export.ort import export_onnxruntime as export
+            from vitq.export.ort import export_onnxruntime
+
+            export = functools.partial(export_onnxruntime, packed_weights=args.packed_weights,
+                                       accuracy=args.nbits_accuracy)
         else:
             export = export_onnx
         exported = export(qmodel, output, opset=args.opset, calibration_files=record.calibration_files)

@@ -28,6 +28,9 @@ from vitq.targets import TARGETS, target_names
 OVERRIDE_FORMS = "PATTERN=float, PATTERN=symmetric, PATTERN=BITS or PATTERN=KIND[:BITS]"
 #: the largest seed a torch generator takes
 MAX_SEED = 2**64 - 1
+#: ``a_bits`` of a weight-only setting (W4A16): every activation stays float, as the 16-bit float activations of
+#: the weight-only settings deployment papers and runtimes name this way
+WEIGHT_ONLY_A_BITS = 16
 
 
 def _without_new_defaults(model: BaseModel, handler, names: tuple[str, ...]) -> dict[str, Any]:
@@ -141,7 +144,8 @@ class QuantConfig(BaseModel):
     method: str = Field("percentile", min_length=1,
                         description="a registered method name (checked when the method is built: vitq.methods)")
     w_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
-    a_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    a_bits: int = Field(8, description=f"activation bits, {MIN_BITS}..{MAX_BITS}, or {WEIGHT_ONLY_A_BITS}: weight-only "
+                                       "(activations float)")
     image_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS, description="bits of the patch-embedding input")
     calib_size: int = Field(32, ge=1, description="number of calibration images")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="selects the calibration images and seeds the method")
@@ -154,6 +158,19 @@ class QuantConfig(BaseModel):
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
         return _without_new_defaults(self, handler, ("deploy",))
+
+    @field_validator("a_bits")
+    @classmethod
+    def _activation_bits(cls, a_bits: int) -> int:
+        if not (MIN_BITS <= a_bits <= MAX_BITS or a_bits == WEIGHT_ONLY_A_BITS):
+            raise ValueError(f"activation bits must be {MIN_BITS}..{MAX_BITS}, or {WEIGHT_ONLY_A_BITS} for weight-only "
+                             "(activations float)")
+        return a_bits
+
+    @property
+    def weight_only(self) -> bool:
+        """Weights quantized, every activation (the patch-embedding input too) float: ``a_bits == 16``."""
+        return self.a_bits == WEIGHT_ONLY_A_BITS
 
     @field_validator("deploy")
     @classmethod

@@ -22,17 +22,21 @@ float32 arithmetic, in one step instead of two). Which graph placements are fast
 
 from __future__ import annotations
 
+import copy
+import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+from vitq.device import model_device
 from vitq.errors import VitqError
-from vitq.export.onnx import DEFAULT_OPSET, OnnxExport, export_onnx, graph_consumers
+from vitq.export import matmul_nbits
+from vitq.export.onnx import DEFAULT_OPSET, METADATA_KEY, OnnxExport, export_header, export_onnx, graph_consumers
 from vitq.files import atomic_file
 from vitq.quantized_model import QuantizedModel
 
-#: the contrib GEMM whose optional 7th input is a bias added to its float output
-INTEGER_MATMUL = "MatMulIntegerToFloat"
-BIAS_INPUT = 6
+#: the contrib GEMMs that take a bias added to their float output, and the index of that input
+BIAS_INPUTS = {"MatMulIntegerToFloat": 6, matmul_nbits.OP: 5}
 
 
 def _constants(graph) -> dict[str, tuple[int, ...]]:
@@ -46,8 +50,17 @@ def _constants(graph) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _output_features(node, constants: dict[str, tuple[int, ...]]) -> int | None:
+    """N of a GEMM of :data:`BIAS_INPUTS`: ``MatMulNBits``' attribute, else its constant weight's last dimension."""
+    if node.op_type == matmul_nbits.OP:
+        return next((attr.i for attr in node.attribute if attr.name == "N"), None)
+    shape = constants.get(node.input[1], ())
+    return shape[1] if len(shape) == 2 else None
+
+
 def fold_bias_into_integer_matmul(graph) -> int:
-    """Fold every ``Add(MatMulIntegerToFloat(...), bias)`` of the ONNX ``graph`` into the GEMM's ``bias`` input.
+    """Fold every ``Add(GEMM(...), bias)`` of the ONNX ``graph`` into the GEMM's ``bias`` input, for the GEMMs of
+    :data:`BIAS_INPUTS` (``MatMulIntegerToFloat``, ``MatMulNBits``).
 
     Only when the GEMM's output feeds that ``Add`` alone, the GEMM has no bias yet, and the other operand is a
     constant 1-D tensor as long as the output's last dimension (the bias of a Linear layer; a residual or a
@@ -56,18 +69,18 @@ def fold_bias_into_integer_matmul(graph) -> int:
     consumers = graph_consumers(graph)
     graph_outputs = {value.name for value in graph.output}
     folded = []
-    for gemm in [n for n in graph.node if n.op_type == INTEGER_MATMUL]:
-        users = consumers.get(gemm.output[0], [])
+    for gemm in [n for n in graph.node if n.op_type in BIAS_INPUTS]:
+        users, bias_input = consumers.get(gemm.output[0], []), BIAS_INPUTS[gemm.op_type]
         if len(users) != 1 or users[0].op_type != "Add" or gemm.output[0] in graph_outputs:
             continue
-        if len(gemm.input) > BIAS_INPUT and gemm.input[BIAS_INPUT]:
+        if len(gemm.input) > bias_input and gemm.input[bias_input]:
             continue
         add = users[0]
         others = [name for name in add.input if name != gemm.output[0]]
-        weight_shape = constants.get(gemm.input[1], ())
-        if len(others) != 1 or len(weight_shape) != 2 or constants.get(others[0]) != (weight_shape[1],):
+        features = _output_features(gemm, constants)
+        if len(others) != 1 or features is None or constants.get(others[0]) != (features,):
             continue
-        gemm.input.extend([""] * (BIAS_INPUT - len(gemm.input)))
+        gemm.input.extend([""] * (bias_input - len(gemm.input)))
         gemm.input.append(others[0])
         gemm.output[0] = add.output[0]
         folded.append(add)
@@ -77,10 +90,17 @@ def fold_bias_into_integer_matmul(graph) -> int:
 
 
 def export_onnxruntime(qmodel: QuantizedModel, path: str | Path, *, opset: int = DEFAULT_OPSET,
-                       calibration_files: list[str] | None = None) -> OnnxExport:
+                       calibration_files: list[str] | None = None, packed_weights: bool = False,
+                       accuracy: str = "fp32") -> OnnxExport:
     """Write ``qmodel`` to ``path`` as an onnxruntime-optimised ONNX file (see the module notes); same input,
     output, metadata and report as :func:`vitq.export.onnx.export_onnx`. The file is written whole or not at
-    all."""
+    all.
+
+    ``packed_weights``: the Linear layers whose weights have at most 4 bits store them packed, two per byte, and
+    run as ``MatMulNBits`` (:mod:`vitq.export.matmul_nbits`), computing in ``accuracy`` (``fp32``, or ``int8``:
+    the input quantized per block at run time); otherwise they are int8 codes like 8-bit weights."""
+    if accuracy not in matmul_nbits.ACCURACY_LEVELS:
+        raise VitqError(f"accuracy must be one of {', '.join(matmul_nbits.ACCURACY_LEVELS)}, got {accuracy!r}")
     try:
         import onnx
         import onnxruntime  # noqa: F401  (the optimiser)
@@ -89,15 +109,21 @@ def export_onnxruntime(qmodel: QuantizedModel, path: str | Path, *, opset: int =
     from vitq.eval.ort import open_session
 
     path = Path(path)
+    if packed_weights and model_device(qmodel).type != "cpu":  # the patched layers must be the ones traced
+        qmodel = copy.deepcopy(qmodel).to("cpu")
+    level = matmul_nbits.ACCURACY_LEVELS[accuracy] if packed_weights else 0
     with tempfile.TemporaryDirectory() as tmp:
         qdq, optimized = Path(tmp) / "qdq.onnx", Path(tmp) / "optimized.onnx"
-        exported = export_onnx(qmodel, qdq, opset=opset, calibration_files=calibration_files)
+        with matmul_nbits.nbits_linears(qmodel, level, enabled=packed_weights) as packed:
+            exported = export_onnx(qmodel, qdq, opset=opset, calibration_files=calibration_files)
         open_session(qdq, optimization="extended", save_to=optimized)
-        model = onnx.load(str(optimized))  # onnxruntime keeps the metadata (the vitq header)
+        model = onnx.load(str(optimized))
+    points = [replace(p, form=matmul_nbits.FORM) if p.slot in packed else p for p in exported.points]
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(export_header(qmodel, points, calibration_files))})
     fold_bias_into_integer_matmul(model.graph)
     with atomic_file(path) as partial:
         onnx.save(model, str(partial))
-    return OnnxExport(path, exported.points)
+    return OnnxExport(path, points)
 
 
 __all__ = ["export_onnxruntime", "fold_bias_into_integer_matmul"]

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vitq.calib.runner import calibrate_in_forward_order
-from vitq.config import QuantConfig, ReconConfig, first_error, make
+from vitq.config import WEIGHT_ONLY_A_BITS, QuantConfig, ReconConfig, first_error, make
 from vitq.errors import VitqError
 from vitq.registry import Registry
 
@@ -65,6 +65,11 @@ class Paper:
 
     def __str__(self) -> str:
         return f"{self.title} ({self.authors}, {self.venue} {self.year})"
+
+
+#: the deployment settings the leaderboard adds for the weight-rounding methods and round-to-nearest: W4A8 (4-bit
+#: weights on 8-bit integer kernels) and the weight-only W4A16 / W3A16 (activations float)
+DEPLOYMENT_SETTINGS: tuple[tuple[int, int], ...] = ((4, 8), (4, WEIGHT_ONLY_A_BITS), (3, WEIGHT_ONLY_A_BITS))
 
 
 class Method:

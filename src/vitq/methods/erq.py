@@ -70,7 +70,7 @@ from vitq.calib.layer_inputs import (
 )
 from vitq.calib.runner import run_batched, run_stagewise_with_float
 from vitq.errors import VitqError
-from vitq.methods.base import MethodOptions, Paper, register_method
+from vitq.methods.base import DEPLOYMENT_SETTINGS, MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import recalibrate_weight, reparameterize_stage
 from vitq.models import Stage
@@ -193,7 +193,7 @@ class LayerError:
 
 @register_method("erq")
 class ERQ(RepQViT):
-    extra_settings = ((3, 4),)  # W3A4: the weight-rounding papers' low-bit setting
+    extra_settings = ((3, 4), *DEPLOYMENT_SETTINGS)  # W3A4: the weight-rounding papers' low-bit setting
     paper = Paper("ERQ: Error Reduction for Post-Training Quantization of Vision Transformers", "Zhong et al.",
                   "ICML", 2024)
     summary = "Aqer (ridge regression moves the activation error into the weights) + Wqer (rounding refinement)"

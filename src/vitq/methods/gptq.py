@@ -37,7 +37,7 @@ from vitq.calib.layer_inputs import (
 )
 from vitq.calib.runner import run_stagewise
 from vitq.errors import VitqError
-from vitq.methods.base import MethodOptions, Paper, register_method
+from vitq.methods.base import DEPLOYMENT_SETTINGS, MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.models import Stage
@@ -108,7 +108,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
 
 @register_method("gptq")
 class GPTQ(RepQViT):
-    extra_settings = ((3, 4),)  # W3A4: the weight-rounding papers' low-bit setting
+    extra_settings = ((3, 4), *DEPLOYMENT_SETTINGS)  # W3A4: the weight-rounding papers' low-bit setting
     paper = Paper("GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
                   "Frantar et al.", "ICLR", 2023)
     summary = "Hessian-guided column-by-column weight rounding (Cholesky inverse, lazy block updates)"

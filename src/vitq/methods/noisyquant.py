@@ -28,6 +28,7 @@ class NoisyQuant(PercentileMethod):
     paper = Paper("NoisyQuant: Noisy Bias-Enhanced Post-Training Activation Quantization for Vision Transformers",
                   "Liu et al.", "CVPR", 2023)
     summary = "a fixed noisy bias on every post-GELU activation, its width per layer by fc2's output error"
+    extra_settings = ()  # its noisy bias is an activation technique: no weight-only settings
 
     class Options(MethodOptions):
         amplitudes: list[FiniteFloat] = Field(list(DEFAULT_AMPLITUDES), min_length=1,

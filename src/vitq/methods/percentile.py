@@ -8,10 +8,11 @@ without its reparameterization and log√2 softmax quantizer.
 
 from __future__ import annotations
 
-from vitq.methods.base import Method, register_method
+from vitq.methods.base import DEPLOYMENT_SETTINGS, Method, register_method
 
 
 @register_method("percentile")
 class PercentileMethod(Method):
     summary = "uniform quantizers, range by an MSE search over high percentiles (RepQ-ViT's baseline)"
     init = "mse"
+    extra_settings = DEPLOYMENT_SETTINGS  # round-to-nearest weights: the baseline of the weight-rounding methods
