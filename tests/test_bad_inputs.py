@@ -272,6 +272,9 @@ CASES: dict[str, Case] = {
     # ---- bits, methods, options, seeds
     "w bits 9": Case(lambda e, o: _quantize(e, o, "--w-bits", "9"), ("w_bits",)),
     "a bits 1": Case(lambda e, o: _quantize(e, o, "--a-bits", "1"), ("a_bits",)),
+    "outliers top_k 0": Case(lambda e, o: _quantize(e, o, "--outliers", "top_k=0"), ("top_k",)),
+    "outliers with gptq": Case(lambda e, o: _quantize(e, o, "--method", "gptq", "--outliers", "top_k=2"),
+                               ("'gptq' does not take outlier splitting",)),
     "a bits 12": Case(lambda e, o: _quantize(e, o, "--a-bits", "12"), ("or 16 for weight-only",)),
     "w bits not a number": Case(lambda e, o: _quantize(e, o, "--w-bits", "four"), ("--w-bits",)),
     "unknown method": Case(lambda e, o: _quantize(e, o, "--method", "nope"), ("--method",)),

@@ -20,8 +20,9 @@ from vitq.config import QuantConfig
 from vitq.data import load_tensors
 from vitq.device import model_device, to_device
 from vitq.errors import VitqError
-from vitq.methods import Method, method_class
+from vitq.methods import Method, method_class, method_names
 from vitq.models import adapter_for
+from vitq.nn.outliers import attach_outlier_splits
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import build_quantizer
 
@@ -61,6 +62,15 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
         weight_only_float = config.weight_only and slot.role != "weight"
         spec = config.spec_for(slot.point, slot.name, None if weight_only_float else method.slot_spec(slot))
         slot.quantizer = None if spec is None else build_quantizer(spec)
+    if config.outliers is not None:
+        if not method.splits_outliers:
+            raise VitqError(f"method {config.method!r} does not take outlier splitting (its calibration rewrites the "
+                            f"layers it would split); use "
+                            + " or ".join(n for n in method_names() if method_class(n).splits_outliers))
+        if not attach_outlier_splits(qmodel, config.outliers.top_k, config.outliers.threshold,
+                                     config.outliers.roles):
+            raise VitqError(f"outlier splitting: no quantized Linear input has a role of "
+                            f"{', '.join(config.outliers.roles)}")
     qmodel.model.to(target)  # empty quantizer buffers and modules added by the wrapping follow the model
     return qmodel
 

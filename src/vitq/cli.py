@@ -169,6 +169,10 @@ def _tuning_options() -> argparse.ArgumentParser:
                         "overrides.txt of 'vitq sensitivity --budget')")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option; VALUE is parsed as JSON when possible, else kept as text (repeatable)")
+    p.add_argument("--outliers", metavar="top_k=N|threshold=X",
+                   help="keep the outlier input channels of the post-LayerNorm Linear layers (and their weight "
+                        "columns) float: the N widest on the calibration images, or those whose max |x| exceeds X "
+                        "(append ,roles=post_ln+post_gelu for other inputs; minmax and percentile)")
     p.add_argument("--deploy", choices=target_names(),
                    help="shape the quantizers for a runtime's integer kernels (integer zero points; openvino also "
                         f"{' '.join(TARGETS['openvino'].overrides)}, applied before --override)")
@@ -343,7 +347,7 @@ def _request(args: argparse.Namespace) -> ConfigRequest:
         a_bits=getattr(args, "a_bits", None), calib_size=getattr(args, "calib_size", None),
         seed=getattr(args, "seed", None), options=dict(parse_option(text) for text in args.option),
         overrides=(*(read_overrides_file(args.overrides_file) if args.overrides_file else ()), *args.override),
-        deploy=getattr(args, "deploy", None),
+        deploy=getattr(args, "deploy", None), outliers=getattr(args, "outliers", None),
         recon=dict(parse_option(text) for text in getattr(args, "recon", [])),
         reconstruct=getattr(args, "reconstruct", False))
 
@@ -455,7 +459,8 @@ def _load_saved(args: argparse.Namespace, device: str) -> tuple[QuantizedModel, 
         "--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
         "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits),
         "--calib-size": (args.calib_size, saved.calib_size), "--seed": (args.seed, saved.seed)},
-        ["--override/--option (the saved model is already quantized)"] if args.override or args.option else [])
+        ["--override/--option/--outliers (the saved model is already quantized)"]
+        if args.override or args.option or args.outliers else [])
     return qmodel, record
 
 
@@ -540,7 +545,8 @@ def _eval_file(args: argparse.Namespace, json_path: Path | None) -> int:
         raise VitqError(f"--backend {backend} needs --model {what}")
     torch_only = {"--quantized": args.quantized, "--method": args.method, "--w-bits": args.w_bits,
                   "--a-bits": args.a_bits, "--checkpoint": args.checkpoint, "--sqnr": args.sqnr or None,
-                  "--override/--option/--deploy": args.override or args.option or args.deploy or None}
+                  "--override/--option/--deploy/--outliers": args.override or args.option or args.deploy
+                  or args.outliers or None}
     given = [flag for flag, value in torch_only.items() if value is not None]
     if given:
         raise VitqError(f"--backend {backend} evaluates the exported file as it is; drop {', '.join(given)}")

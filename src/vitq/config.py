@@ -17,7 +17,7 @@ import fnmatch
 import inspect
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from vitq.errors import VitqError
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
@@ -104,6 +104,35 @@ class PointOverride(BaseModel):
         return spec
 
 
+class OutlierConfig(BaseModel):
+    """Outlier splitting (:mod:`vitq.nn.outliers`): the Linear layers whose input has one of ``roles`` keep their
+    outlier input channels (the ``top_k`` widest, or those whose ``max |x|`` exceeds ``threshold``, on the
+    calibration images) and the matching weight columns in float."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    top_k: int | None = Field(None, ge=1, description="keep the k channels of largest max |x| float")
+    threshold: float | None = Field(None, gt=0, description="keep the channels whose max |x| exceeds it float")
+    roles: tuple[str, ...] = Field(("post_ln",), min_length=1, description="input roles of the split layers")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> OutlierConfig:
+        if (self.top_k is None) == (self.threshold is None):
+            raise ValueError("give exactly one of top_k and threshold")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> OutlierConfig:
+        """The CLI form ``top_k=N`` or ``threshold=X``, optionally ``,roles=post_ln+post_gelu``."""
+        values: dict[str, Any] = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or key not in cls.model_fields:
+                raise VitqError(f"--outliers {text!r} must look like top_k=N or threshold=X[,roles=R1+R2]")
+            values[key] = tuple(value.split("+")) if key == "roles" else value
+        return make(cls, **values)
+
+
 class ReconConfig(BaseModel):
     """Block reconstruction after calibration (:mod:`vitq.calib.recon`; BRECQ/QDrop hyper-parameters, with fewer
     iterations than the papers' 1000 per block so that DeiT-tiny fits a CPU budget, and so a larger AdaRound
@@ -154,10 +183,11 @@ class QuantConfig(BaseModel):
     reconstruct: ReconConfig | None = Field(None, description="block reconstruction after calibration (None: off)")
     deploy: str | None = Field(None, description="shape the quantizers for a runtime's integer kernels "
                                                  "(vitq.targets: its overrides come before ``overrides``)")
+    outliers: OutlierConfig | None = Field(None, description="keep outlier input channels float (None: off)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        return _without_new_defaults(self, handler, ("deploy",))
+        return _without_new_defaults(self, handler, ("deploy", "outliers"))
 
     @field_validator("a_bits")
     @classmethod

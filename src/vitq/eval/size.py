@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vitq.nn.outliers import OUTLIER_BITS
 from vitq.quantized_model import QuantizedModel
 
 FP16_BYTES = 2
@@ -37,10 +38,13 @@ def model_size(qmodel: QuantizedModel) -> SizeReport:
         if quantizer is not None:
             groups = max((getattr(quantizer, p).numel() for p in quantizer.param_names), default=1)
             bits = point.weight.numel() * quantizer.bits
+            split = getattr(point, "outlier_split", None)
+            if split is not None:  # the outlier columns are float16 instead
+                bits += split.count * point.weight.shape[0] * (OUTLIER_BITS - quantizer.bits)
             quantized_weights[f"{name}.weight"] = (bits + 7) // 8 + 2 * FP16_BYTES * groups
     float_bytes = quantized_bytes = 0
     for key, tensor in qmodel.model.state_dict().items():
-        if "_quantizer." in key:
+        if "_quantizer." in key or ".outlier_split." in key:
             continue  # quantizer parameters are counted with their weight (activation scales: negligible)
         plain = tensor.numel() * tensor.element_size()
         float_bytes += plain

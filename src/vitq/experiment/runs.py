@@ -20,7 +20,7 @@ from torch import nn
 from vitq import distributed
 from vitq.api import prepare, quantize
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
-from vitq.config import PointOverride, QuantConfig, ReconConfig, first_error, make
+from vitq.config import OutlierConfig, PointOverride, QuantConfig, ReconConfig, first_error, make
 from vitq.data import ImageCache, Split
 from vitq.data.loader import default_workers
 from vitq.device import model_device, resolve_device
@@ -101,6 +101,7 @@ class ConfigRequest:
     recon: Mapping[str, Any] = field(default_factory=dict)
     reconstruct: bool = False
     deploy: str | None = None
+    outliers: str | None = None
 
     def build(self, options: Mapping[str, Any] | None = None, **given: Any) -> QuantConfig:
         """The validated config; ``given`` (e.g. ``method=``) takes precedence and ``options`` (a variant's own)
@@ -121,6 +122,8 @@ class ConfigRequest:
                 reconstruct = True
         if reconstruct:
             values["reconstruct"] = make(ReconConfig, **recon)
+        if self.outliers is not None:
+            values["outliers"] = OutlierConfig.parse(self.outliers)
         return make(QuantConfig, **{k: v for k, v in values.items() if v is not None},
                     overrides=[PointOverride.parse(text) for text in self.overrides], options=options)
 

@@ -41,6 +41,7 @@ from vitq.files import write_safetensors
 from vitq.methods import method_class
 from vitq.models import adapter_by_family
 from vitq.models.registry import check_model_name, create_architecture, load_state, read_state_file
+from vitq.nn.outliers import attach_outlier_splits
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import Quantizer, build_quantizer
 from vitq.version import __version__
@@ -70,8 +71,10 @@ def save(qmodel: QuantizedModel, path: str | Path, *, packed: bool = True) -> Pa
 
 
 def _packable(point) -> bool:
+    """A calibrated integer weight quantizer, and no outlier split (whose float weight columns codes would lose)."""
     quantizer = getattr(point, "weight_quantizer", None)
-    return quantizer is not None and quantizer.is_calibrated and hasattr(quantizer, "q_min")
+    return quantizer is not None and quantizer.is_calibrated and hasattr(quantizer, "q_min") \
+        and getattr(point, "outlier_split", None) is None
 
 
 @torch.no_grad()
@@ -182,6 +185,8 @@ def _skeleton(model: nn.Module, name: str, family: str, adapter, config: QuantCo
         if slot.name not in quantizers and slot.role != "pre_ln":
             raise VitqError(f"does not match {name}: no entry for {slot.name}")
         slot.quantizer = quantizers.get(slot.name)
+    if config.outliers is not None:
+        attach_outlier_splits(qmodel, config.outliers.top_k, config.outliers.threshold, config.outliers.roles)
     return qmodel
 
 

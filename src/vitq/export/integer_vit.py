@@ -198,6 +198,9 @@ class IntegerViT(nn.Module):
         model = qmodel.model
         if qmodel.family != "vit" or getattr(model, "global_pool", None) != "token" or model.num_prefix_tokens != 1:
             raise VitqError("integer runtime: only ViT/DeiT models with one class token are supported")
+        split = [name for name, m in model.named_modules() if getattr(m, "outlier_split", None) is not None]
+        if split:
+            raise VitqError(f"integer runtime: {split[0]} keeps outlier input channels float (--outliers)")
         quantized_norm_inputs = [slot.name for slot in qmodel.slots() if slot.role == "pre_ln" and slot.quantizer]
         if quantized_norm_inputs:
             raise VitqError(f"integer runtime: {quantized_norm_inputs[0]} quantizes a LayerNorm input; the runtime "

@@ -88,6 +88,9 @@ class Method:
     #: the calibration-only leaderboard leaves it out (not like-for-like, docs/protocol.md#like-for-like)
     reconstructs: ClassVar[bool] = False
     recon_defaults: ClassVar[dict[str, Any]] = {}
+    #: whether ``QuantConfig.outliers`` (vitq.nn.outliers) works with its calibration: a method that rewrites the
+    #: weights or swaps the input quantizers of the split layers (RepQ-ViT's fold, GPTQ) says no
+    splits_outliers: ClassVar[bool] = False
     #: the method's typed options
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     #: the paper it implements (``None`` for the baselines that have none)

@@ -12,4 +12,5 @@ from vitq.methods.base import Method, register_method
 @register_method("minmax")
 class MinMaxMethod(Method):
     summary = "uniform quantizers, min/max range, calibrated block by block in forward order"
+    splits_outliers = True
     init = "minmax"

@@ -29,6 +29,7 @@ class NoisyQuant(PercentileMethod):
                   "Liu et al.", "CVPR", 2023)
     summary = "a fixed noisy bias on every post-GELU activation, its width per layer by fc2's output error"
     extra_settings = ()  # its noisy bias is an activation technique: no weight-only settings
+    splits_outliers = False  # its noise widths are fitted to fc2's unsplit inputs
 
     class Options(MethodOptions):
         amplitudes: list[FiniteFloat] = Field(list(DEFAULT_AMPLITUDES), min_length=1,

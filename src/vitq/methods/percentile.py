@@ -14,5 +14,6 @@ from vitq.methods.base import DEPLOYMENT_SETTINGS, Method, register_method
 @register_method("percentile")
 class PercentileMethod(Method):
     summary = "uniform quantizers, range by an MSE search over high percentiles (RepQ-ViT's baseline)"
+    splits_outliers = True
     init = "mse"
     extra_settings = DEPLOYMENT_SETTINGS  # round-to-nearest weights: the baseline of the weight-rounding methods

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitq.nn.outliers import ChannelSplit
 from vitq.quantizers import Quantizer
 
 #: slot roles, the vocabulary shared by model adapters (who label) and methods (who choose)
@@ -59,10 +60,19 @@ class QLinear(QuantPoint):
         self.bias = linear.bias
         self.weight_quantizer: Quantizer | None = None
         self.input_quantizer: Quantizer | None = None
+        self.outlier_split: ChannelSplit | None = None  # outlier input channels kept float (vitq.nn.outliers)
         self.slot_roles = {"weight_quantizer": "weight", "input_quantizer": input_role}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_apply(self.input_quantizer, x), _apply(self.weight_quantizer, self.weight), self.bias)
+        split = self.outlier_split
+        if split is None:
+            return F.linear(_apply(self.input_quantizer, x), _apply(self.weight_quantizer, self.weight), self.bias)
+        if not split.selected:
+            split.select(x)
+        keep = 1.0 - split.mask  # the two-part product of vitq.nn.outliers
+        quantized = F.linear(_apply(self.input_quantizer, x * keep), _apply(self.weight_quantizer, self.weight * keep),
+                             self.bias)
+        return quantized + F.linear(x * split.mask, self.weight * split.mask)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
