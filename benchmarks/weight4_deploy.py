@@ -33,16 +33,18 @@ from vitq.export.onnx import export_onnx
 from vitq.export.ort import export_onnxruntime
 from vitq.report.tables import markdown_table
 
-#: label -> (method, w_bits, a_bits, deploy): the W4 models measured
-MODELS = {"percentile W4A16 (round-to-nearest)": ("percentile", 4, 16, None),
-          "gptq W4A16": ("gptq", 4, 16, None),
-          "percentile W4A8": ("percentile", 4, 8, "onnxruntime")}
+#: label -> (method, w_bits, a_bits, deploy, options): the W4 models measured
+MODELS = {"percentile W4A16 (round-to-nearest)": ("percentile", 4, 16, None, {}),
+          "gptq W4A16": ("gptq", 4, 16, None, {}),
+          "gptq W4A16, groups of 32": ("gptq", 4, 16, None, {"group_size": 32}),
+          "percentile W4A8": ("percentile", 4, 8, "onnxruntime", {})}
 COMPUTE = {"fp32": "MatMulNBits fp32", "int8": "MatMulNBits int8"}
 
 
 def quantized(model, calib, label: str, seed: int):
-    method, w_bits, a_bits, deploy = MODELS[label]
-    config = vitq.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=CALIB, seed=seed, deploy=deploy)
+    method, w_bits, a_bits, deploy, options = MODELS[label]
+    config = vitq.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=CALIB, seed=seed, deploy=deploy,
+                              options=options)
     return vitq.quantize(model, config, calib, progress=False)
 
 
@@ -90,7 +92,7 @@ def speed(args, tmp: Path) -> list[list]:
                "vitq int8: `percentile` W8A8 `--format onnxruntime`": export_onnxruntime(int8, tmp / "w8a8.onnx").path}
     for label in MODELS:
         qmodel = quantized(model, calib, label, seed)
-        stem = label.split(" (")[0].replace(" ", "_")
+        stem = label.split(" (")[0].replace(" ", "_").replace(",", "")
         engines[f"{label}, weights as int8 codes"] = export_onnxruntime(qmodel, tmp / f"{stem}_codes.onnx").path
         for accuracy, name in COMPUTE.items():
             engines[f"{label}, packed, {name}"] = export_onnxruntime(
@@ -115,7 +117,7 @@ def agreement_rows(records: list[dict]) -> list[list]:
         for r in mine:
             rows.append([label, r["seed"], f"{r['fake_quant']:.2f}",
                          *(f"{r[a]:.2f} ({r[a] - r['fake_quant']:+.2f})" for a in COMPUTE)])
-        rows.append([f"**{label}: mean \\|gap\\|**", f"{len(mine)} seeds", "",
+        rows.append([f"**{label}: mean |gap|**", f"{len(mine)} seeds", "",
                      *(f"{statistics.mean(abs(r[a] - r['fake_quant']) for r in mine):.2f}" for a in COMPUTE)])
     return rows
 

@@ -43,6 +43,31 @@ def plot_compare(path: str | Path, settings: Sequence[str],
     return path
 
 
+def plot_pareto(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+                *, float_level: float | None = None, title: str = "", xlabel: str = "model size (MB)",
+                ylabel: str = "top-1 (%)") -> Path:
+    """Accuracy against cost: one line per series, ``(xs, means, stds)`` with std error bars (e.g. uniform and
+    mixed-precision models of one method at several sizes), float as a dashed line."""
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, (xs, means, stds) in series.items():
+        ax.errorbar(list(xs), list(means), yerr=list(stds), marker="o", capsize=4, label=name)
+    if float_level is not None:
+        ax.axhline(float_level, linestyle=":", color="gray", label=f"float ({float_level:.2f})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as partial:
+        fig.savefig(partial, format="png")
+    return path
+
+
 def plot_sensitivity(path: str | Path, labels: Sequence[str], values: Sequence[float], is_weight: Sequence[bool], *,
                      title: str = "", xlabel: str = "KL to the float prediction (nats/image)") -> Path:
     """Horizontal bars, the first label on top, log-scaled; weights and activations in two colours."""
