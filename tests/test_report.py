@@ -19,6 +19,7 @@ from vitq.report import (
     write_csv,
 )
 from vitq.report.compare import paired_deltas, plot_series, summary_columns, summary_rows
+from vitq.report.plots import plot_pareto
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["name", "top-1", "n"]
@@ -81,6 +82,14 @@ def test_plot_compare_writes_png(tmp_path):
     path = plot_compare(tmp_path / "p.png", ["W8A8", "W4A4"],
                         {"minmax": ([70.0, 40.0], [1.0, 2.0]), "percentile": ([71.0, math.nan], [0.5, 0.0])},
                         float_level=72.0, title="t")
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+
+
+def test_plot_pareto_writes_png(tmp_path):
+    path = plot_pareto(tmp_path / "pareto.png", {"gptq uniform": ([2.6, 3.2, 4.4], [60.0, 75.0, 79.0], [1.0, 0.5, 0.2]),
+                                                 "gptq mixed": ([2.6, 3.2], [66.0, 76.5], [0.8, 0.4])},
+                       float_level=79.6, title="t")
     data = path.read_bytes()
     assert len(data) > 1000 and data.startswith(PNG_MAGIC)
 
