@@ -22,7 +22,9 @@ from vitq.export.integer_kernels import (
     shiftmax,
     units_per_one,
 )
-from vitq.export.integer_vit import IntegerViT
+from vitq.calib.runner import calibrating
+from vitq.export.integer_vit import LEVEL_BITS, IntegerViT, SoftmaxLevels
+from vitq.quantizers import build_quantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,9 +108,36 @@ def images() -> torch.Tensor:
     return random_images(8)
 
 
-def test_integer_runtime_tracks_the_fake_quant_model(float_model, images):
-    qmodel = vitq.quantize(float_model, vitq.QuantConfig(method="percentile", w_bits=8, a_bits=8, calib_size=4),
-                           images[:4], progress=False)
+@pytest.mark.parametrize(("kind", "steps_per_octave"), [("log_sqrt2", 2), ("log2", 1)])
+def test_log_softmax_levels_are_the_shift_kernel_in_fixed_point(kind, steps_per_octave):
+    quantizer = build_quantizer({"kind": kind, "bits": 4})
+    with calibrating([quantizer]):
+        quantizer(torch.rand(4, 50).softmax(-1))
+    levels = SoftmaxLevels(quantizer, "softmax")
+    probabilities = torch.arange(0, 2**PROB_BITS + 1, 97)
+    got = levels(probabilities).double() * levels.unit
+    # the closed form: code q = round(−s·log2(p/Δ)) clamped to 0..15, level Δ·2^(−q/s), 0 past the last code
+    delta, p = float(quantizer.scale), probabilities.double() / 2**PROB_BITS
+    code = torch.round(-steps_per_octave * torch.log2(p / delta)).clamp_min(0)
+    expected = torch.where(code >= 16, 0.0, delta * 2.0 ** (-code / steps_per_octave))
+    assert torch.allclose(got, expected, rtol=0, atol=levels.unit / 2 + 1e-12)
+    assert levels.unit == pytest.approx(delta / 2**LEVEL_BITS)
+
+
+def test_softmax_levels_refuse_a_quantizer_without_integer_codes():
+    quantizer = build_quantizer({"kind": "uniform", "bits": 8, "granularity": "head", "groups": 2, "axis": 1})
+    with calibrating([quantizer]):
+        quantizer(torch.rand(1, 2, 5, 5))
+    with pytest.raises(VitqError, match="integer runtime: softmax must be a per-tensor uniform quantizer or one "
+                                        "with integer codes"):
+        SoftmaxLevels(quantizer, "softmax")
+
+
+@pytest.mark.parametrize(("method", "deploy"), [("percentile", None), ("repq-vit", "onnxruntime"),
+                                                ("dopq-vit", "onnxruntime")])
+def test_integer_runtime_tracks_the_fake_quant_model(float_model, images, method, deploy):
+    qmodel = vitq.quantize(float_model, vitq.QuantConfig(method=method, w_bits=8, a_bits=8, calib_size=4,
+                                                         deploy=deploy), images[:4], progress=False)
     runtime = IntegerViT.compile(qmodel, images[:4])
     logits = runtime(images)
     assert logits.dtype == torch.int64
@@ -120,10 +149,10 @@ def test_integer_runtime_tracks_the_fake_quant_model(float_model, images):
     assert (values.argmax(1) == reference.argmax(1)).float().mean() >= 0.75
 
 
-def test_integer_runtime_refuses_non_uniform_points(float_model, images):
+def test_integer_runtime_refuses_fractional_zero_points(float_model, images):
     qmodel = vitq.quantize(float_model, vitq.QuantConfig(method="repq-vit", w_bits=8, a_bits=8, calib_size=4),
                            images[:4], progress=False)
-    with pytest.raises(VitqError, match="integer runtime: blocks.0"):
+    with pytest.raises(VitqError, match="integer runtime: blocks.0.*fractional zero point"):
         IntegerViT.compile(qmodel, images[:4])
 
 

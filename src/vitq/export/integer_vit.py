@@ -18,9 +18,10 @@ images (never the evaluation ones):
 
 Approximations (I-ViT's, see the kernels): ``e^x`` by shifts with a linear ``2^−r``, ``GELU`` as ``x·σ(1.702x)``,
 integer square root and divisions rounded to integers. Supported: timm ``VisionTransformer`` models with a class
-token (ViT, DeiT) whose activation quantizers are all per-tensor uniform with integer zero points and whose
-weight quantizers are uniform per output channel or per tensor (``minmax``, ``percentile``, ...); anything else is
-refused with the slot that prevents it.
+token (ViT, DeiT) whose activation quantizers are per-tensor uniform with integer zero points, the softmax
+output also log2 / log√2 / TanQ (:class:`SoftmaxLevels`), and whose weight quantizers are uniform per output
+channel or per tensor (``minmax``, ``percentile``, and the reparameterized methods quantized with ``--deploy
+onnxruntime``); anything else is refused with the slot that prevents it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from vitq.export.integer_kernels import (
 )
 from vitq.nn import QConv2d, QLinear
 from vitq.quantized_model import QuantizedModel
+from vitq.quantizers import Quantizer
 from vitq.quantizers.uniform import integer_grid_problem
 
 RESIDUAL_BITS = 22
@@ -52,6 +54,8 @@ HIDDEN_BITS = 16
 GAIN_BITS = 16
 #: headroom over the largest calibration magnitude for the runtime's own scales
 HEADROOM = 1.25
+#: fixed-point bits of a non-uniform softmax level below the largest one (SoftmaxLevels)
+LEVEL_BITS = 20
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,45 @@ class Requantizer(nn.Module):
             return requantize(acc, self.mantissa, self.shift)
         t = self.target
         return requantize(acc, self.mantissa, self.shift, t.zero_point, t.q_min, t.q_max)
+
+
+class SoftmaxLevels(nn.Module):
+    """Integer probabilities (``2^−PROB_BITS`` units) → the softmax quantizer's codes → its levels, as integers of
+    real scale :attr:`unit`, ready for the product with ``v − z_v``.
+
+    A per-tensor uniform quantizer: codes by dyadic requantization, levels ``q − z`` (exact, ``unit = Δ``).
+    A quantizer with other integer codes (``log2``, ``log_sqrt2``, ``tanq``): two lookups built at compile time
+    from the quantizer itself, one entry per integer probability (the fake-quant codes of ``p·2^−PROB_BITS``,
+    exactly) and one per code (its level in fixed point, :data:`LEVEL_BITS` bits below the largest level; a level
+    under half a unit rounds to 0). For the log kinds this is the shift kernel ``Δ·2^−q`` (``Δ·2^−q/2``) as a
+    table: no float operation at run time.
+    """
+
+    def __init__(self, quantizer, slot: str) -> None:
+        super().__init__()
+        self.uniform = integer_grid_problem(quantizer, per_row=False) is None
+        if self.uniform:
+            codes = Codes.of(quantizer, slot)
+            self.requantize = Requantizer(2.0**-PROB_BITS, codes)
+            self.zero_point, self.unit = codes.zero_point, codes.scale
+            return
+        if quantizer is None or type(quantizer).int_repr is Quantizer.int_repr \
+                or any(getattr(quantizer, name).numel() != 1 for name in quantizer.param_names):
+            raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer or one with integer "
+                            f"codes (log2, log_sqrt2, tanq): {integer_grid_problem(quantizer, per_row=False)}")
+        with torch.no_grad():
+            probabilities = torch.arange(2**PROB_BITS + 1, dtype=torch.float64) / 2**PROB_BITS
+            device = next(quantizer.buffers()).device
+            code_table = quantizer.int_repr(probabilities.float().to(device)).to(torch.int64)
+            levels = quantizer.dequantize(torch.arange(int(code_table.max()) + 1, device=device)).double()
+        self.unit = float(levels.max()) / 2**LEVEL_BITS
+        self.register_buffer("code_table", code_table)
+        self.register_buffer("level_table", torch.round(levels / self.unit).to(torch.int64))
+
+    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        if self.uniform:
+            return self.requantize(probabilities) - self.zero_point
+        return self.level_table[self.code_table[probabilities]]
 
 
 class IntegerLinear(nn.Module):
@@ -143,7 +186,6 @@ class IntegerBlock(nn.Module):
         attn, mlp = block.attn, block.mlp
         self.heads = attn.num_heads
         q, k, v = (Codes.of(getattr(attn, p).quantizer, f"{name}.attn.{p}.quantizer") for p in "qkv")
-        softmax = Codes.of(attn.softmax.quantizer, f"{name}.attn.softmax.quantizer")
         proj_in = Codes.of(attn.proj.input_quantizer, f"{name}.attn.proj.input_quantizer")
         fc2_in = Codes.of(mlp.fc2.input_quantizer, f"{name}.mlp.fc2.input_quantizer")
         self.norm1 = IntegerLayerNorm(block.norm1, residual_scale, Codes.of(attn.qkv.input_quantizer,
@@ -154,10 +196,10 @@ class IntegerBlock(nn.Module):
         # timm scales q by head_dim^−½ before the q quantizer: fold it into q's multiplier
         self.to_q = Requantizer(acc[:dim] * attn.scale, q)
         self.to_k, self.to_v = Requantizer(acc[dim:2 * dim], k), Requantizer(acc[2 * dim:], v)
-        self.zeros = (q.zero_point, k.zero_point, v.zero_point, softmax.zero_point)
+        self.zeros = (q.zero_point, k.zero_point, v.zero_point)
         self.score_shift, self.score_units = units_per_one(q.scale * k.scale)
-        self.to_softmax = Requantizer(2.0**-PROB_BITS, softmax)
-        self.to_proj = Requantizer(softmax.scale * v.scale, proj_in)
+        self.softmax = SoftmaxLevels(attn.softmax.quantizer, f"{name}.attn.softmax.quantizer")
+        self.to_proj = Requantizer(self.softmax.unit * v.scale, proj_in)
         self.proj = IntegerLinear(attn.proj, f"{name}.attn.proj")
         self.proj_to_residual = Requantizer(self.proj.acc_scale, target_scale=residual_scale)
         self.norm2 = IntegerLayerNorm(block.norm2, residual_scale, Codes.of(mlp.fc1.input_quantizer,
@@ -176,11 +218,9 @@ class IntegerBlock(nn.Module):
         q, k, v = (requantizer(part).reshape(batch, tokens, self.heads, -1).transpose(1, 2)
                    for requantizer, part in zip((self.to_q, self.to_k, self.to_v), self.qkv(codes).chunk(3, dim=-1),
                                                 strict=True))
-        z_q, z_k, z_v, z_a = self.zeros
+        z_q, z_k, z_v = self.zeros
         scores = integer_matmul(q - z_q, (k - z_k).transpose(-2, -1)) << self.score_shift
-        probabilities = shiftmax(scores, self.score_units)
-        attn = self.to_softmax(probabilities)
-        out = integer_matmul(attn - z_a, v - z_v)
+        out = integer_matmul(self.softmax(shiftmax(scores, self.score_units)), v - z_v)
         return self.to_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
