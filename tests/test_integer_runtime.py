@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitq
+from vitq.calib.runner import calibrating
 from vitq.errors import VitqError
 from vitq.export.integer_kernels import (
     EXP_BITS,
@@ -22,7 +23,6 @@ from vitq.export.integer_kernels import (
     shiftmax,
     units_per_one,
 )
-from vitq.calib.runner import calibrating
 from vitq.export.integer_vit import LEVEL_BITS, IntegerViT, SoftmaxLevels
 from vitq.quantizers import build_quantizer
 
