@@ -394,9 +394,10 @@ def test_leaderboard_preset_plan():
     plan, settings = compare_plan(CompareSpec(preset="leaderboard"))
     bits = {variant.label: [f"W{w}A{a}" for w, a in b] for variant, b in plan}
     assert set(bits) == set(method_names()) - {"float", "adaround", "brecq", "qdrop", "is-vit"}  # calibration only
-    assert bits["repq-vit"] == ["W8A8", "W6A6", "W4A4", "W3A3"]
-    assert bits["gptq"] == bits["erq"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]
-    assert settings == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4"]
+    assert bits["repq-vit"] == bits["noisyquant"] == ["W8A8", "W6A6", "W4A4", "W3A3"]
+    assert bits["gptq"] == bits["erq"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4", "W4A8", "W4A16", "W3A16"]
+    assert bits["percentile"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W4A8", "W4A16", "W3A16"]  # round-to-nearest
+    assert settings == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4", "W4A8", "W4A16", "W3A16"]
 
 
 def test_leaderboard_preset_end_to_end(cli, files, tmp_path, monkeypatch):
@@ -485,8 +486,9 @@ BAD_INPUTS = {
                                            "--method", "minmax"], ["drop --method"]),
     "onnxruntime not onnx": (lambda f: ["eval", "--backend", "onnxruntime", "--model", f["checkpoint"]],
                              ["onnxruntime cannot load"]),
-    "integer runtime, log softmax": (lambda f: ["eval", "--method", "repq-vit", *_inputs(f), "--backend", "integer"],
-                                     ["integer runtime", "softmax"]),
+    "integer runtime, fractional zero point": (lambda f: ["eval", "--method", "repq-vit", *_inputs(f), "--backend",
+                                                          "integer"],
+                                               ["integer runtime", "fractional zero point", "--deploy onnxruntime"]),
     "export missing dir": (lambda f: ["export", f["root"] / "nope", "--output", f["root"] / "x.onnx"],
                            ["nope", "does not exist"]),
     "export bad opset": (lambda f: ["export", f["root"], "--output", "x.onnx", "--opset", "11"], ["--opset"]),

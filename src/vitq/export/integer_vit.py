@@ -71,7 +71,8 @@ class Codes:
     def of(cls, quantizer, slot: str) -> Codes:
         problem = integer_grid_problem(quantizer, per_row=False)
         if problem is not None:
-            raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer: {problem}")
+            hint = " (quantizing with --deploy onnxruntime rounds it)" if "fractional zero point" in problem else ""
+            raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer: {problem}{hint}")
         return cls(float(quantizer.scale), int(quantizer.zero_point), quantizer.q_min, quantizer.q_max)
 
 
@@ -100,11 +101,11 @@ class SoftmaxLevels(nn.Module):
     real scale :attr:`unit`, ready for the product with ``v − z_v``.
 
     A per-tensor uniform quantizer: codes by dyadic requantization, levels ``q − z`` (exact, ``unit = Δ``).
-    A quantizer with other integer codes (``log2``, ``log_sqrt2``, ``tanq``): two lookups built at compile time
-    from the quantizer itself, one entry per integer probability (the fake-quant codes of ``p·2^−PROB_BITS``,
-    exactly) and one per code (its level in fixed point, :data:`LEVEL_BITS` bits below the largest level; a level
-    under half a unit rounds to 0). For the log kinds this is the shift kernel ``Δ·2^−q`` (``Δ·2^−q/2``) as a
-    table: no float operation at run time.
+    A quantizer with other integer codes (``log2``, ``log_sqrt2``, ``tanq``, ``twin_uniform_softmax``): two
+    lookups built at compile time from the quantizer itself, one entry per integer probability (the fake-quant
+    codes of ``p·2^−PROB_BITS``, exactly) and one per code (its level in fixed point, :data:`LEVEL_BITS` bits
+    below the largest level; a level under half a unit rounds to 0). For the log kinds this is the shift kernel
+    ``Δ·2^−q`` (``Δ·2^−q/2``) as a table: no float operation at run time.
     """
 
     def __init__(self, quantizer, slot: str) -> None:
@@ -118,11 +119,13 @@ class SoftmaxLevels(nn.Module):
         if quantizer is None or type(quantizer).int_repr is Quantizer.int_repr \
                 or any(getattr(quantizer, name).numel() != 1 for name in quantizer.param_names):
             raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer or one with integer "
-                            f"codes (log2, log_sqrt2, tanq): {integer_grid_problem(quantizer, per_row=False)}")
+                            f"codes (log2, log_sqrt2, tanq, ...): {integer_grid_problem(quantizer, per_row=False)}")
         with torch.no_grad():
             probabilities = torch.arange(2**PROB_BITS + 1, dtype=torch.float64) / 2**PROB_BITS
             device = next(quantizer.buffers()).device
             code_table = quantizer.int_repr(probabilities.float().to(device)).to(torch.int64)
+            if int(code_table.min()) < 0:
+                raise VitqError(f"integer runtime: {slot} gives negative codes to probabilities")
             levels = quantizer.dequantize(torch.arange(int(code_table.max()) + 1, device=device)).double()
         self.unit = float(levels.max()) / 2**LEVEL_BITS
         self.register_buffer("code_table", code_table)

@@ -69,11 +69,9 @@ class ChannelSplit(nn.Module):
 def attach_outlier_splits(qmodel, top_k: int | None, threshold: float | None, roles: tuple[str, ...]) -> int:
     """Give every :class:`~vitq.nn.QLinear` of ``qmodel`` whose quantized input has one of ``roles`` a
     :class:`ChannelSplit`; returns how many."""
-    from vitq.nn.modules import QLinear
-
     count = 0
-    for slot in qmodel.slots():
-        if slot.attr == "input_quantizer" and isinstance(slot.module, QLinear) and slot.role in roles \
+    for slot in qmodel.slots():  # a QLinear is the point with an ``outlier_split`` attribute
+        if slot.attr == "input_quantizer" and hasattr(slot.module, "outlier_split") and slot.role in roles \
                 and slot.quantizer is not None:
             slot.module.outlier_split = ChannelSplit(slot.module.in_features, top_k, threshold,
                                                      device=slot.module.weight.device)
