@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -654,6 +655,17 @@ def _absent_or_complete(out: Path) -> bool:
 
 #: after the first progress output (the model is loaded): seconds to wait before SIGINT; None = while loading
 MOMENTS = (None, 0.0, 0.3, 0.8, 1.5, 2.5, 4.0, 8.0)
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again():
+    from vitq.__main__ import reraise_swallowed_interrupt
+
+    unraisable = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None,
+                                       err_msg="Exception ignored in", object=None)
+    with pytest.raises(KeyboardInterrupt):
+        reraise_swallowed_interrupt(unraisable)
+        for _ in range(1000):  # the interrupt arrives at the main thread's next signal check
+            time.sleep(0.001)
 
 
 def test_sigint_leaves_the_output_absent_or_complete(env, tmp_path):

@@ -6,6 +6,7 @@ still ends with one line and exit code 130, like a Ctrl-C during the work (:func
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import sys
@@ -23,8 +24,19 @@ def _interrupted(message: str | None) -> int:
     os._exit(EXIT_INTERRUPTED)
 
 
+def reraise_swallowed_interrupt(unraisable) -> None:
+    """``sys.unraisablehook``: a Ctrl-C that lands in code whose exceptions CPython can only report (a finalizer,
+    the logging module's fork handlers while libraries load) would be printed as "Exception ignored" and lost, and
+    the command would go on; raise it again in the main thread, where the one-line handlers see it."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        _thread.interrupt_main()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def run() -> int:
     """Load the command line and run it on ``sys.argv``."""
+    sys.unraisablehook = reraise_swallowed_interrupt
     try:
         from vitq.cli import main
     except KeyboardInterrupt:
