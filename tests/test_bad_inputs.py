@@ -662,10 +662,14 @@ def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again():
 
     unraisable = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None,
                                        err_msg="Exception ignored in", object=None)
-    with pytest.raises(KeyboardInterrupt):
-        reraise_swallowed_interrupt(unraisable)
-        for _ in range(1000):  # the interrupt arrives at the main thread's next signal check
-            time.sleep(0.001)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an earlier in-process CLI run ignores it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reraise_swallowed_interrupt(unraisable)
+            for _ in range(1000):  # the interrupt arrives at the main thread's next signal check
+                time.sleep(0.001)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigint_leaves_the_output_absent_or_complete(env, tmp_path):
