@@ -12,6 +12,26 @@ from matplotlib.patches import Patch
 from vitq.files import atomic_file
 
 
+def _write_png(fig: Figure, path: str | Path) -> Path:
+    """Lay out ``fig`` and write it to ``path`` as PNG, whole or not at all."""
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as partial:
+        fig.savefig(partial, format="png")
+    return path
+
+
+def _write_line_plot(fig: Figure, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Axis labels, title, grid and legend of a line plot, then :func:`_write_png`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _write_png(fig, path)
+
+
 def plot_compare(path: str | Path, settings: Sequence[str],
                  series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                  float_level: float | None = None, *, title: str = "", ylabel: str = "top-1 (%)") -> Path:
@@ -30,17 +50,7 @@ def plot_compare(path: str | Path, settings: Sequence[str],
     if float_level is not None:
         ax.axhline(float_level, linestyle="--", color="gray", label=f"float ({float_level:.2f})")
     ax.set_xticks(x, list(settings))
-    ax.set_xlabel("bit setting")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as partial:
-        fig.savefig(partial, format="png")
-    return path
+    return _write_line_plot(fig, ax, path, "bit setting", ylabel, title)
 
 
 def plot_pareto(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
@@ -55,17 +65,7 @@ def plot_pareto(path: str | Path, series: Mapping[str, tuple[Sequence[float], Se
         ax.errorbar(list(xs), list(means), yerr=list(stds), marker="o", capsize=4, label=name)
     if float_level is not None:
         ax.axhline(float_level, linestyle=":", color="gray", label=f"float ({float_level:.2f})")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as partial:
-        fig.savefig(partial, format="png")
-    return path
+    return _write_line_plot(fig, ax, path, xlabel, ylabel, title)
 
 
 def plot_sensitivity(path: str | Path, labels: Sequence[str], values: Sequence[float], is_weight: Sequence[bool], *,
@@ -86,8 +86,4 @@ def plot_sensitivity(path: str | Path, labels: Sequence[str], values: Sequence[f
     if title:
         ax.set_title(title, fontsize="medium")
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as partial:
-        fig.savefig(partial, format="png")
-    return path
+    return _write_png(fig, path)
