@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitq
-from vitq.calib.runner import calibrate_in_forward_order
+from vitq.calib.runner import calibrate_in_forward_order, calibrating
 from vitq.errors import VitqError
 from vitq.eval.ort import OrtModel
 from vitq.export.onnx import INT8, UINT8, _qdq_params, _slot_export, export_onnx
-from vitq.nn import QLinear
+from vitq.nn import QAct, QLinear
 from vitq.quantized_model import Slot
 from vitq.quantizers import build_quantizer
 
@@ -105,8 +105,7 @@ def test_uniform_w4a4_export_forms_and_accuracy(float_model, images, tmp_path):
     weights = [s for s in forms if s.endswith("weight_quantizer")]
     assert len(weights) == 6 * 4 + 2 and all(forms[s] == "int8 weight" for s in weights)
     assert forms["blocks.0.mlp.fc2.input_quantizer"] == "uint8 QDQ + clip"  # 4-bit codes in uint8: clipped first
-    # random init: the softmax is almost flat, minmax's range misses 0 by far and its zero point cannot be stored
-    assert all(p.slot.endswith("softmax.quantizer") for p in exported.float_points)
+    assert not exported.float_points
     for optimization in ("disable", "all"):
         _assert_close_to_fake_quant(qmodel, exported.path, images, optimization)
 
@@ -136,15 +135,44 @@ def test_weights_are_stored_as_their_int8_codes(float_model, images, tmp_path):
     assert path.stat().st_size < 0.5 * float_file.stat().st_size  # tiny model: graph overhead; DeiT-tiny 0.28
 
 
-def test_non_uniform_and_fractional_zero_points_stay_float_and_are_named(float_model, images, tmp_path):
+def test_fractional_zero_points_stay_float_and_are_named(float_model, images, tmp_path):
     qmodel = _quantize(float_model, images, "repq-vit", 4, 4)
     exported = export_onnx(qmodel, tmp_path / "repq.onnx")
     reasons = {p.slot: p.reason for p in exported.float_points}
-    assert "log_sqrt2" in reasons["blocks.0.attn.softmax.quantizer"]
     # RepQ-ViT's reparameterized post-LayerNorm target keeps an unrounded zero point
     assert "fractional zero point" in reasons["blocks.0.attn.qkv.input_quantizer"]
     assert all(p.form == "int8 weight" for p in exported.points if p.role == "weight")
     # with a float input, the weight DQ → MatMul fuses into MatMulNBits: it must stay float32 (accuracy level 1)
+    _assert_close_to_fake_quant(qmodel, exported.path, images)
+
+
+@pytest.mark.parametrize("spec", [{"kind": "log2", "bits": 4}, {"kind": "log_sqrt2", "bits": 8},
+                                  {"kind": "tanq", "bits": 6}, {"kind": "twin_uniform_softmax", "bits": 8}])
+def test_softmax_codes_and_level_lookup_equal_fake_quant(spec, tmp_path):
+    torch.manual_seed(0)
+    point = QAct("softmax")
+    point.quantizer = build_quantizer(spec)
+    p = torch.softmax(torch.randn(2, 3, 17, 17) * 3, dim=-1)
+    p[0, 0, 0] = torch.tensor([0.0, 1e-30, 1e-8] + [1 / 14] * 14)  # exact zero and underflowing probabilities
+    with calibrating([point.quantizer]):
+        point.quantizer(p)
+    entry, _ = _slot_export(Slot("softmax", "quantizer", "softmax", point), False)
+    wide = spec["kind"].startswith("log") and spec["bits"] == 8  # 2^8 non-zero levels and an exact zero
+    assert entry.form == ("int16" if wide else "uint8") + " codes + level lookup"
+    with torch.no_grad():
+        exported = _export_layer(point, p, tmp_path / "softmax.onnx")
+        reference = point.quantizer(p)
+    assert torch.equal(exported, reference)
+
+
+@pytest.mark.parametrize("method", ["repq-vit", "dopq-vit"])
+def test_reparameterized_methods_export_with_no_float_path_for_onnxruntime(float_model, images, method, tmp_path):
+    config = vitq.QuantConfig(method=method, w_bits=8, a_bits=8, calib_size=3, deploy="onnxruntime")
+    qmodel = vitq.quantize(float_model, config, images[:3], progress=False)
+    exported = export_onnx(qmodel, tmp_path / f"{method}.onnx")
+    assert not exported.float_points
+    softmax = {p.form for p in exported.points if p.role == "softmax"}
+    assert softmax == {("int16" if method == "repq-vit" else "uint8") + " codes + level lookup"}
     _assert_close_to_fake_quant(qmodel, exported.path, images)
 
 

@@ -88,6 +88,16 @@ def test_onnxruntime_export_computes_the_qdq_export(float_model, tmp_path):
     assert [n.op_type for n in nodes].count("BiasGelu") == depth
 
 
+def test_onnxruntime_export_of_a_tanq_softmax_has_no_float_path(float_model, tmp_path):
+    """DopQ-ViT's TanQ softmax codes + level lookup survive onnxruntime's fusions."""
+    images = random_images(6)
+    config = vitq.QuantConfig(method="dopq-vit", w_bits=8, a_bits=8, calib_size=3, deploy="onnxruntime")
+    qmodel = vitq.quantize(float_model, config, images[:3], progress=False)
+    exported = export_onnxruntime(qmodel, tmp_path / "ort.onnx")
+    assert not exported.float_points
+    assert_close_to_fake_quant(qmodel, OrtModel(exported.path, threads=1)(images), images)
+
+
 # ---------------------------------------------------------------------------------------- MatMulNBits
 def _decode(stored) -> np.ndarray:
     """The [N, K] weight MatMulNBits computes with, decoded element by element from its documented layout."""

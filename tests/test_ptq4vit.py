@@ -224,11 +224,13 @@ def test_variants_calibrate(options):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript ONNX exporter
-def test_onnx_export_names_the_twin_points_as_float_paths(tmp_path):
+def test_onnx_export_forms_of_the_twin_points(tmp_path):
     _, _, qmodel = quantized_test_vit("ptq4vit", 8, 8, eq_n=8)
     exported = export_onnx(qmodel, tmp_path / "ptq4vit.onnx")
     reasons = {p.slot: p.reason for p in exported.float_points}
-    assert "twin_uniform_softmax quantizer (not uniform)" in reasons["blocks.0.attn.softmax.quantizer"]
+    # the twin-uniform softmax has integer codes: codes + level lookup; the GELU output's has no such form here
+    forms = {p.slot: p.form for p in exported.points}
+    assert forms["blocks.0.attn.softmax.quantizer"] == "uint8 codes + level lookup"
     assert "twin_uniform_gelu quantizer (not uniform)" in reasons["blocks.0.mlp.fc2.input_quantizer"]
     assert "per-head" in reasons["blocks.0.attn.qkv.weight_quantizer"]
 

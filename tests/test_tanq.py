@@ -219,7 +219,8 @@ def test_uncalibrated_use_is_an_error():
 
 
 def test_lower_precision_input_keeps_dtype():
-    x = torch.rand(2, 8).softmax(-1)
+    # values exact in bfloat16, so that both calls quantize the same numbers
+    x = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)).softmax(-1).bfloat16().float()
     q = _calibrated(x, 4, "tan_log")
     y = q(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16

@@ -11,6 +11,8 @@ inside a product, where int64 holds the widening); only the compile step (:func:
 - :func:`shiftmax`: softmax from :func:`shift_exp` and one integer division per row.
 - :func:`shift_gelu`: ``GELU(x) ≈ x·σ(1.702·x)`` (I-ViT's ShiftGELU), ``1.702 ≈ 1 + 1/2 + 1/8 + 1/16``,
   ``σ`` from :func:`shift_exp` and an integer division.
+- :func:`probability_code_book`: a non-uniform softmax quantizer (log2, log√2, TanQ, ...) as two lookups, integer
+  probability → code → level, so that its codes need no float operation at run time.
 - :func:`integer_layernorm`: integer mean and variance, integer square root (:func:`isqrt`, Newton's method on
   integers, exact), and the affine part folded into per-channel integer multipliers.
 """
@@ -21,6 +23,8 @@ import math
 
 import torch
 
+from vitq.quantizers import Quantizer
+
 #: fractional bits of the dyadic multipliers (m has about this many significant bits)
 MULTIPLIER_BITS = 30
 #: fixed-point bits of shift_exp's output (1.0 = 2^EXP_BITS)
@@ -29,6 +33,24 @@ EXP_BITS = 15
 PROB_BITS = 16
 #: shift_exp needs ``1/S`` (the integer count of units per 1.0) to be at least this large for resolution
 MIN_UNITS_PER_ONE = 1024
+
+
+def probability_code_book(quantizer) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The codes of ``quantizer`` for every probability ``i·2^−PROB_BITS`` (``i = 0..2^PROB_BITS``, int64) and
+    the level of each code ``0..max`` (float64): its fake-quant on that probability grid as two table lookups.
+    Or why it has none: the quantizer must define integer codes (``int_repr``) with one set of parameters, and
+    give non-negative codes to probabilities."""
+    if quantizer is None or type(quantizer).int_repr is Quantizer.int_repr \
+            or any(getattr(quantizer, name).numel() != 1 for name in quantizer.param_names):
+        return "needs a per-tensor quantizer with integer codes (uniform, log2, log_sqrt2, tanq, ...)"
+    with torch.no_grad():
+        probabilities = torch.arange(2**PROB_BITS + 1, dtype=torch.float64) / 2**PROB_BITS
+        device = next(quantizer.buffers()).device
+        code_table = quantizer.int_repr(probabilities.float().to(device)).to(torch.int64)
+        if int(code_table.min()) < 0:
+            return "gives negative codes to probabilities"
+        levels = quantizer.dequantize(torch.arange(int(code_table.max()) + 1, device=device)).double()
+    return code_table, levels
 
 
 def dyadic(multiplier: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ from vitq.export.integer_kernels import (
     dyadic,
     integer_layernorm,
     integer_matmul,
+    probability_code_book,
     requantize,
     shift_gelu,
     shiftmax,
@@ -45,7 +46,6 @@ from vitq.export.integer_kernels import (
 )
 from vitq.nn import QConv2d, QLinear
 from vitq.quantized_model import QuantizedModel
-from vitq.quantizers import Quantizer
 from vitq.quantizers.uniform import integer_grid_problem
 
 RESIDUAL_BITS = 22
@@ -116,17 +116,11 @@ class SoftmaxLevels(nn.Module):
             self.requantize = Requantizer(2.0**-PROB_BITS, codes)
             self.zero_point, self.unit = codes.zero_point, codes.scale
             return
-        if quantizer is None or type(quantizer).int_repr is Quantizer.int_repr \
-                or any(getattr(quantizer, name).numel() != 1 for name in quantizer.param_names):
+        book = probability_code_book(quantizer)
+        if isinstance(book, str):
             raise VitqError(f"integer runtime: {slot} must be a per-tensor uniform quantizer or one with integer "
-                            f"codes (log2, log_sqrt2, tanq, ...): {integer_grid_problem(quantizer, per_row=False)}")
-        with torch.no_grad():
-            probabilities = torch.arange(2**PROB_BITS + 1, dtype=torch.float64) / 2**PROB_BITS
-            device = next(quantizer.buffers()).device
-            code_table = quantizer.int_repr(probabilities.float().to(device)).to(torch.int64)
-            if int(code_table.min()) < 0:
-                raise VitqError(f"integer runtime: {slot} gives negative codes to probabilities")
-            levels = quantizer.dequantize(torch.arange(int(code_table.max()) + 1, device=device)).double()
+                            f"codes: {book} ({integer_grid_problem(quantizer, per_row=False)})")
+        code_table, levels = book
         self.unit = float(levels.max()) / 2**LEVEL_BITS
         self.register_buffer("code_table", code_table)
         self.register_buffer("level_table", torch.round(levels / self.unit).to(torch.int64))

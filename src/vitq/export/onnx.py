@@ -9,8 +9,15 @@ What each quantization point becomes:
   codes. Below 8 bits the codes are a sub-range of uint8, so a ``Clip`` to ``[(q_min − z)·Δ, (q_max − z)·Δ]``
   comes first: then ``round(x/Δ) + z`` never leaves ``[q_min, q_max]`` and the pair computes exactly our
   fake-quant;
-- anything that has no integer form here — log2, log√2, TanQ, dual-uniform, per-group weights, per-channel or
-  per-head activations (no integer GEMM takes them; onnxruntime's fused kernels reject them), a fractional
+- a **softmax output** with a non-uniform quantizer that has integer codes (log2, log√2, TanQ, twin-uniform), or
+  a uniform one whose zero point does not fit uint8: **codes + level lookup**. The quantizer's own code
+  arithmetic (for log2 ``round(−log2(p/Δ))``, the counterpart of QuantizeLinear's ``round(x/Δ) + z``) gives its
+  codes, held as an integer tensor (uint8; int16 for the 8-bit log kinds, whose ``2^8`` non-zero levels and
+  exact zero are 257 symbols), and a ``Gather`` on the table of their levels dequantizes them (the
+  DequantizeLinear of a non-uniform code book). Same codes as the fake-quant, so the same values;
+- anything that has no integer form here — log2, log√2, TanQ, dual-uniform and FP kinds outside the softmax
+  output, per-group weights, per-channel or per-head activations (no integer GEMM takes them; onnxruntime's
+  fused kernels reject them), a fractional
   zero point (RepQ-ViT's unrounded reparameterization target) or one that does not fit 8-bit storage — keeps a
   **float path**: the quantizer's own fake-quant arithmetic is traced into the graph (exact, not integer), and
   the export report names every such point with the reason.
@@ -40,6 +47,7 @@ from torch import nn
 
 from vitq.device import model_device
 from vitq.errors import VitqError
+from vitq.export.integer_kernels import probability_code_book
 from vitq.files import atomic_file
 from vitq.nn import QLinear
 from vitq.quantized_model import QuantizedModel, Slot
@@ -167,6 +175,26 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("Transpose", dequantized_t, perm_i=[1, 0])
 
 
+def code_dtype(codes: torch.Tensor) -> torch.dtype:
+    """The storage of non-negative ``codes``: uint8, or int16 for the log quantizers' ``2^b + 1`` symbols (their
+    extra code stands for an exact 0; torch's ONNX exporter has no uint16 constants)."""
+    return torch.uint8 if int(codes.max()) <= UINT8[1] else torch.int16
+
+
+class _SoftmaxCodesExport(nn.Module):
+    """``levels[codes(p)]``: the quantizer's own code arithmetic, its integer codes cast to their storage type, and
+    a ``Gather`` on the table of their levels (the DequantizeLinear of a non-uniform code book)."""
+
+    def __init__(self, quantizer: Quantizer, levels: torch.Tensor) -> None:
+        super().__init__()
+        self.quantizer, self.levels = quantizer, levels.cpu().float()
+        self.storage = code_dtype(torch.tensor(len(levels) - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.quantizer.int_repr(x.clamp(0.0, 1.0)).to(self.storage)
+        return self.levels[codes.long()]
+
+
 class _ActivationExport(nn.Module):
     def __init__(self, quantizer: UniformQuantizer, params: _QdqParams) -> None:
         super().__init__()
@@ -197,6 +225,11 @@ def _slot_export(slot: Slot, signed_activations: bool) -> tuple[PointExport, nn.
     weight = slot.role == "weight"
     signed = weight or (signed_activations and getattr(quantizer, "signed", False))
     params = _qdq_params(quantizer, INT8 if signed else UINT8, weight=weight)
+    if isinstance(params, str) and slot.role == "softmax":
+        book = probability_code_book(quantizer)
+        if not isinstance(book, str):
+            shim = _SoftmaxCodesExport(quantizer, book[1])
+            return PointExport(slot.name, slot.role, described, f"{str(shim.storage)[6:]} codes + level lookup"), shim
     if isinstance(params, str):
         return PointExport(slot.name, slot.role, described, "float path", params), None
     if weight:
