@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 import vitq
 from vitq.config import PointOverride
 from vitq.errors import VitqError
-from vitq.mixed_precision import Budget, allocate, bit_sensitivities, overrides_text, read_overrides_file
+from vitq.mixed_precision import (
+    Budget,
+    allocate,
+    bit_sensitivities,
+    overrides_text,
+    point_sizes,
+    read_overrides_file,
+)
 
 MENU = (2, 3, 4, 6, 8)
 
@@ -55,6 +62,28 @@ def test_budgets_parse_and_count_bits():
     for bad in ("avg-bits=4", "w-avg-bits", "w-avg-bits=-1", "w-avg-bits=x", "w-size-mb=nan"):
         with pytest.raises(VitqError, match="KIND=VALUE"):
             Budget.parse(bad)
+
+
+def test_bops_sizes_are_macs_times_input_bits(float_model):
+    """Each layer's BOPs per weight bit, against its MACs from the model's dimensions."""
+    config = vitq.QuantConfig(method="minmax", w_bits=4, a_bits=6, calib_size=2,
+                              overrides=[PointOverride.parse("blocks.1.mlp.fc2.input_quantizer=float")])
+    images = random_images(2)
+    qmodel = vitq.quantize(float_model, config, images, progress=False)
+    sizes = point_sizes(qmodel, images[:1], weights=True, bops=True)
+    tokens = float_model.patch_embed.num_patches + float_model.num_prefix_tokens
+    block = float_model.blocks[0]
+    dim, hidden, classes = block.attn.qkv.in_features, block.mlp.fc1.out_features, float_model.head.out_features
+    assert sizes["blocks.0.attn.qkv.weight_quantizer"] == tokens * dim * 3 * dim * 6
+    assert sizes["blocks.0.mlp.fc2.weight_quantizer"] == tokens * hidden * dim * 6
+    assert sizes["blocks.1.mlp.fc2.weight_quantizer"] == tokens * hidden * dim * 32  # float input: 32 bits
+    assert sizes["head.weight_quantizer"] == dim * classes * 6  # the class token only
+    conv = float_model.patch_embed.proj
+    assert sizes["patch_embed.proj.weight_quantizer"] == float_model.patch_embed.num_patches * dim * \
+        conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * 8  # the image input stays at 8 bits
+    budget = Budget.parse("bops=0.05")
+    assert budget.weights and budget.total_bits(sizes) == 5e7
+    assert budget.describe({p: 4 for p in sizes}, sizes) == f"{4 * sum(sizes.values()) / 1e9:.3f} GBOPs (budget 0.05)"
 
 
 def test_overrides_file_round_trips_and_names_a_bad_line(tmp_path):

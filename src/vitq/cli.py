@@ -647,7 +647,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise VitqError("--method float quantizes nothing; choose a quantization method")
     budgets = [Budget.parse(text) for text in args.budget]
     if len({budget.weights for budget in budgets}) < len(budgets):
-        raise VitqError("one --budget per role: weights (w-avg-bits, w-size-mb) and activations (a-avg-bits)")
+        raise VitqError("one --budget per role: weights (w-avg-bits, w-size-mb, bops) and activations (a-avg-bits)")
     model = spec.float_model()
     cache = spec.image_cache(model)
     split = cache.split(config.calib_size, config.seed)
@@ -661,7 +661,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     calib = cache.tensors(split.calib, "loading calibration images")[0] if budgets else None
     for budget in budgets:
         costs, sizes = bit_sensitivities(model, config, calib, images, labels, args.menu, budget.weights,
-                                         model_name=spec.model, progress=spec.progress)
+                                         model_name=spec.model, progress=spec.progress, bops=budget.bops)
         bits = allocate(costs, sizes, budget.total_bits(sizes))
         spent = budget.describe(bits, sizes)
         counts = Counter(bits.values())

@@ -14,7 +14,10 @@
 
 Budgets (:class:`Budget`, ``--budget KIND=VALUE``, one per role): ``w-avg-bits`` (mean bits per weight element),
 ``a-avg-bits`` (mean bits per activation element of one image), ``w-size-mb`` (the weights' storage at their
-bits, 1 MB = 10^6 bytes, without the float parts of the model).
+bits, 1 MB = 10^6 bytes, without the float parts of the model), ``bops`` (giga bit-operations per image of the
+layers with weights: ``Σ MACs·b_w·b_a`` over every Linear and convolution, ``b_a`` the bits of the layer's input
+as quantized, 32 for a float input; the weight bits are allocated, the input bits stay as configured. The
+attention products ``q·kᵀ`` and ``A·v`` have no weights to allocate and are not counted).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from vitq.eval.sensitivity import point_sensitivity
 from vitq.quantized_model import QuantizedModel, Slot
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
 
-BUDGET_KINDS = ("w-avg-bits", "a-avg-bits", "w-size-mb")
+BUDGET_KINDS = ("w-avg-bits", "a-avg-bits", "w-size-mb", "bops")
+#: bits counted for a float input in a BOPs budget
+FLOAT_INPUT_BITS = 32
 DEFAULT_MENU = (2, 3, 4, 6, 8)
 
 
@@ -62,10 +67,17 @@ class Budget:
         """Whether it budgets the weights (else the activations)."""
         return self.kind != "a-avg-bits"
 
+    @property
+    def bops(self) -> bool:
+        """Whether a point's size is its bit-operations per weight bit (:func:`point_sizes`), not its elements."""
+        return self.kind == "bops"
+
     def total_bits(self, sizes: Mapping[str, int]) -> float:
-        """The budget as a number of bits over points of ``sizes`` elements."""
+        """The budget as ``Σ bits·size`` over points of ``sizes`` (elements, or MACs·input bits for ``bops``)."""
         if self.kind == "w-size-mb":
             return self.value * 8e6
+        if self.bops:
+            return self.value * 1e9
         return self.value * sum(sizes.values())
 
     def describe(self, bits: Mapping[str, int], sizes: Mapping[str, int]) -> str:
@@ -73,6 +85,8 @@ class Budget:
         spent = sum(bits[p] * sizes[p] for p in bits)
         if self.kind == "w-size-mb":
             return f"{spent / 8e6:.3f} MB of weights (budget {self.value:g})"
+        if self.bops:
+            return f"{spent / 1e9:.3f} GBOPs (budget {self.value:g})"
         return f"{spent / sum(sizes.values()):.3f} mean bits (budget {self.value:g})"
 
 
@@ -123,14 +137,28 @@ def _role_slots(qmodel: QuantizedModel, weights: bool) -> list[Slot]:
             if slot.quantizer is not None and (slot.role == "weight") == weights]
 
 
-def point_sizes(qmodel: QuantizedModel, image: torch.Tensor, weights: bool) -> dict[str, int]:
-    """Elements per point: its weight, or its activation for one ``image`` ([1, 3, H, W])."""
+def _input_bits(layer: nn.Module) -> int:
+    quantizer = getattr(layer, "input_quantizer", None)
+    return quantizer.bits if quantizer is not None and quantizer.enabled else FLOAT_INPUT_BITS
+
+
+def point_sizes(qmodel: QuantizedModel, image: torch.Tensor, weights: bool, *, bops: bool = False) -> dict[str, int]:
+    """Elements per point: its weight, or its activation for one ``image`` ([1, 3, H, W]). With ``bops`` (weights
+    only): the layer's bit-operations per weight bit on ``image``, its MACs times its input bits."""
     slots = _role_slots(qmodel, weights)
-    if weights:
+    if weights and not bops:
         return {slot.name: slot.module.weight.numel() for slot in slots}
     sizes: dict[str, int] = {}
-    handles = [slot.quantizer.register_forward_hook(
-        lambda _m, inputs, _o, name=slot.name: sizes.__setitem__(name, inputs[0].numel())) for slot in slots]
+
+    def record(slot: Slot):
+        if not weights:
+            return slot.quantizer.register_forward_hook(
+                lambda _m, inputs, _o: sizes.__setitem__(slot.name, inputs[0].numel()))
+        # each output element is one dot product over a weight row: in_features (in/groups·kh·kw) MACs
+        return slot.module.register_forward_hook(lambda layer, _i, output: sizes.__setitem__(
+            slot.name, output.numel() * layer.weight[0].numel() * _input_bits(layer)))
+
+    handles = [record(slot) for slot in slots]
     try:
         with torch.no_grad():
             qmodel(image)
@@ -142,10 +170,11 @@ def point_sizes(qmodel: QuantizedModel, image: torch.Tensor, weights: bool) -> d
 
 def bit_sensitivities(model: nn.Module, config: QuantConfig, calib: torch.Tensor, images: torch.Tensor,
                       labels: torch.Tensor, menu: Sequence[int], weights: bool, *, model_name: str | None = None,
-                      progress: bool = True) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+                      progress: bool = True, bops: bool = False) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
     """The cost (KL to float, each point alone, on the labelled ``images``) of every point of the role (weights,
     or activations) at each bit-width of ``menu``, each measured in a copy of ``model`` calibrated by
-    ``config``'s method on ``calib`` with all of them at that bit-width; and the points' sizes."""
+    ``config``'s method on ``calib`` with all of them at that bit-width; and the points' sizes
+    (:func:`point_sizes`, in bit-operations per weight bit with ``bops``)."""
     skeleton = prepare(model, config, model_name=model_name)
     names = [slot.name for slot in _role_slots(skeleton, weights)]
     costs: dict[str, dict[int, float]] = {name: {} for name in names}
@@ -154,7 +183,7 @@ def bit_sensitivities(model: nn.Module, config: QuantConfig, calib: torch.Tensor
         at_bits = config.model_copy(update={"overrides": [
             *config.overrides, *(PointOverride(pattern=name, bits=bits) for name in names)]})
         qmodel = quantize(model, at_bits, calib, model_name=model_name, progress=progress)
-        sizes = sizes or point_sizes(qmodel, images[:1], weights)
+        sizes = sizes or point_sizes(qmodel, images[:1], weights, bops=bops)
         for result in point_sensitivity(qmodel, images, labels, hutchinson_samples=0, progress=progress,
                                         slots=costs):
             costs[result.slot][bits] = result.kl
