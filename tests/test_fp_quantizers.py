@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_images
+from helpers import random_images, randomize_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +15,7 @@ from vitq.config import PointOverride
 from vitq.errors import VitqError
 from vitq.export.onnx import export_onnx
 from vitq.quantizers import build_quantizer
-from vitq.quantizers.fp import E2M1, E4M3, E5M2, round_to_format
+from vitq.quantizers.fp import E2M1, E4M3, E5M2, round_to_format, searched_format
 
 FINITE = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # by code: an even code has an even mantissa
@@ -170,3 +170,83 @@ def test_format_quantized_model_saves_loads_and_exports_on_a_float_path(float_mo
     assert reasons["blocks.0.mlp.fc1.weight_quantizer"] == "fp8_e4m3 quantizer (not uniform)"
     assert reasons["blocks.0.mlp.fc1.input_quantizer"] == "mxfp4 quantizer (not uniform)"
     assert len(exported.float_points) == len(exported.points)
+
+
+# ------------------------------------------------------------------------------- searched formats (LLM-FP4)
+def _decoded(bits: int, e: int) -> list[float]:
+    """Every non-negative value of the ``bits``-bit format with ``e`` exponent bits, decoded from its bit fields
+    (every exponent code normal, bias 2^(e−1) − 1; exponent field 0: subnormals)."""
+    m, bias = bits - 1 - e, 2 ** (e - 1) - 1
+    values = []
+    for field in range(2**e):
+        for mantissa in range(2**m):
+            if field == 0:
+                values.append(2.0 ** (1 - bias) * mantissa / 2**m)
+            else:
+                values.append(2.0 ** (field - bias) * (1 + mantissa / 2**m))
+    return sorted(values)
+
+
+@pytest.mark.parametrize(("bits", "e"), [(4, 1), (4, 2), (4, 3), (6, 3), (8, 4), (8, 5), (8, 7)])
+def test_searched_formats_are_their_decoded_code_books(bits, e):
+    fmt = searched_format(bits, e)
+    book = torch.tensor(_decoded(bits, e))
+    assert fmt.max == float(book.max())
+    values = torch.cat([book, -book])
+    torch.testing.assert_close(round_to_format(values, fmt), values, rtol=0, atol=0)
+    # any value rounds to a nearest entry of the book (the plain search), saturating beyond the largest
+    x = torch.linspace(-1.2 * fmt.max, 1.2 * fmt.max, 2001, dtype=torch.float64)
+    clamped, got = x.abs().clamp(max=fmt.max), round_to_format(x, fmt)
+    nearest = (clamped[:, None] - book.double()[None, :]).abs().min(1).values
+    assert bool(torch.isin(got.abs(), book.double()).all())
+    assert torch.allclose((got.abs() - clamped).abs(), nearest, rtol=1e-12, atol=0)
+
+
+def test_format_search_picks_the_lowest_error_format():
+    torch.manual_seed(0)
+    uniform, heavy = torch.rand(4096) * 2 - 1, torch.distributions.StudentT(2.0).sample((4096,))
+    errors = {}
+    for name, x in (("uniform", uniform), ("heavy", heavy)):
+        searched = build_quantizer({"kind": "fp", "bits": 4})
+        searched.calibrate(x)
+        for e in (1, 2, 3):  # each format alone, with the same scale search
+            only = build_quantizer({"kind": "fp", "bits": 4, "exponent_candidates": [e]})
+            only.calibrate(x)
+            errors[name, e] = float((only(x) - x).square().sum())
+        best = min((1, 2, 3), key=lambda e: errors[name, e])
+        assert int(searched.exponent_bits) == best
+        assert float((searched(x) - x).square().sum()) == errors[name, best]
+    assert errors["uniform", 1] < errors["uniform", 3] and errors["heavy", 3] < errors["heavy", 1]
+    e2m1 = build_quantizer({"kind": "fp4_e2m1", "init": "mse"})  # the same grid as the searched E2M1
+    e2m1.calibrate(heavy)
+    assert errors["heavy", 2] == pytest.approx(float((e2m1(heavy) - heavy).square().sum()))
+
+
+def test_searched_format_options_are_checked():
+    for spec, match in (({"exponent_candidates": [4]}, "1 to 3 exponent bits"),
+                        ({"exponent_candidates": []}, "at least one"),
+                        ({"exponent_candidates": [1.5]}, "integers"),
+                        ({"granularity": "head"}, "granularity")):
+        with pytest.raises(VitqError, match=match):
+            build_quantizer({"kind": "fp", "bits": 4, **spec})
+
+
+def test_llm_fp4_pre_shift_is_exact_in_float_and_saves_its_formats(float_model, tmp_path):
+    model = randomize_norms(float_model)
+    images = random_images(4)
+    config = vitq.QuantConfig(method="llm-fp4", w_bits=4, a_bits=4, calib_size=4)
+    qmodel = vitq.quantize(model, config, images, progress=False)
+    norm, qkv = qmodel.model.blocks[0].norm1, qmodel.model.blocks[0].attn.qkv
+    ratios = model.blocks[0].norm1.weight / norm.weight  # the folded 2^ρ per channel
+    assert bool((torch.log2(ratios) == torch.log2(ratios).round()).all()) and ratios.max() > ratios.min()
+    torch.testing.assert_close(qkv.weight, model.blocks[0].attn.qkv.weight * ratios, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), qmodel.quantization_disabled():
+        torch.testing.assert_close(qmodel(images), model(images), rtol=1e-4, atol=1e-5)
+    formats = {int(q.exponent_bits) for q in qmodel.quantizers().values()}
+    assert formats <= {1, 2, 3}
+    vitq.save(qmodel, tmp_path / "m.safetensors")
+    loaded = vitq.load(tmp_path / "m.safetensors")
+    assert [int(q.exponent_bits) for q in loaded.quantizers().values()] == \
+        [int(q.exponent_bits) for q in qmodel.quantizers().values()]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), qmodel(images), rtol=0, atol=0)

@@ -9,6 +9,7 @@ from vitq.methods import float as _float  # noqa: F401
 from vitq.methods import fqvit as _fqvit  # noqa: F401
 from vitq.methods import gptq as _gptq  # noqa: F401
 from vitq.methods import is_vit as _is_vit  # noqa: F401
+from vitq.methods import llm_fp4 as _llm_fp4  # noqa: F401
 from vitq.methods import minmax as _minmax  # noqa: F401
 from vitq.methods import noisyquant as _noisyquant  # noqa: F401
 from vitq.methods import percentile as _percentile  # noqa: F401

@@ -15,6 +15,12 @@ Kinds, each ``x̂ = s·round_to_format(x / s)`` with a scale ``s`` chosen as bel
   magnitude to the format's largest value (``s = max|x| / max``); ``init="mse"`` searches ``s`` over clipped
   ranges for the lowest squared error. A real-valued ``s`` is the FP analogue of choosing the exponent bias
   (LLM-FP4's search), with finer steps.
+- ``fp`` (:class:`FloatSearchQuantizer`, LLM-FP4's format search): a ``bits``-bit float format whose split of
+  exponent and mantissa bits is chosen per tensor on the calibration data, with its scale (the real-valued
+  exponent bias) searched as ``init="mse"`` does for each candidate format; the format with the lowest squared
+  error wins. Every exponent code is a normal number, with no infinities or NaN, as LLM-FP4 counts them: the
+  largest value of ``EeMm`` is ``(2 − 2^−m)·2^(2^(e−1))`` (E2M1: 6; E4M3: 480, where the OCP ``fn`` variant
+  keeps 448), and E1Mm is a uniform grid.
 - ``mxfp8``, ``mxfp4`` (:class:`MXQuantizer`, OCP Microscaling): blocks of 32 consecutive elements along the
   last dimension (the reduction dimension of a Linear's input and weight) share a power-of-two scale
   ``X = 2^(floor(log2 max|block|) − emax)``, ``emax`` the exponent of the element format's largest value; the
@@ -76,6 +82,15 @@ E5M2 = FloatFormat("e5m2", 5, 2, 57344.0)
 E2M1 = FloatFormat("e2m1", 2, 1, 6.0)
 
 
+def searched_format(bits: int, exponent_bits: int) -> FloatFormat:
+    """The ``bits``-bit format with ``exponent_bits`` exponent bits, every exponent code normal (module notes)."""
+    mantissa = bits - 1 - exponent_bits
+    if not 1 <= exponent_bits <= bits - 1:
+        raise VitqError(f"a {bits}-bit float format has 1 to {bits - 1} exponent bits, got {exponent_bits!r}")
+    return FloatFormat(f"e{exponent_bits}m{mantissa}", exponent_bits, mantissa,
+                       (2.0 - 2.0**-mantissa) * 2.0 ** (2 ** (exponent_bits - 1)))
+
+
 def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """The value of ``fmt`` nearest to ``x`` (ties to even mantissa), ``±fmt.max`` beyond the range, in x's dtype."""
     magnitude = x.abs().clamp(max=fmt.max)
@@ -89,6 +104,22 @@ def _check_bits(kind: str, bits: int | None, fmt: FloatFormat) -> int:
     if bits is not None and bits != fmt.bits:
         raise VitqError(f"quantizer kind {kind!r} has {fmt.bits} bits (it is {fmt.name.upper()}), got bits={bits!r}")
     return fmt.bits
+
+
+def scale_search(rows: torch.Tensor, fmt: FloatFormat, init: str,
+                 granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale of each row of ``rows`` ([rows, n]; one row per tensor) for ``fmt`` and its squared error:
+    ``max|row| / fmt.max`` (``minmax``), or the clipping ratio of :data:`MSE_RATIOS` with the lowest error
+    (``mse``; one ratio for the whole tensor unless ``granularity`` is ``channel``)."""
+    amax = rows.abs().amax(dim=1)
+    ratios = (1.0,) if init == "minmax" else MSE_RATIOS
+    candidates = [(amax * ratio / fmt.max).clamp_min(MIN_SCALE) for ratio in ratios]
+    errors = torch.stack([(round_to_format(rows / s[:, None], fmt) * s[:, None] - rows).square().sum(1)
+                          for s in candidates])  # [candidates, rows]
+    best = errors.argmin(0) if granularity == "channel" else \
+        torch.tensor([first_minimum(list(errors[:, 0]))], device=rows.device)
+    columns = torch.arange(len(amax), device=rows.device)
+    return torch.stack(candidates)[best, columns], errors[best, columns]
 
 
 class FloatFormatQuantizer(Quantizer):
@@ -114,21 +145,51 @@ class FloatFormatQuantizer(Quantizer):
         return scale.reshape(()) if self.granularity == "tensor" else scale.reshape(-1, *[1] * (x.ndim - 1))
 
     def calibrate(self, x: torch.Tensor) -> None:
-        rows = self._rows(x.detach().float())
-        amax = rows.abs().amax(dim=1)
-        if self.init == "minmax":
-            self.scale = (amax / self.fmt.max).clamp_min(MIN_SCALE)
-            return
-        candidates = [(amax * ratio / self.fmt.max).clamp_min(MIN_SCALE) for ratio in MSE_RATIOS]
-        errors = torch.stack([(round_to_format(rows / s[:, None], self.fmt) * s[:, None] - rows).square().sum(1)
-                              for s in candidates])  # [candidates, rows]
-        best = errors.argmin(0) if self.granularity == "channel" else \
-            torch.tensor([first_minimum(list(errors[:, 0]))], device=rows.device)
-        self.scale = torch.stack(candidates)[best, torch.arange(len(amax), device=rows.device)]
+        self.scale = scale_search(self._rows(x.detach().float()), self.fmt, self.init, self.granularity)[0]
 
     def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
         scale = self._broadcast(self.scale, x)
         return round_to_format(x / scale, self.fmt).mul_(scale).to(x.dtype)
+
+
+@register_quantizer("fp")
+class FloatSearchQuantizer(FloatFormatQuantizer):
+    """A ``bits``-bit float format whose exponent/mantissa split is searched per tensor (LLM-FP4), each candidate
+    with its MSE-searched scale. ``exponent_candidates``: the exponent bits tried (default: 1 to ``bits − 1``);
+    buffers: ``scale`` and the chosen ``exponent_bits`` (0-d)."""
+
+    param_names = ("scale", "exponent_bits")
+    fixed_bits = False
+
+    def __init__(self, bits: int, granularity: str = "tensor", exponent_candidates: list[int] | None = None) -> None:
+        candidates = list(range(1, bits)) if exponent_candidates is None else exponent_candidates
+        if not candidates:
+            raise VitqError("the fp quantizer needs at least one of exponent_candidates")
+        for e in candidates:
+            if isinstance(e, bool) or not isinstance(e, int):
+                raise VitqError(f"exponent_candidates must be integers, got {e!r}")
+            searched_format(bits, e)  # checks the range
+        Quantizer.__init__(self, bits, granularity=granularity, exponent_candidates=exponent_candidates)
+        if granularity not in ("tensor", "channel"):
+            raise VitqError(f"granularity of 'fp' must be 'tensor' or 'channel', got {granularity!r}")
+        self.granularity, self.init, self.candidates = granularity, "mse", tuple(candidates)
+
+    @property
+    def fmt(self) -> FloatFormat:  # the calibrated format
+        return searched_format(self.bits, int(self.exponent_bits))
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        rows = self._rows(x.detach().float())
+        best = None
+        for e in self.candidates:  # the first format on ties
+            scale, errors = scale_search(rows, searched_format(self.bits, e), "mse", self.granularity)
+            if best is None or float(errors.sum()) < best[0]:
+                best = (float(errors.sum()), e, scale)
+        self.scale, self.exponent_bits = best[2], torch.tensor(best[1], device=rows.device)
+
+    def extra_repr(self) -> str:
+        chosen = f", format={self.fmt.name}" if self.is_calibrated else ""
+        return super().extra_repr() + chosen
 
 
 @register_quantizer("fp8_e4m3")
