@@ -22,6 +22,7 @@ from vitq.device import model_device, to_device
 from vitq.errors import VitqError
 from vitq.methods import Method, method_class, method_names
 from vitq.models import adapter_for
+from vitq.models.rotation import rotate_vit
 from vitq.nn.outliers import attach_outlier_splits
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import build_quantizer
@@ -51,6 +52,10 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
         model = copy.deepcopy(model)
     target = to_device(model, device)
     adapter = adapter_for(model)
+    if config.rotate:
+        if adapter.family != "vit":
+            raise VitqError(f"rotation (--rotate) is implemented for ViT/DeiT, not the {adapter.family} family")
+        rotate_vit(model, seed=config.seed)
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), model_name, adapter.family, config)
     slots = qmodel.slots()

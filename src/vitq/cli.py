@@ -176,6 +176,9 @@ def _tuning_options() -> argparse.ArgumentParser:
     p.add_argument("--deploy", choices=target_names(),
                    help="shape the quantizers for a runtime's integer kernels (integer zero points; openvino also "
                         f"{' '.join(TARGETS['openvino'].overrides)}, applied before --override)")
+    p.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream and attention heads by randomized Hadamard matrices first (exact "
+                        "in float; spreads outlier channels; ViT/DeiT)")
     return p
 
 
@@ -348,7 +351,7 @@ def _request(args: argparse.Namespace) -> ConfigRequest:
         seed=getattr(args, "seed", None), options=dict(parse_option(text) for text in args.option),
         overrides=(*(read_overrides_file(args.overrides_file) if args.overrides_file else ()), *args.override),
         deploy=getattr(args, "deploy", None), outliers=getattr(args, "outliers", None),
-        recon=dict(parse_option(text) for text in getattr(args, "recon", [])),
+        rotate=getattr(args, "rotate", False), recon=dict(parse_option(text) for text in getattr(args, "recon", [])),
         reconstruct=getattr(args, "reconstruct", False))
 
 
@@ -459,8 +462,8 @@ def _load_saved(args: argparse.Namespace, device: str) -> tuple[QuantizedModel, 
         "--model": (args.model, qmodel.model_name), "--method": (args.method, saved.method),
         "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits),
         "--calib-size": (args.calib_size, saved.calib_size), "--seed": (args.seed, saved.seed)},
-        ["--override/--option/--outliers (the saved model is already quantized)"]
-        if args.override or args.option or args.outliers else [])
+        ["--override/--option/--outliers/--rotate (the saved model is already quantized)"]
+        if args.override or args.option or args.outliers or getattr(args, "rotate", False) else [])
     return qmodel, record
 
 
@@ -545,8 +548,8 @@ def _eval_file(args: argparse.Namespace, json_path: Path | None) -> int:
         raise VitqError(f"--backend {backend} needs --model {what}")
     torch_only = {"--quantized": args.quantized, "--method": args.method, "--w-bits": args.w_bits,
                   "--a-bits": args.a_bits, "--checkpoint": args.checkpoint, "--sqnr": args.sqnr or None,
-                  "--override/--option/--deploy/--outliers": args.override or args.option or args.deploy
-                  or args.outliers or None}
+                  "--override/--option/--deploy/--outliers/--rotate": args.override or args.option or args.deploy
+                  or args.outliers or getattr(args, "rotate", False) or None}
     given = [flag for flag, value in torch_only.items() if value is not None]
     if given:
         raise VitqError(f"--backend {backend} evaluates the exported file as it is; drop {', '.join(given)}")

@@ -184,10 +184,12 @@ class QuantConfig(BaseModel):
     deploy: str | None = Field(None, description="shape the quantizers for a runtime's integer kernels "
                                                  "(vitq.targets: its overrides come before ``overrides``)")
     outliers: OutlierConfig | None = Field(None, description="keep outlier input channels float (None: off)")
+    rotate: bool = Field(False, description="rotate the residual stream and attention heads by randomized Hadamard "
+                                            "matrices before quantizing (vitq.models.rotation; ViT/DeiT)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        return _without_new_defaults(self, handler, ("deploy", "outliers"))
+        return _without_new_defaults(self, handler, ("deploy", "outliers", "rotate"))
 
     @field_validator("a_bits")
     @classmethod

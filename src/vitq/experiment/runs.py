@@ -102,6 +102,7 @@ class ConfigRequest:
     reconstruct: bool = False
     deploy: str | None = None
     outliers: str | None = None
+    rotate: bool = False
 
     def build(self, options: Mapping[str, Any] | None = None, **given: Any) -> QuantConfig:
         """The validated config; ``given`` (e.g. ``method=``) takes precedence and ``options`` (a variant's own)
@@ -124,6 +125,8 @@ class ConfigRequest:
             values["reconstruct"] = make(ReconConfig, **recon)
         if self.outliers is not None:
             values["outliers"] = OutlierConfig.parse(self.outliers)
+        if self.rotate:
+            values["rotate"] = True
         return make(QuantConfig, **{k: v for k, v in values.items() if v is not None},
                     overrides=[PointOverride.parse(text) for text in self.overrides], options=options)
 

@@ -41,6 +41,7 @@ from vitq.files import write_safetensors
 from vitq.methods import method_class
 from vitq.models import adapter_by_family
 from vitq.models.registry import check_model_name, create_architecture, load_state, read_state_file
+from vitq.models.rotation import rotate_vit
 from vitq.nn.outliers import attach_outlier_splits
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import Quantizer, build_quantizer
@@ -175,6 +176,8 @@ def _skeleton(model: nn.Module, name: str, family: str, adapter, config: QuantCo
     from the header is float only for pre-LayerNorm points (files from before those points existed)."""
     if not adapter.matches(model):
         raise VitqError(f"saved as a {family} model, but {name} is not one")
+    if config.rotate:  # the rotated structure (RMSNorm without affine, folded biases); the weights come from the file
+        rotate_vit(model, seed=config.seed)
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), name, family, config)
     slots = qmodel.slots()
