@@ -17,10 +17,9 @@ What each quantization point becomes:
   DequantizeLinear of a non-uniform code book). Same codes as the fake-quant, so the same values;
 - anything that has no integer form here — log2, log√2, TanQ, dual-uniform and FP kinds outside the softmax
   output, per-group weights, per-channel or per-head activations (no integer GEMM takes them; onnxruntime's
-  fused kernels reject them), a fractional
-  zero point (RepQ-ViT's unrounded reparameterization target) or one that does not fit 8-bit storage — keeps a
-  **float path**: the quantizer's own fake-quant arithmetic is traced into the graph (exact, not integer), and
-  the export report names every such point with the reason.
+  fused kernels reject them), a fractional zero point (RepQ-ViT's unrounded reparameterization target) or one
+  that does not fit 8-bit storage — keeps a **float path**: the quantizer's own fake-quant arithmetic is
+  traced into the graph (exact, not integer), and the export report names every such point with the reason.
 
 Signed codes are moved to the storage type by an offset of ±128 applied to both codes and zero point
 (``(q − z)·Δ`` is unchanged): activations are stored as uint8 and weights as int8, the u8·s8 form that x86
@@ -175,10 +174,9 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("Transpose", dequantized_t, perm_i=[1, 0])
 
 
-def code_dtype(codes: torch.Tensor) -> torch.dtype:
-    """The storage of non-negative ``codes``: uint8, or int16 for the log quantizers' ``2^b + 1`` symbols (their
-    extra code stands for an exact 0; torch's ONNX exporter has no uint16 constants)."""
-    return torch.uint8 if int(codes.max()) <= UINT8[1] else torch.int16
+#: the storage of non-negative codes up to 255, and up to 32767: int16 holds the log quantizers' ``2^8 + 1``
+#: symbols (their extra code stands for an exact 0; torch's ONNX exporter has no uint16 constants)
+CODE_STORAGE = {"uint8": torch.uint8, "int16": torch.int16}
 
 
 class _SoftmaxCodesExport(nn.Module):
@@ -188,10 +186,10 @@ class _SoftmaxCodesExport(nn.Module):
     def __init__(self, quantizer: Quantizer, levels: torch.Tensor) -> None:
         super().__init__()
         self.quantizer, self.levels = quantizer, levels.cpu().float()
-        self.storage = code_dtype(torch.tensor(len(levels) - 1))
+        self.storage = "uint8" if len(levels) - 1 <= UINT8[1] else "int16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.quantizer.int_repr(x.clamp(0.0, 1.0)).to(self.storage)
+        codes = self.quantizer.int_repr(x.clamp(0.0, 1.0)).to(CODE_STORAGE[self.storage])
         return self.levels[codes.long()]
 
 
@@ -229,7 +227,7 @@ def _slot_export(slot: Slot, signed_activations: bool) -> tuple[PointExport, nn.
         book = probability_code_book(quantizer)
         if not isinstance(book, str):
             shim = _SoftmaxCodesExport(quantizer, book[1])
-            return PointExport(slot.name, slot.role, described, f"{str(shim.storage)[6:]} codes + level lookup"), shim
+            return PointExport(slot.name, slot.role, described, f"{shim.storage} codes + level lookup"), shim
     if isinstance(params, str):
         return PointExport(slot.name, slot.role, described, "float path", params), None
     if weight:
