@@ -197,6 +197,18 @@ def test_sensitivity_writes_the_ranked_table_json_and_plot(cli, files, tmp_path)
     assert cli("sensitivity", *_inputs(files), "--out-dir", out)[0] == 2  # not empty: needs --overwrite
 
 
+def test_sensitivity_of_a_weight_rewriting_method_measures_weights_on_its_twin(cli, files, tmp_path):
+    out = tmp_path / "gptq"
+    code, stdout, err = cli("sensitivity", "--method", "gptq", "--w-bits", "4", "--a-bits", "8", *_inputs(files),
+                            "--hutchinson", "0", "--top", "2", "--budget", "bops=1000", "--menu", "3,8",
+                            "--out-dir", out)
+    assert code == 0, err
+    assert "weights measured on `repq-vit`" in (out / "sensitivity.md").read_text()
+    assert "GBOPs (budget 1000)" in stdout  # a generous budget: every weight stays at 8 bits
+    assert all(line.endswith("=8") for line in (out / "overrides.txt").read_text().splitlines()
+               if not line.startswith("#"))
+
+
 def test_sensitivity_budget_writes_an_allocation_that_quantize_reads_back(cli, files, tmp_path):
     out, saved = tmp_path / "mp", tmp_path / "q"
     code, stdout, err = cli("sensitivity", "--method", "minmax", "--w-bits", "4", "--a-bits", "8", *_inputs(files),

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitq
-from vitq.config import PointOverride
+from vitq.config import PointOverride, ReconConfig
 from vitq.errors import VitqError
+from vitq.methods.base import weight_sensitivity_config
 from vitq.mixed_precision import (
     Budget,
     allocate,
@@ -113,3 +114,17 @@ def test_bit_sensitivities_cost_every_weight_at_every_bit_width(float_model):
     built = {s.name: s.quantizer.bits for s in qmodel.slots() if s.role == "weight"}
     assert built == bits
     assert sum(built[p] * sizes[p] for p in built) <= 5 * sum(sizes.values())
+
+
+def test_weight_rewriting_methods_measure_weights_on_their_round_to_nearest_twin(float_model):
+    config = vitq.QuantConfig(method="gptq", w_bits=4, a_bits=8, options={"damp": 0.02}, seed=3)
+    twin = weight_sensitivity_config(config)
+    assert twin.method == "repq-vit" and twin.options == {} and (twin.w_bits, twin.a_bits, twin.seed) == (4, 8, 3)
+    plain = vitq.QuantConfig(method="percentile")
+    assert weight_sensitivity_config(plain) is plain
+    assert weight_sensitivity_config(plain.model_copy(update={"reconstruct": ReconConfig()})).reconstruct is None
+    # why: GPTQ leaves its rounded weights in the model, so with every quantizer off it is not the float model
+    images = random_images(4)
+    qmodel = vitq.quantize(float_model, config.model_copy(update={"calib_size": 4}), images, progress=False)
+    with torch.no_grad(), qmodel.quantization_disabled():
+        assert (qmodel(images) - float_model(images)).abs().max() > 1e-3

@@ -44,7 +44,7 @@ from vitq.data.loader import MAX_DEFAULT_WORKERS
 from vitq.device import DEVICE_CHOICES, resolve_device
 from vitq.errors import VitqError
 from vitq.eval.errors import PointError
-from vitq.eval.sensitivity import point_sensitivity
+from vitq.eval.sensitivity import point_sensitivity, quantized_slots
 from vitq.eval.size import model_size
 from vitq.experiment import runs
 from vitq.experiment.compare import (
@@ -64,6 +64,7 @@ from vitq.export.matmul_nbits import ACCURACY_LEVELS
 from vitq.export.onnx import DEFAULT_OPSET, export_onnx
 from vitq.files import atomic_folder, check_file_output, check_folder_output, write_json, write_text
 from vitq.methods import method_class, method_names
+from vitq.methods.base import weight_sensitivity_config
 from vitq.mixed_precision import (
     BUDGET_KINDS,
     DEFAULT_MENU,
@@ -658,8 +659,21 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                                        inplace=False)
     chosen = split.calib[:args.images] if args.images else split.calib
     images, labels = cache.tensors(chosen, "loading calibration images")
-    results = point_sensitivity(qmodel, images, labels, hutchinson_samples=args.hutchinson, seed=config.seed,
-                                progress=spec.progress)
+    twin_config = weight_sensitivity_config(config)
+    measured = {"hutchinson_samples": args.hutchinson, "seed": config.seed, "progress": spec.progress}
+    if twin_config == config:
+        results = point_sensitivity(qmodel, images, labels, **measured)
+    else:  # the method rewrote the float weights: each weight alone is measured on its round-to-nearest twin
+        slots = quantized_slots(qmodel)
+        order = {slot.name: i for i, slot in enumerate(slots)}
+        twin, _ = runs.quantize_on_split(model, spec.model, twin_config, cache, split, progress=spec.progress,
+                                         inplace=False)
+        results = sorted(
+            point_sensitivity(qmodel, images, labels, **measured,
+                              slots=[slot.name for slot in slots if slot.role != "weight"])
+            + point_sensitivity(twin, images, labels, **measured,
+                                slots=[slot.name for slot in slots if slot.role == "weight"]),
+            key=lambda result: order[result.slot])
     allocation_lines = []
     calib = cache.tensors(split.calib, "loading calibration images")[0] if budgets else None
     for budget in budgets:
@@ -677,6 +691,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     header = [f"- command: `vitq {shlex.join(args.argv)}`",
               f"- {len(chosen)} calibration images (seed {config.seed}); each point quantized alone, the rest float, "
               "with the parameters calibrated for the whole model",
+              *([f"- weights measured on `{twin_config.method}`, the round-to-nearest twin: {config.method} rewrites "
+                 "the float weights, so no weight can be quantized alone in its model"] if twin_config != config
+                else []),
               f"- KL: mean KL(float ‖ point quantized) per image; top-1 on those images; SQNR of the point's own "
               f"input; tr(H)/n: Hutchinson ({args.hutchinson} samples) mean Hessian diagonal of the cross-entropy, "
               "HAWQ Ω = tr(H)/n·‖W − Q(W)‖²"]

@@ -3,7 +3,9 @@
 1. **Sensitivity per bit-width** (:func:`bit_sensitivities`): for each bit-width ``b`` of the menu, the method
    calibrates the model with every point of the budgeted role(s) at ``b`` bits, and each of those points is
    measured alone (:func:`vitq.eval.sensitivity.point_sensitivity`: the mean KL divergence of the prediction
-   from the float one, on calibration images). This gives a cost ``c_p(b)`` per point and bit-width.
+   from the float one, on calibration images). This gives a cost ``c_p(b)`` per point and bit-width. "Alone"
+   needs the other weights float: a method that rewrites the float weights (GPTQ, ERQ, reconstruction) leaves
+   none, so its weights are measured with its round-to-nearest twin (``repq-vit`` for ``gptq``/``erq``).
 2. **Allocation** (:func:`allocate`): every point starts at the widest bit-width; while the budget is exceeded,
    the point whose next narrower bit-width adds the least cost per bit saved, ``(c_p(b') − c_p(b)) / ((b − b')·n_p)``
    with ``n_p`` the point's element count, steps down (ties: model order). The costs are treated as additive
@@ -34,6 +36,7 @@ from vitq.api import prepare, quantize
 from vitq.config import PointOverride, QuantConfig
 from vitq.errors import VitqError
 from vitq.eval.sensitivity import point_sensitivity
+from vitq.methods.base import weight_sensitivity_config
 from vitq.quantized_model import QuantizedModel, Slot
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
 
@@ -174,7 +177,10 @@ def bit_sensitivities(model: nn.Module, config: QuantConfig, calib: torch.Tensor
     """The cost (KL to float, each point alone, on the labelled ``images``) of every point of the role (weights,
     or activations) at each bit-width of ``menu``, each measured in a copy of ``model`` calibrated by
     ``config``'s method on ``calib`` with all of them at that bit-width; and the points' sizes
-    (:func:`point_sizes`, in bit-operations per weight bit with ``bops``)."""
+    (:func:`point_sizes`, in bit-operations per weight bit with ``bops``). Weights of a method that rewrites the
+    float weights are measured with its round-to-nearest twin (:func:`~vitq.methods.base.weight_sensitivity_config`)."""
+    if weights:
+        config = weight_sensitivity_config(config)
     skeleton = prepare(model, config, model_name=model_name)
     names = [slot.name for slot in _role_slots(skeleton, weights)]
     costs: dict[str, dict[int, float]] = {name: {} for name in names}

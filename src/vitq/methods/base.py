@@ -95,6 +95,10 @@ class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     #: the paper it implements (``None`` for the baselines that have none)
     paper: ClassVar[Paper | None] = None
+    #: a method that rewrites the float weights (GPTQ's compensation, ERQ's ridge regression, reconstruction)
+    #: names the method with the same quantizers whose weights are rounded to nearest: the sensitivity of one
+    #: weight alone is measured there, since the rewritten model has no float weights left to compare against
+    round_to_nearest_twin: ClassVar[str | None] = None
     #: one line for ``vitq methods``
     summary: ClassVar[str] = ""
 
@@ -168,6 +172,16 @@ class Method:
             return None
         explicit = {} if given is None else given.model_dump(include=given.model_fields_set)
         return make(ReconConfig, **{**self.recon_defaults, **explicit})
+
+
+def weight_sensitivity_config(config: QuantConfig) -> QuantConfig:
+    """The config whose model measures weight sensitivities for ``config``: ``config`` itself, or for a method or a
+    reconstruction that rewrites the float weights, its round-to-nearest twin (same bits, overrides and seed)."""
+    twin = method_class(config.method).round_to_nearest_twin
+    if twin is None and config.reconstruct is None:
+        return config
+    return config.model_copy(update={"method": twin or config.method, "options": {} if twin else config.options,
+                                     "reconstruct": None})
 
 
 METHODS: Registry[type[Method]] = Registry("method", attribute="name")

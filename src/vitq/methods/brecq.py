@@ -15,6 +15,7 @@ from vitq.methods.repq_vit import RepQViT
 
 @register_method("brecq")
 class BRECQ(RepQViT):
+    round_to_nearest_twin = "repq-vit"
     paper = Paper("BRECQ: Pushing the Limit of Post-Training Quantization by Block Reconstruction", "Li et al.",
                   "ICLR", 2021)
     summary = "block reconstruction: AdaRound weight rounding + LSQ activation steps against the float block"

@@ -193,6 +193,7 @@ class LayerError:
 
 @register_method("erq")
 class ERQ(RepQViT):
+    round_to_nearest_twin = "repq-vit"
     extra_settings = ((3, 4), *DEPLOYMENT_SETTINGS)  # W3A4: the weight-rounding papers' low-bit setting
     paper = Paper("ERQ: Error Reduction for Post-Training Quantization of Vision Transformers", "Zhong et al.",
                   "ICML", 2024)

@@ -108,6 +108,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: RowGrid | None
 
 @register_method("gptq")
 class GPTQ(RepQViT):
+    round_to_nearest_twin = "repq-vit"
     extra_settings = ((3, 4), *DEPLOYMENT_SETTINGS)  # W3A4: the weight-rounding papers' low-bit setting
     paper = Paper("GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
                   "Frantar et al.", "ICLR", 2023)

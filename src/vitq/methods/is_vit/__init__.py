@@ -38,6 +38,7 @@ INIT_IMAGES = 64
 
 @register_method("is-vit")
 class ISViT(RepQViT):
+    round_to_nearest_twin = "repq-vit"
     paper = Paper("I&S-ViT: An Inclusive & Stable Method for Pushing the Limit of Post-Training ViTs Quantization",
                   "Zhong et al.", "TPAMI", 2025)
     summary = "shift-uniform-log2 softmax quantizer and three-stage smooth optimization with reconstruction"
