@@ -1,11 +1,11 @@
 """Which model families vitq quantizes: family x method on small random-initialised timm models.
 
 For each family (a small config of one timm model: few blocks, random weights, nothing downloaded) and each
-registered method at W8A8 (reconstruction methods with a 4-iteration budget): whether it runs or refuses (the
-first line of the error), the logit SQNR of the quantized model against the float one on random images, whether
-the ``percentile`` W8A8 model exports to ONNX (and how many points keep a float path) and whether the
-integer-only runtime compiles it. Random weights make the SQNR a smoke check of the wiring (a broken adapter gives
-~0 dB), not an accuracy claim.
+registered method at W8A8 (reconstruction methods with a 4-iteration budget): whether it runs, refuses (the
+first line of the error) or fails with another exception (``error``: a bug to fix); the logit SQNR of the
+quantized model against the float one on random images; whether the ``percentile`` W8A8 model exports to ONNX
+(and how many points keep a float path) and whether the integer-only runtime compiles it. Random weights make
+the SQNR a smoke check of the wiring (a broken adapter gives ~0 dB), not an accuracy claim.
 
     python benchmarks/coverage.py --out benchmarks/results/coverage.md
 """
@@ -21,6 +21,7 @@ import torch
 from common import comma_list, report_header, write_report
 
 import vitq
+from vitq.checks import expected_image_size
 from vitq.config import ReconConfig
 from vitq.errors import VitqError
 from vitq.export.integer_vit import IntegerViT
@@ -66,7 +67,7 @@ def family_row(label: str, name: str, kwargs: dict, methods: list[str], images: 
     """The summary row of one family and its per-method cells."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    size = model.pretrained_cfg["input_size"][1:]
+    size = expected_image_size(model) or tuple(model.pretrained_cfg["input_size"][1:])
     x = torch.randn(images, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model(x)
@@ -82,6 +83,9 @@ def family_row(label: str, name: str, kwargs: dict, methods: list[str], images: 
         except VitqError as err:
             cells.append("refused")
             reasons.add(first_line(err))
+        except Exception as err:  # a bug, not a refusal: recorded as such, the table goes on
+            cells.append("error")
+            reasons.add(f"{method}: {type(err).__name__}: {first_line(err)}")
     onnx, integer = "–", "–"
     if percentile is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +99,7 @@ def family_row(label: str, name: str, kwargs: dict, methods: list[str], images: 
             integer = "yes"
         except VitqError as err:
             integer = f"no: {first_line(err)}"
-    runs = sum(cell != "refused" for cell in cells)
+    runs = sum(cell not in ("refused", "error") for cell in cells)
     summary = [label, f"`{name}`", f"{runs}/{len(methods)}", onnx, integer, "; ".join(sorted(reasons)) or "—"]
     return summary, [label, *cells]
 
