@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import timm
 import torch
 from helpers import random_images
 from hypothesis import given, settings
@@ -162,3 +163,12 @@ def test_integer_runtime_refuses_quantized_layernorm_inputs(float_model, images)
     qmodel = vitq.quantize(float_model, config, images[:4], progress=False)
     with pytest.raises(VitqError, match="LayerNorm input"):
         IntegerViT.compile(qmodel, images[:4])
+
+
+def test_integer_runtime_refuses_swin_with_one_line():
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(1, 1),
+                             num_heads=(1, 2)).eval()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    qmodel = vitq.quantize(swin, vitq.QuantConfig(method="minmax", calib_size=2), images, progress=False)
+    with pytest.raises(VitqError, match="only ViT/DeiT models with one class token"):
+        IntegerViT.compile(qmodel, images)

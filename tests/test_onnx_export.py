@@ -277,3 +277,12 @@ def test_swin_exports_and_runs(tmp_path):
     int8_weights = {p.slot for p in exported.points if p.form == "int8 weight"}
     assert "layers.1.downsample.reduction.weight_quantizer" in int8_weights
     _assert_close_to_fake_quant(qmodel, exported.path, images)
+
+
+def test_export_traces_at_the_size_the_patch_embedding_insists_on(tmp_path):
+    """A model built at another size than its pretrained config's (here 98 px, DINOv2's config says 518)."""
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, depth=1, img_size=98).eval()
+    images = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(0))
+    qmodel = vitq.quantize(model, vitq.QuantConfig(method="minmax", calib_size=2), images, progress=False)
+    exported = export_onnx(qmodel, tmp_path / "dinov2.onnx")
+    assert OrtModel(exported.path, threads=1)(images).shape == model(images).shape  # features: no head

@@ -227,14 +227,20 @@ class IntegerBlock(nn.Module):
         return residual + self.fc2_to_residual(self.fc2(self.to_fc2(gelu)))
 
 
+def _check_supported(qmodel: QuantizedModel) -> None:
+    model = qmodel.model
+    if qmodel.family != "vit" or getattr(model, "global_pool", None) != "token" \
+            or getattr(model, "num_prefix_tokens", None) != 1:
+        raise VitqError("integer runtime: only ViT/DeiT models with one class token are supported")
+
+
 class IntegerViT(nn.Module):
     """The integer-only model: image → codes → integer patch embedding → integer blocks → integer logits."""
 
     def __init__(self, qmodel: QuantizedModel, residual_scale: float, hidden_scale: float) -> None:
         super().__init__()
         model = qmodel.model
-        if qmodel.family != "vit" or getattr(model, "global_pool", None) != "token" or model.num_prefix_tokens != 1:
-            raise VitqError("integer runtime: only ViT/DeiT models with one class token are supported")
+        _check_supported(qmodel)
         split = [name for name, m in model.named_modules() if getattr(m, "outlier_split", None) is not None]
         if split:
             raise VitqError(f"integer runtime: {split[0]} keeps outlier input channels float (--outliers)")
@@ -264,6 +270,7 @@ class IntegerViT(nn.Module):
     def compile(cls, qmodel: QuantizedModel, calib_images: torch.Tensor, batch_size: int = 32) -> IntegerViT:
         """Build the runtime on ``qmodel``'s device; its own two scales (residual stream, GELU input) come from
         ``calib_images`` (moved there)."""
+        _check_supported(qmodel)  # before the calibration pass, which reads the ViT's blocks
         device = model_device(qmodel)
         residual_max, hidden_max = _calibration_ranges(qmodel, calib_images.to(device), batch_size)
         # constants built from Python numbers (the dyadic multipliers of fixed scales) start on the CPU: move all

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitq.checks import expected_image_size
 from vitq.device import model_device
 from vitq.errors import VitqError
 from vitq.export.integer_kernels import probability_code_book
@@ -290,7 +291,8 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
     if model_device(qmodel).type != "cpu":  # traced on the CPU (the QDQ constants are numpy arrays): a CPU copy
         qmodel = copy.deepcopy(qmodel).to("cpu")
     if image_size is None:
-        image_size = tuple(qmodel.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        image_size = expected_image_size(qmodel.model) or \
+            tuple(qmodel.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     example = torch.zeros(1, 3, *image_size)
     qmodel.eval()
     # float paths of log quantizers use exp2 and ldexp, which have no ONNX op: 2^x = Pow(2, x) and
