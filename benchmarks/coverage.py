@@ -127,7 +127,7 @@ def main() -> None:
             f"{RECON.iterations} iterations; nothing downloaded",
             "- SQNR: logits of the quantized model against the float model on those images, dB (random weights: a "
             "wiring check, not an accuracy claim); ONNX and integer runtime: the `percentile` W8A8 model"),
-        markdown_table(["family", "timm model", "methods that run", "ONNX export", "integer-only runtime",
+        markdown_table(["family", "timm model", "methods that run", "ONNX export", "integer-only runtime compiles",
                         "refusals"], summaries),
         "",
         "Logit SQNR (dB) per method:",
