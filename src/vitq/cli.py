@@ -464,7 +464,7 @@ def _load_saved(args: argparse.Namespace, device: str) -> tuple[QuantizedModel, 
         "--w-bits": (args.w_bits, saved.w_bits), "--a-bits": (args.a_bits, saved.a_bits),
         "--calib-size": (args.calib_size, saved.calib_size), "--seed": (args.seed, saved.seed)},
         ["--override/--option/--outliers/--rotate (the saved model is already quantized)"]
-        if args.override or args.option or args.outliers or getattr(args, "rotate", False) else [])
+        if args.override or args.option or args.outliers or args.rotate else [])
     return qmodel, record
 
 
@@ -550,7 +550,7 @@ def _eval_file(args: argparse.Namespace, json_path: Path | None) -> int:
     torch_only = {"--quantized": args.quantized, "--method": args.method, "--w-bits": args.w_bits,
                   "--a-bits": args.a_bits, "--checkpoint": args.checkpoint, "--sqnr": args.sqnr or None,
                   "--override/--option/--deploy/--outliers/--rotate": args.override or args.option or args.deploy
-                  or args.outliers or getattr(args, "rotate", False) or None}
+                  or args.outliers or args.rotate or None}
     given = [flag for flag, value in torch_only.items() if value is not None]
     if given:
         raise VitqError(f"--backend {backend} evaluates the exported file as it is; drop {', '.join(given)}")

@@ -89,15 +89,10 @@ def pre_shift_stage(qmodel, stage: Stage, x: torch.Tensor) -> None:
 
     hooks = [linear.register_forward_pre_hook(lambda m, args, key=i: record(m, args, key))
              for i, (_, linear) in enumerate(pairs)]
-    quantizers = qmodel.stage_quantizers(stage)
-    enabled = [q.enabled for q in quantizers]
     try:
-        for q in quantizers:
-            q.enabled = False
-        stage.run(x)
+        with qmodel.quantization_disabled():
+            stage.run(x)
     finally:
-        for q, state in zip(quantizers, enabled, strict=True):
-            q.enabled = state
         for hook in hooks:
             hook.remove()
     for i, (norm, linear) in enumerate(pairs):

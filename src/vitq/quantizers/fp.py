@@ -131,12 +131,16 @@ class FloatFormatQuantizer(Quantizer):
     fixed_bits: ClassVar[bool] = True
 
     def __init__(self, bits: int | None = None, granularity: str = "tensor", init: str = "minmax") -> None:
-        if granularity not in ("tensor", "channel"):
-            raise VitqError(f"granularity of {self.kind!r} must be 'tensor' or 'channel', got {granularity!r}")
+        self._check_granularity(granularity)
         if init not in ("minmax", "mse"):
             raise VitqError(f"init of {self.kind!r} must be 'minmax' or 'mse', got {init!r}")
         super().__init__(_check_bits(self.kind, bits, self.fmt), granularity=granularity, init=init)
         self.granularity, self.init = granularity, init
+
+    @classmethod
+    def _check_granularity(cls, granularity: str) -> None:
+        if granularity not in ("tensor", "channel"):
+            raise VitqError(f"granularity of {cls.kind!r} must be 'tensor' or 'channel', got {granularity!r}")
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, -1) if self.granularity == "tensor" else x.reshape(x.shape[0], -1)
@@ -169,9 +173,8 @@ class FloatSearchQuantizer(FloatFormatQuantizer):
             if isinstance(e, bool) or not isinstance(e, int):
                 raise VitqError(f"exponent_candidates must be integers, got {e!r}")
             searched_format(bits, e)  # checks the range
+        self._check_granularity(granularity)
         Quantizer.__init__(self, bits, granularity=granularity, exponent_candidates=exponent_candidates)
-        if granularity not in ("tensor", "channel"):
-            raise VitqError(f"granularity of 'fp' must be 'tensor' or 'channel', got {granularity!r}")
         self.granularity, self.init, self.candidates = granularity, "mse", tuple(candidates)
 
     @property
@@ -183,8 +186,9 @@ class FloatSearchQuantizer(FloatFormatQuantizer):
         best = None
         for e in self.candidates:  # the first format on ties
             scale, errors = scale_search(rows, searched_format(self.bits, e), "mse", self.granularity)
-            if best is None or float(errors.sum()) < best[0]:
-                best = (float(errors.sum()), e, scale)
+            total = float(errors.sum())
+            if best is None or total < best[0]:
+                best = (total, e, scale)
         self.scale, self.exponent_bits = best[2], torch.tensor(best[1], device=rows.device)
 
     def extra_repr(self) -> str:
