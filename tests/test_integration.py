@@ -114,3 +114,20 @@ def test_onnx_w8a8_export_runs_in_onnxruntime_like_fake_quant(deit_tiny, split_s
     logits = OrtModel(exported.path, threads=2, optimization="all" if cpu_has_vnni() else "basic")(subset)
     assert (logits.argmax(1) == reference.argmax(1)).float().mean() >= 0.97
     assert (logits - reference).abs().mean() < 0.1
+
+
+def test_deit_tiny_through_a_transformers_folder_gives_the_timm_numbers(deit_tiny, split_seed0, tmp_path):
+    """`vitq convert --to hf` then `hf:<folder>`: the same preprocessing, float logits and W8A8 predictions."""
+    from vitq.data.transforms import data_config_for_model
+    from vitq.models.hf import write_hf_folder
+
+    hf_model = vitq.create_model(f"hf:{write_hf_folder(deit_tiny, tmp_path / 'hf')}")
+    timm_data = data_config_for_model(deit_tiny)
+    assert {k: v for k, v in data_config_for_model(hf_model).items() if k in timm_data} == timm_data
+    calib, eval_data = split_seed0
+    with torch.no_grad():
+        assert torch.equal(hf_model(calib[:8]), deit_tiny(calib[:8]))
+    config = vitq.QuantConfig(method="percentile", w_bits=8, a_bits=8)
+    results = [vitq.evaluate(vitq.quantize(model, config, calib, progress=False), eval_data, progress=False)
+               for model in (deit_tiny, hf_model)]
+    assert torch.equal(results[0].correct, results[1].correct)

@@ -75,6 +75,7 @@ from vitq.mixed_precision import (
     overrides_text,
     read_overrides_file,
 )
+from vitq.models.hf import is_hf_name, write_hf_folder
 from vitq.models.registry import create_architecture, create_model
 from vitq.quantized_model import QuantizedModel
 from vitq.report import text_table
@@ -139,7 +140,8 @@ def _seed(text: str) -> int:
 
 def _common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"timm model name, or hf:DIR / hf:OWNER/NAME for a HuggingFace transformers "
+                                   f"ViT/DeiT checkpoint (default {DEFAULT_MODEL})")
     p.add_argument("--checkpoint", type=Path,
                    help=f"local .safetensors state dict (default: $VITQ_ASSETS/{DEIT_TINY_CHECKPOINT} for "
                         f"{DEFAULT_MODEL} if present, else timm's pretrained download)")
@@ -277,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "input quantized per block at run time: faster, one more rounding)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("convert", help="write a float timm ViT/DeiT (--model, --checkpoint) as a HuggingFace "
+                                       "transformers folder, which --model hf:DIR and transformers read back")
+    p.add_argument("--to", choices=("hf",), required=True, help="hf: a transformers folder (config.json, "
+                   "model.safetensors, preprocessor_config.json)")
+    p.add_argument("--model", help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", type=Path,
+                   help=f"local .safetensors state dict (default: $VITQ_ASSETS/{DEIT_TINY_CHECKPOINT} for "
+                        f"{DEFAULT_MODEL} if present, else timm's pretrained download)")
+    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("sensitivity", parents=[common, method, tuning, _data_options(seed=True)],
                        help="what quantizing each point alone costs (KL to float, top-1, SQNR, Hessian trace) on the "
@@ -640,6 +654,17 @@ def _float_path_hints(points: list) -> list[str]:
         hints.append(f"{len(softmax)} softmax quantizers stay on a float path, which makes onnxruntime several times "
                      "slower; --override '*attn.softmax=uniform:8' gives them an integer form")
     return hints
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write a float timm model as a transformers folder (:func:`vitq.models.hf.write_hf_folder`)."""
+    output = check_folder_output(args.output, overwrite=args.overwrite, what="--output")
+    spec = runs.RunSpec.resolve(model=args.model, checkpoint=args.checkpoint, device="cpu")
+    if is_hf_name(spec.model):
+        raise VitqError(f"--model {spec.model} is already a transformers checkpoint")
+    write_hf_folder(spec.float_model(), output)
+    print(f"wrote {output} (read it back with --model hf:{output})")
+    return 0
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ from vitq.config import ReconConfig
 from vitq.errors import VitqError
 from vitq.files import write_safetensors
 from vitq.models import Stage
-from vitq.models.registry import load_state_dict_file
+from vitq.models.weights import load_state_dict_file
 from vitq.quantizers import UniformQuantizer
 
 #: the checkpoint in ``checkpoint_dir``: the model state, with the progress in its metadata (one atomic file)

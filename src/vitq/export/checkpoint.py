@@ -40,8 +40,9 @@ from vitq.export.validate import (
 from vitq.files import write_safetensors
 from vitq.methods import method_class
 from vitq.models import adapter_by_family
-from vitq.models.registry import check_model_name, create_architecture, load_state, read_state_file
+from vitq.models.registry import check_model_name, create_architecture
 from vitq.models.rotation import rotate_vit
+from vitq.models.weights import load_state, read_state_file
 from vitq.nn.outliers import attach_outlier_splits
 from vitq.quantized_model import QuantizedModel
 from vitq.quantizers import Quantizer, build_quantizer

@@ -3,7 +3,7 @@
 Quantization points (names are the public contract, see DESIGN.md):
 ``patch_embed.proj`` (conv; its input is the image), and per block ``blocks.{i}.attn.qkv``,
 ``.attn.q``, ``.attn.k``, ``.attn.v``, ``.attn.softmax``, ``.attn.proj``, ``.mlp.fc1``,
-``.mlp.fc2``, then ``head``.
+``.mlp.fc2``, then ``head`` (and ``head_dist``, the distillation head of distilled DeiT).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ class VitAdapter(ModelAdapter):
             replace_module(model, f"blocks.{i}.attn", QuantAttention(block.attn))
             replace_module(model, f"blocks.{i}.mlp.fc1", QLinear(block.mlp.fc1, "post_ln"))
             replace_module(model, f"blocks.{i}.mlp.fc2", QLinear(block.mlp.fc2, "post_gelu"))
-        if isinstance(model.head, nn.Linear):
-            replace_module(model, "head", QLinear(model.head, "act"))
+        for head in ("head", "head_dist"):  # head_dist: the distillation head of DeiT's distilled models
+            if isinstance(getattr(model, head, None), nn.Linear):
+                replace_module(model, head, QLinear(getattr(model, head), "act"))
         wrap_layernorms(model)
 
     @classmethod
@@ -45,7 +46,7 @@ class VitAdapter(ModelAdapter):
         return [
             Stage("embed", ("patch_embed",), embed),
             *(Stage(f"blocks.{i}", (f"blocks.{i}",), block) for i, block in enumerate(model.blocks)),
-            Stage("head", ("norm", "fc_norm", "head"), head),
+            Stage("head", ("norm", "fc_norm", "head", "head_dist"), head),
         ]
 
     @classmethod
