@@ -87,3 +87,21 @@ def test_fqvit_method_structure_and_round_trip(tmp_path):
         assert torch.equal(vitq.load(path)(images), qmodel(images))
     with pytest.raises(VitqError, match="softmax_bits"):
         vitq.prepare(model, vitq.QuantConfig(method="fqvit", options={"softmax_bits": 1}))
+
+
+def test_fqvit_calibrates_the_layernorm_before_the_blocks_of_a_pre_norm_model():
+    """CLIP-style towers have a LayerNorm (``norm_pre``) between the embedding and the blocks: its PTF input
+    quantizer belongs to the embedding stage, so forward-order calibration reaches it."""
+    import timm
+    from helpers import random_images
+
+    model = timm.create_model("test_vit", pre_norm=True).eval()
+    images = random_images(4)
+    qmodel = vitq.quantize(model, vitq.QuantConfig(method="fqvit", calib_size=4), images, progress=False)
+    norm_pre = qmodel.model.norm_pre.input_quantizer
+    assert norm_pre is not None and norm_pre.is_calibrated
+    with torch.no_grad():
+        quantized = qmodel(images)
+        with qmodel.quantization_disabled():
+            reference = qmodel(images)
+    assert torch.isfinite(quantized).all() and not torch.equal(quantized, reference)

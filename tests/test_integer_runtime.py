@@ -172,3 +172,12 @@ def test_integer_runtime_refuses_swin_with_one_line():
     qmodel = vitq.quantize(swin, vitq.QuantConfig(method="minmax", calib_size=2), images, progress=False)
     with pytest.raises(VitqError, match="only ViT/DeiT models with one class token"):
         IntegerViT.compile(qmodel, images)
+
+
+@pytest.mark.parametrize(("extra", "message"), [({"pre_norm": True}, "norm_pre"), ({"init_values": 1e-3}, "LayerScale"),
+                                                ({"qk_norm": True}, "qk-norm")])
+def test_integer_runtime_refuses_vit_parts_its_blocks_do_not_compute(extra, message, images):
+    model = timm.create_model("test_vit", pretrained=False, **extra).eval()
+    qmodel = vitq.quantize(model, vitq.QuantConfig(method="minmax", calib_size=2), images[:2], progress=False)
+    with pytest.raises(VitqError, match=message):
+        IntegerViT.compile(qmodel, images[:2])

@@ -232,6 +232,14 @@ def _check_supported(qmodel: QuantizedModel) -> None:
     if qmodel.family != "vit" or getattr(model, "global_pool", None) != "token" \
             or getattr(model, "num_prefix_tokens", None) != 1:
         raise VitqError("integer runtime: only ViT/DeiT models with one class token are supported")
+    # parts of the timm ViT the integer blocks do not compute: refused rather than silently skipped
+    block = model.blocks[0]
+    extras = {"a LayerNorm before the blocks (norm_pre, e.g. CLIP)": model.norm_pre,
+              "LayerScale (DeiT III)": block.ls1, "qk-norm": block.attn.q_norm,
+              "a norm after pooling (fc_norm)": model.fc_norm}
+    for what, module in extras.items():
+        if not isinstance(module, nn.Identity):
+            raise VitqError(f"integer runtime: {what} is not supported")
 
 
 class IntegerViT(nn.Module):

@@ -44,7 +44,7 @@ class VitAdapter(ModelAdapter):
             return model.forward_head(model.norm(x))
 
         return [
-            Stage("embed", ("patch_embed",), embed),
+            Stage("embed", ("patch_embed", "norm_pre"), embed),
             *(Stage(f"blocks.{i}", (f"blocks.{i}",), block) for i, block in enumerate(model.blocks)),
             Stage("head", ("norm", "fc_norm", "head", "head_dist"), head),
         ]
