@@ -221,3 +221,15 @@ def test_bad_hf_inputs_are_one_line_errors(hf_folders, tmp_path):
         write_hf_folder(timm.create_model("test_vit", pretrained=False, reg_tokens=4), tmp_path / "r")
     with pytest.raises(VitqError, match="only timm ViT/DeiT models"):
         write_hf_folder(torch.nn.Linear(2, 2), tmp_path / "l")
+
+
+def test_a_hub_name_without_the_hub_is_one_line(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(VitqError, match="could not download 'nobody/no-such-vit'.*hf:<folder"):
+        create_model("hf:nobody/no-such-vit")
+    with pytest.raises(VitqError, match="needs a folder or a hub name"):
+        create_model("hf:")
