@@ -5,9 +5,7 @@
    measured alone (:func:`vitq.eval.sensitivity.point_sensitivity`: the mean KL divergence of the prediction
    from the float one, on calibration images). This gives a cost ``c_p(b)`` per point and bit-width. "Alone"
    needs the other weights float: a method that rewrites the float weights (GPTQ, ERQ, reconstruction) leaves
-   none, so its weights are priced in context: in the method's model at its configured bits, each layer is
-   swapped in turn for the same layer of the model the method calibrated at ``b`` bits (its rewritten weight and
-   its quantizer), and ``c_p(b)`` is the KL of the result.
+   none, so its weights are measured with its round-to-nearest twin (``repq-vit`` for ``gptq``/``erq``).
 2. **Allocation** (:func:`allocate`): every point starts at the widest bit-width; while the budget is exceeded,
    the point whose next narrower bit-width adds the least cost per bit saved, ``(c_p(b') − c_p(b)) / ((b − b')·n_p)``
    with ``n_p`` the point's element count, steps down (ties: model order). The costs are treated as additive
@@ -37,7 +35,7 @@ from torch import nn
 from vitq.api import prepare, quantize
 from vitq.config import PointOverride, QuantConfig
 from vitq.errors import VitqError
-from vitq.eval.sensitivity import point_sensitivity, swapped_weight_kl
+from vitq.eval.sensitivity import point_sensitivity
 from vitq.methods.base import weight_sensitivity_config
 from vitq.quantized_model import QuantizedModel, Slot
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
@@ -176,34 +174,25 @@ def point_sizes(qmodel: QuantizedModel, image: torch.Tensor, weights: bool, *, b
 def bit_sensitivities(model: nn.Module, config: QuantConfig, calib: torch.Tensor, images: torch.Tensor,
                       labels: torch.Tensor, menu: Sequence[int], weights: bool, *, model_name: str | None = None,
                       progress: bool = True, bops: bool = False) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
-    """The cost (KL to float on the labelled ``images``) of every point of the role (weights, or activations) at
-    each bit-width of ``menu``, and the points' sizes (:func:`point_sizes`, in bit-operations per weight bit with
-    ``bops``). For each bit-width, ``config``'s method calibrates a copy of ``model`` on ``calib`` with every point
-    of the role at that width; each point is then priced alone (the rest float) in that model.
-
-    A method that rewrites the float weights it calibrates (GPTQ, ERQ, reconstruction) leaves no float weight to
-    price a weight alone against: its weights are priced in context instead, each layer of the method's model at
-    ``config``'s own bits swapped in turn for the same layer of the model calibrated at each width."""
-    rewrites = weights and weight_sensitivity_config(config) is not config
+    """The cost (KL to float, each point alone, on the labelled ``images``) of every point of the role (weights,
+    or activations) at each bit-width of ``menu``, each measured in a copy of ``model`` calibrated by
+    ``config``'s method on ``calib`` with all of them at that bit-width; and the points' sizes
+    (:func:`point_sizes`, in bit-operations per weight bit with ``bops``). Weights of a method that rewrites the
+    float weights are measured with its round-to-nearest twin (:func:`~vitq.methods.base.weight_sensitivity_config`)."""
+    if weights:
+        config = weight_sensitivity_config(config)
     skeleton = prepare(model, config, model_name=model_name)
     names = [slot.name for slot in _role_slots(skeleton, weights)]
     costs: dict[str, dict[int, float]] = {name: {} for name in names}
     sizes: dict[str, int] = {}
-    context = quantize(model, config, calib, model_name=model_name, progress=progress) if rewrites else None
     for bits in check_menu(menu):
         at_bits = config.model_copy(update={"overrides": [
             *config.overrides, *(PointOverride(pattern=name, bits=bits) for name in names)]})
         qmodel = quantize(model, at_bits, calib, model_name=model_name, progress=progress)
         sizes = sizes or point_sizes(qmodel, images[:1], weights, bops=bops)
-        if context is None:
-            for result in point_sensitivity(qmodel, images, labels, hutchinson_samples=0, progress=progress,
-                                            slots=costs):
-                costs[result.slot][bits] = result.kl
-            continue
-        swaps = {slot.name: (slot.module.weight.data, slot.module.bias, slot.quantizer)
-                 for slot in _role_slots(qmodel, weights)}
-        for name, kl in swapped_weight_kl(context, model, swaps, images, labels, progress=progress).items():
-            costs[name][bits] = kl
+        for result in point_sensitivity(qmodel, images, labels, hutchinson_samples=0, progress=progress,
+                                        slots=costs):
+            costs[result.slot][bits] = result.kl
     return costs, sizes
 
 

@@ -21,13 +21,12 @@ quantization), so the numbers describe the points of that model.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from vitq.device import model_device
@@ -78,31 +77,20 @@ def _point_effect(qmodel: QuantizedModel, slot: Slot, batches, float_log_probs) 
         x = inputs[0].double()
         energies.add_(torch.stack([x.square().sum(), (x - output.double()).square().sum()]))
 
+    kl, hits, n = 0.0, 0, 0
     handle = slot.quantizer.register_forward_hook(record)
     try:
         with only_quantizing(qmodel, slot):
-            kl, top1 = _kl_and_top1(qmodel, batches, float_log_probs)
+            for (images, labels), reference in zip(batches, float_log_probs, strict=True):
+                log_probs = qmodel(images).double().log_softmax(-1)
+                kl += float(F.kl_div(log_probs, reference, log_target=True, reduction="sum"))
+                hits += int((log_probs.argmax(-1) == labels).sum())
+                n += len(labels)
     finally:
         handle.remove()
     signal, noise = energies.tolist()
     sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
-    return kl, top1, sqnr
-
-
-def _kl_and_top1(qmodel: QuantizedModel, batches, float_log_probs) -> tuple[float, float]:
-    """(mean KL to ``float_log_probs``, top-1 %) of ``qmodel`` as it is now, on ``batches``."""
-    kl, hits, n = 0.0, 0, 0
-    for (images, labels), reference in zip(batches, float_log_probs, strict=True):
-        log_probs = qmodel(images).double().log_softmax(-1)
-        kl += float(F.kl_div(log_probs, reference, log_target=True, reduction="sum"))
-        hits += int((log_probs.argmax(-1) == labels).sum())
-        n += len(labels)
-    return kl / n, 100.0 * hits / n
-
-
-def _float_log_probs(qmodel: QuantizedModel, batches) -> list[torch.Tensor]:
-    with torch.no_grad(), qmodel.quantization_disabled():
-        return [qmodel(x).double().log_softmax(-1) for x, _ in batches]  # KL in float64
+    return kl / n, 100.0 * hits / n, sqnr
 
 
 def hutchinson_traces(qmodel: QuantizedModel, weights: Sequence[torch.Tensor], batches, samples: int,
@@ -147,7 +135,8 @@ def point_sensitivity(qmodel: QuantizedModel, images: torch.Tensor, labels: torc
         raise VitqError("the model quantizes nothing: no sensitivity to measure")
     qmodel.eval()
     batches = _batches(images, labels, model_device(qmodel))
-    float_log_probs = _float_log_probs(qmodel, batches)
+    with torch.no_grad(), qmodel.quantization_disabled():
+        float_log_probs = [qmodel(x).double().log_softmax(-1) for x, _ in batches]  # KL in float64
     results = []
     for slot in tqdm(slots, desc="sensitivity", disable=not progress):
         kl, top1, sqnr = _point_effect(qmodel, slot, batches, float_log_probs)
@@ -165,42 +154,4 @@ def point_sensitivity(qmodel: QuantizedModel, images: torch.Tensor, labels: torc
     return results
 
 
-@torch.no_grad()
-def swapped_weight_kl(qmodel: QuantizedModel, float_model: nn.Module,
-                      swaps: Mapping[str, tuple[torch.Tensor, torch.Tensor | None, nn.Module]], images: torch.Tensor,
-                      labels: torch.Tensor, *, progress: bool = True) -> dict[str, float]:
-    """The mean KL of ``qmodel``'s prediction (quantized as it is) from ``float_model``'s, on the labelled
-    ``images``, with one weight slot swapped at a time: ``swaps[slot name] = (weight, bias, weight quantizer)``, the
-    layer's float weight, its bias (``None``: kept) and the quantizer applied to that weight.
-
-    This prices a layer as another calibration (e.g. the same method at other bits) rounded and rewrote it, in the
-    context of the rest of ``qmodel``: for a method that rewrites the weights it calibrates (GPTQ's compensation,
-    ERQ's ridge regression) there are no float weights left to measure one weight "alone" against."""
-    slots = {slot.name: slot for slot in qmodel.slots()}
-    unknown = sorted(set(swaps) - {name for name, slot in slots.items() if slot.role == "weight"})
-    if unknown:
-        raise VitqError(f"no weight slot(s) {', '.join(unknown)} in the model")
-    qmodel.eval()
-    batches = _batches(images, labels, model_device(qmodel))
-    float_log_probs = [float_model(x).double().log_softmax(-1) for x, _ in batches]
-    costs = {}
-    for name, (weight, bias, quantizer) in tqdm(swaps.items(), desc="weight costs", disable=not progress):
-        slot = slots[name]
-        layer = slot.module
-        kept = layer.weight.data, None if layer.bias is None else layer.bias.data, slot.quantizer
-        layer.weight.data = weight.to(kept[0])
-        if bias is not None:
-            layer.bias.data = bias.to(kept[1])
-        slot.quantizer = quantizer
-        try:
-            costs[name] = _kl_and_top1(qmodel, batches, float_log_probs)[0]
-        finally:
-            layer.weight.data = kept[0]
-            if kept[1] is not None:
-                layer.bias.data = kept[1]
-            slot.quantizer = kept[2]
-    return costs
-
-
-__all__ = ["PointSensitivity", "hutchinson_traces", "only_quantizing", "point_sensitivity", "quantized_slots",
-           "swapped_weight_kl"]
+__all__ = ["PointSensitivity", "hutchinson_traces", "only_quantizing", "point_sensitivity", "quantized_slots"]
