@@ -116,14 +116,19 @@ def test_onnx_w8a8_export_runs_in_onnxruntime_like_fake_quant(deit_tiny, split_s
     assert (logits - reference).abs().mean() < 0.1
 
 
-def test_deit_tiny_through_a_transformers_folder_gives_the_timm_numbers(deit_tiny, split_seed0, tmp_path):
+def test_deit_tiny_through_a_transformers_folder_gives_the_timm_numbers(deit_tiny, split_seed0, assets, tmp_path):
     """`vitq convert --to hf` then `hf:<folder>`: the same preprocessing, float logits and W8A8 predictions."""
-    from vitq.data.transforms import data_config_for_model
+    from PIL import Image
+
+    from vitq.assets import IMAGENET_SAMPLE
+    from vitq.data.transforms import transform_for_model
     from vitq.models.hf import write_hf_folder
 
     hf_model = vitq.create_model(f"hf:{write_hf_folder(deit_tiny, tmp_path / 'hf')}")
-    timm_data = data_config_for_model(deit_tiny)
-    assert {k: v for k, v in data_config_for_model(hf_model).items() if k in timm_data} == timm_data
+    images = sorted((assets / IMAGENET_SAMPLE).rglob("*.JPEG"))[:4]
+    for path in images:  # the same pixels (DeiT-tiny resizes to 248 then crops 224)
+        image = Image.open(path).convert("RGB")
+        assert torch.equal(transform_for_model(hf_model)(image), transform_for_model(deit_tiny)(image))
     calib, eval_data = split_seed0
     with torch.no_grad():
         assert torch.equal(hf_model(calib[:8]), deit_tiny(calib[:8]))

@@ -316,7 +316,10 @@ def data_config(processor: dict, source: str, image_size: int) -> dict[str, Any]
         raise VitqError(f"{source}: resampling filter {resample!r} is not supported "
                         f"({', '.join(f'{k} ({v})' for k, v in _RESAMPLE.items())})")
     normalize = processor.get("do_normalize", True)
-    return {"input_size": (3, side, side), "interpolation": _RESAMPLE[resample], "crop_pct": side / resize,
+    crop_pct = side / resize
+    while math.floor(side / crop_pct) < resize:  # timm resizes to floor(side / crop_pct): undo the division's rounding
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return {"input_size": (3, side, side), "interpolation": _RESAMPLE[resample], "crop_pct": crop_pct,
             "crop_mode": mode, "mean": tuple(processor["image_mean"]) if normalize else (0.0, 0.0, 0.0),
             "std": tuple(processor["image_std"]) if normalize else (1.0, 1.0, 1.0)}
 
