@@ -138,13 +138,15 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+CHECKPOINT_HELP = (f"local .safetensors state dict (default: $VITQ_ASSETS/{DEIT_TINY_CHECKPOINT} for {DEFAULT_MODEL} "
+                   "if present, else timm's pretrained download)")
+
+
 def _common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", help=f"timm model name, or hf:DIR / hf:OWNER/NAME for a HuggingFace transformers "
                                    f"ViT/DeiT checkpoint (default {DEFAULT_MODEL})")
-    p.add_argument("--checkpoint", type=Path,
-                   help=f"local .safetensors state dict (default: $VITQ_ASSETS/{DEIT_TINY_CHECKPOINT} for "
-                        f"{DEFAULT_MODEL} if present, else timm's pretrained download)")
+    p.add_argument("--checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help=f"where the model runs: {DEVICE_CHOICES} (default auto: the first CUDA GPU, else the CPU)")
@@ -285,9 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("hf",), required=True, help="hf: a transformers folder (config.json, "
                    "model.safetensors, preprocessor_config.json)")
     p.add_argument("--model", help=f"timm model name (default {DEFAULT_MODEL})")
-    p.add_argument("--checkpoint", type=Path,
-                   help=f"local .safetensors state dict (default: $VITQ_ASSETS/{DEIT_TINY_CHECKPOINT} for "
-                        f"{DEFAULT_MODEL} if present, else timm's pretrained download)")
+    p.add_argument("--checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--output", type=Path, required=True, metavar="DIR", help="the folder to write")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     p.set_defaults(run=cmd_convert)

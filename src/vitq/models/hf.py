@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitq.checks import check_finite
 from vitq.errors import VitqError
-from vitq.models.weights import load_state, quiet_hub, read_state_file
+from vitq.models.weights import load_state_dict_file, quiet_hub
 
 HF_PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -166,11 +165,12 @@ class _Layout:
 
         return VisionTransformer(**self.kwargs)
 
-    def key_map(self, depth: int) -> dict[str, str]:
-        """timm key -> transformers key, for every tensor but the concatenated ``qkv``."""
-        keys = {timm_key: self.prefix + hf_key for timm_key, hf_key in self.outer.items()}
+    def key_map(self, depth: int, prefix: str) -> dict[str, str]:
+        """timm key -> transformers key (base-model tensors under ``prefix``), for every tensor but the
+        concatenated ``qkv``."""
+        keys = {timm_key: prefix + hf_key for timm_key, hf_key in self.outer.items()}
         for i in range(depth):
-            hf = self.prefix + self.layer.format(i=i)
+            hf = prefix + self.layer.format(i=i)
             for timm_name, hf_name in self.block:
                 for tensor in ("weight", "bias"):
                     keys[f"blocks.{i}.{timm_name}.{tensor}"] = f"{hf}{hf_name}.{tensor}"
@@ -179,8 +179,8 @@ class _Layout:
                 keys[f"{timm_head}.{tensor}"] = f"{hf_head}.{tensor}"
         return keys
 
-    def qkv_keys(self, block: int, tensor: str) -> list[str]:
-        return [f"{self.prefix}{self.layer.format(i=block)}{part}.{tensor}" for part in self.qkv]
+    def qkv_keys(self, block: int, tensor: str, prefix: str) -> list[str]:
+        return [f"{prefix}{self.layer.format(i=block)}{part}.{tensor}" for part in self.qkv]
 
     def timm_state(self, hf_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """``model``'s state dict from the transformers tensors ``hf_state`` (a missing tensor is one error line;
@@ -189,8 +189,8 @@ class _Layout:
         shapes = {key: value.shape for key, value in model.state_dict().items()}
         first_block = self.layer.format(i=0)
         # a base model's tensors may be saved with or without its attribute name (CLIPVisionModel's vision_model.)
-        self.prefix = next((p for p in (self.prefix, "") if any(k.startswith(p + first_block) for k in hf_state)),
-                           self.prefix)
+        prefix = next((p for p in (self.prefix, "") if any(k.startswith(p + first_block) for k in hf_state)),
+                      self.prefix)
 
         def take(key: str, timm_key: str) -> torch.Tensor:
             if key not in hf_state:
@@ -200,11 +200,11 @@ class _Layout:
             value = hf_state[key]  # CLIP keeps its class token and position embedding without the batch axes
             return value.reshape(shapes[timm_key]) if value.numel() == shapes[timm_key].numel() else value
 
-        state = {timm_key: take(hf_key, timm_key) for timm_key, hf_key in self.key_map(depth).items()}
+        state = {timm_key: take(hf_key, timm_key) for timm_key, hf_key in self.key_map(depth, prefix).items()}
         for i in range(depth):
             for tensor in ("weight", "bias") if self.kwargs["qkv_bias"] else ("weight",):
                 timm_key = f"blocks.{i}.attn.qkv.{tensor}"
-                state[timm_key] = torch.cat([take(key, timm_key) for key in self.qkv_keys(i, tensor)])
+                state[timm_key] = torch.cat([take(key, timm_key) for key in self.qkv_keys(i, tensor, prefix)])
         return state
 
 
@@ -333,10 +333,9 @@ def create_hf_architecture(name: str) -> nn.Module:
 
 
 def _architecture(name: str, folder: Path) -> tuple[nn.Module, _Layout]:
-    config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
-    if config is None:
+    if not (folder / CONFIG_FILE).is_file():
         raise VitqError(f"{name}: no {CONFIG_FILE} in {folder}")
-    layout = _layout(config, name)
+    layout = _layout(_read_json(folder / CONFIG_FILE), name)
     model = layout.build()
     processor_path = folder / PROCESSOR_FILE
     processor = _read_json(processor_path) if processor_path.is_file() else {}
@@ -350,10 +349,8 @@ def load_hf_model(name: str) -> nn.Module:
     ``model.safetensors`` (every tensor finite), in eval mode on the CPU."""
     folder = hf_folder(name)
     model, layout = _architecture(name, folder)
-    weights = folder / WEIGHTS_FILE
-    hf_state = read_state_file(weights)
-    check_finite(hf_state, f"checkpoint {weights}")
-    load_state(model, layout.timm_state(hf_state, model), weights, f"{name} ({layout.architecture})")
+    load_state_dict_file(model, folder / WEIGHTS_FILE, f"{name} ({layout.architecture})",
+                         convert=lambda hf_state: layout.timm_state(hf_state, model))
     return model
 
 
@@ -365,7 +362,7 @@ def write_hf_folder(model: nn.Module, output: str | Path) -> Path:
     from timm.models.vision_transformer import VisionTransformer
 
     from vitq.data.transforms import data_config_for_model
-    from vitq.files import write_safetensors
+    from vitq.files import write_json, write_safetensors
 
     if not isinstance(model, VisionTransformer):
         raise VitqError(f"only timm ViT/DeiT models convert to transformers, not {type(model).__name__}")
@@ -393,11 +390,12 @@ def write_hf_folder(model: nn.Module, output: str | Path) -> Path:
     }
     layout = _layout(config, "conversion")
     timm_state = model.state_dict()
-    state = {hf_key: timm_state[timm_key] for timm_key, hf_key in layout.key_map(len(model.blocks)).items()}
+    keys = layout.key_map(len(model.blocks), layout.prefix)
+    state = {hf_key: timm_state[timm_key] for timm_key, hf_key in keys.items()}
     for i in range(len(model.blocks)):
         for tensor in ("weight", "bias") if config["qkv_bias"] else ("weight",):
             chunks = timm_state[f"blocks.{i}.attn.qkv.{tensor}"].chunk(3)
-            state.update(zip(layout.qkv_keys(i, tensor), chunks, strict=True))
+            state.update(zip(layout.qkv_keys(i, tensor, layout.prefix), chunks, strict=True))
     data = data_config_for_model(model)
     if data.get("crop_mode", "center") != "center":
         raise VitqError(f"the model's crop mode {data['crop_mode']!r} has no transformers image processor here")
@@ -414,8 +412,8 @@ def write_hf_folder(model: nn.Module, output: str | Path) -> Path:
                  "image_std": list(data["std"]), "do_convert_rgb": True}
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    (output / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
+    write_json(output / CONFIG_FILE, config)
+    write_json(output / PROCESSOR_FILE, processor)
     write_safetensors(output / WEIGHTS_FILE, {k: v.detach().cpu().contiguous() for k, v in state.items()},
                       {"format": "pt"})
     return output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,10 +63,13 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
         raise VitqError(f"checkpoint {path} does not match {what}: {'; '.join(problems)}")
 
 
-def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> None:
-    """Load a safetensors state dict into ``model`` strictly (every tensor finite), with readable errors."""
+def load_state_dict_file(model: nn.Module, path: str | Path, what: str,
+                         convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+    """Load a safetensors state dict into ``model`` strictly (every tensor finite), with readable errors;
+    ``convert`` maps the file's tensors to ``model``'s keys first (e.g. a transformers checkpoint to timm's)."""
     state = read_state_file(path)
     check_finite(state, f"checkpoint {path}")
-    load_state(model, state, path, what)
+    load_state(model, state if convert is None else convert(state), path, what)
+
 
 __all__ = ["load_state", "load_state_dict_file", "quiet_hub", "read_state_file"]
