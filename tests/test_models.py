@@ -249,3 +249,34 @@ def test_swin_minmax_calibrates_every_quantizer(swin_quantized, images):
     with torch.no_grad():
         out = swin_quantized(images)
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------- BatchNorm folding
+@pytest.mark.parametrize("layer", ["conv", "depthwise", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_fold_batchnorm_keeps_the_function(layer, bias):
+    """``bn(layer(x))`` before the fold equals ``layer'(x)`` after it (BatchNormAct2d keeps its activation)."""
+    from timm.layers import BatchNormAct2d
+
+    from vitq.models.base import fold_batchnorm
+
+    torch.manual_seed(0)
+    if layer == "linear":
+        model, x = nn.Sequential(nn.Linear(5, 8, bias=bias), nn.BatchNorm1d(8)), torch.randn(4, 5)
+    else:
+        groups = 8 if layer == "depthwise" else 1
+        model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=groups, bias=bias), BatchNormAct2d(8, act_layer=nn.Hardswish))
+        x = torch.randn(2, 8, 7, 7)
+    bn = model[1]
+    bn.weight.uniform_(0.5, 2)
+    bn.bias.uniform_(-1, 1)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.2, 3)
+    model.eval()
+    reference = model(x)
+    fold_batchnorm(model, "0", "1")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert torch.allclose(model(x), reference, atol=1e-5)
+    with pytest.raises(ValueError, match="normalises 8 channels"):
+        fold_batchnorm(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(8)), "0", "1")

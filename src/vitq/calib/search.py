@@ -127,7 +127,8 @@ def attention_output_calibration(attention_modules: Iterable[nn.Module], *, chun
     For every attention module (with ``v`` and ``softmax`` quantization points, see
     :mod:`vitq.nn.attention`), the quantized values ``Q(v)`` are captured as the module computes them
     (``v`` is quantized before the attention map) and the softmax quantizer's parameters are searched
-    by ‖A·Q(v) − Q(A)·Q(v)‖², the error its real consumer sees, instead of ‖A − Q(A)‖².
+    by ‖A·Q(v) − Q(A)·Q(v)‖², the error its real consumer sees, instead of ‖A − Q(A)‖². ``A`` and ``Q(A)`` go
+    through the module's ``value_weights`` first (the identity, or talking heads' ``proj_w`` head mix).
     """
     hooks, touched = [], []
     for module in attention_modules:
@@ -139,9 +140,9 @@ def attention_output_calibration(attention_modules: Iterable[nn.Module], *, chun
         def keep_v(_module, _inputs, output, captured=captured):
             captured["v"] = output.detach()
 
-        def calibrate(attn, quantizer=quantizer, captured=captured):
+        def calibrate(attn, quantizer=quantizer, captured=captured, weights=module.value_weights):
             v = captured["v"]
-            search_by_output_error(quantizer, attn, lambda a, s: a @ v[s], chunk=chunk)
+            search_by_output_error(quantizer, attn, lambda a, s: weights(a) @ v[s], chunk=chunk)
 
         hooks.append(module.v.register_forward_hook(keep_v))
         quantizer.calibrator = calibrate

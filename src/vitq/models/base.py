@@ -81,3 +81,78 @@ def wrap_layernorms(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.LayerNorm) and not isinstance(module, QLayerNorm):
             replace_module(model, name, QLayerNorm(module))
+
+
+def wrap_mlp(model: nn.Module, path: str, input_role: str = "post_ln") -> None:
+    """Wrap the Linear layers of the timm MLP at ``path`` (``Mlp``, ``GluMlp`` or ``SwiGLU``).
+
+    The first Linear(s) (``fc1``, or SwiGLU's ``fc1_g`` and ``fc1_x``) read the block's input: a LayerNorm output in
+    a pre-norm block (``post_ln``), the residual stream in a post-norm one (``input_role="act"``).
+    ``fc2``'s input is ``post_ln`` when the MLP normalises its hidden activation (``scale_mlp`` models:
+    EVA02, BEiT v2 variants), ``post_gelu`` after a plain GELU-type activation, and ``act`` after a gated
+    product (GLU/SwiGLU), whose values are signed and have no GELU floor.
+    """
+    from timm.layers import GluMlp, SwiGLU
+
+    from vitq.nn import QLinear
+
+    mlp = model.get_submodule(path)
+    gated = isinstance(mlp, (GluMlp, SwiGLU))
+    for name in ("fc1_g", "fc1_x") if isinstance(mlp, SwiGLU) else ("fc1",):
+        replace_module(model, f"{path}.{name}", QLinear(getattr(mlp, name), input_role))
+    fc2_role = "post_ln" if _has_layernorm(mlp) else "act" if gated else "post_gelu"
+    replace_module(model, f"{path}.fc2", QLinear(mlp.fc2, fc2_role))
+
+
+def block_norm_pairs(model: nn.Module, path: str) -> list[tuple[str, str]]:
+    """The fold pairs of the pre-norm transformer block at ``path``: ``norm1`` → ``attn.qkv`` (a fused qkv),
+    ``norm2`` → ``mlp.fc1`` (one first Linear: SwiGLU's two would need one fold shared by both) and
+    :func:`mlp_norm_pairs`. Only affine LayerNorms are listed."""
+    block = model.get_submodule(path)
+    pairs = []
+    for norm, parent, linear in (("norm1", "attn", "qkv"), ("norm2", "mlp", "fc1")):
+        if affine_layernorm(getattr(block, norm, None)) and hasattr(getattr(block, parent), linear):
+            pairs.append((f"{path}.{norm}", f"{path}.{parent}.{linear}"))
+    return pairs + mlp_norm_pairs(model, f"{path}.mlp")
+
+
+def mlp_norm_pairs(model: nn.Module, path: str) -> list[tuple[str, str]]:
+    """``[(path.norm, path.fc2)]`` when the MLP at ``path`` normalises its hidden activation with an affine
+    LayerNorm (whose output is then ``fc2``'s whole input), else ``[]``."""
+    return [(f"{path}.norm", f"{path}.fc2")] if affine_layernorm(model.get_submodule(path).norm) else []
+
+
+def affine_layernorm(module: nn.Module | None) -> bool:
+    """Whether ``module`` is an ``nn.LayerNorm`` with a gain and a bias (the norms the RepQ-style fold needs)."""
+    return isinstance(module, nn.LayerNorm) and module.weight is not None and module.bias is not None
+
+
+def _has_layernorm(mlp: nn.Module) -> bool:
+    return isinstance(getattr(mlp, "norm", None), nn.LayerNorm)
+
+
+def fold_batchnorm(model: nn.Module, layer_path: str, bn_path: str) -> None:
+    """Fold the eval-mode BatchNorm at ``bn_path`` into the Conv2d or Linear at ``layer_path`` that feeds it, in
+    place: ``bn(layer(x)) = layer'(x)`` with ``W' = W·γ/σ`` (per output channel) and ``b' = (b − μ)·γ/σ + β``.
+
+    Quantizing a layer whose output is then renormalised would quantize weights the model never uses as such, so
+    hybrid CNN-ViT adapters fold every BatchNorm first (the deployed form of these models). The BatchNorm is replaced
+    by what it does besides normalising: nothing (``nn.Identity``), or the dropout and activation of timm's
+    ``BatchNormAct2d``. A BatchNorm1d after a Linear normalises its output features (LeViT's ``LinearNorm``)."""
+    layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)
+    if not isinstance(layer, nn.Conv2d | nn.Linear) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"cannot fold {type(bn).__name__} at {bn_path} into {type(layer).__name__} at {layer_path}")
+    if bn.num_features != layer.weight.shape[0]:
+        raise ValueError(f"{bn_path} normalises {bn.num_features} channels, {layer_path} makes {layer.weight.shape[0]}")
+    with torch.no_grad():
+        gain = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            gain = gain * bn.weight
+        shift = -bn.running_mean * gain
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        bias = shift if layer.bias is None else layer.bias * gain + shift
+        layer.weight.mul_(gain.view(-1, *([1] * (layer.weight.dim() - 1))))
+        layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
+    rest = [getattr(bn, name) for name in ("drop", "act") if isinstance(getattr(bn, name, None), nn.Module)]
+    replace_module(model, bn_path, nn.Sequential(*rest) if rest else nn.Identity())

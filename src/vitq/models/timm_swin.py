@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitq.models.base import ModelAdapter, Stage, replace_module, wrap_layernorms
+from vitq.models.base import ModelAdapter, Stage, affine_layernorm, replace_module, wrap_layernorms, wrap_mlp
 from vitq.models.registry import register_adapter
 from vitq.nn import QConv2d, QLinear, QuantWindowAttention
 
@@ -38,8 +38,7 @@ class SwinAdapter(ModelAdapter):
             for j, block in enumerate(layer.blocks):
                 prefix = f"layers.{i}.blocks.{j}"
                 replace_module(model, f"{prefix}.attn", QuantWindowAttention(block.attn))
-                replace_module(model, f"{prefix}.mlp.fc1", QLinear(block.mlp.fc1, "post_ln"))
-                replace_module(model, f"{prefix}.mlp.fc2", QLinear(block.mlp.fc2, "post_gelu"))
+                wrap_mlp(model, f"{prefix}.mlp")
         if isinstance(model.head.fc, nn.Linear):
             replace_module(model, "head.fc", QLinear(model.head.fc, "act"))
         wrap_layernorms(model)
@@ -74,19 +73,15 @@ class SwinAdapter(ModelAdapter):
         pairs = []
         for i, layer in enumerate(model.layers):
             downsample = layer.downsample
-            if not isinstance(downsample, nn.Identity) and _affine_layernorm(getattr(downsample, "norm", None)):
+            if not isinstance(downsample, nn.Identity) and affine_layernorm(getattr(downsample, "norm", None)):
                 pairs.append((f"layers.{i}.downsample.norm", f"layers.{i}.downsample.reduction"))
             for j, block in enumerate(layer.blocks):
                 prefix = f"layers.{i}.blocks.{j}"
-                if _affine_layernorm(block.norm1) and not _pads_windows(block):
+                if affine_layernorm(block.norm1) and not _pads_windows(block):
                     pairs.append((f"{prefix}.norm1", f"{prefix}.attn.qkv"))
-                if _affine_layernorm(block.norm2):
+                if affine_layernorm(block.norm2):
                     pairs.append((f"{prefix}.norm2", f"{prefix}.mlp.fc1"))
         return pairs
-
-
-def _affine_layernorm(module) -> bool:
-    return isinstance(module, nn.LayerNorm) and module.weight is not None and module.bias is not None
 
 
 def _pads_windows(block: nn.Module) -> bool:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitq.models.base import ModelAdapter, Stage, replace_module, wrap_layernorms
+from vitq.models.base import (
+    ModelAdapter,
+    Stage,
+    block_norm_pairs,
+    replace_module,
+    wrap_layernorms,
+    wrap_mlp,
+)
 from vitq.models.registry import register_adapter
 from vitq.nn import QConv2d, QLinear, QuantAttention
 
@@ -28,8 +35,7 @@ class VitAdapter(ModelAdapter):
         replace_module(model, "patch_embed.proj", QConv2d(model.patch_embed.proj, "image"))
         for i, block in enumerate(model.blocks):
             replace_module(model, f"blocks.{i}.attn", QuantAttention(block.attn))
-            replace_module(model, f"blocks.{i}.mlp.fc1", QLinear(block.mlp.fc1, "post_ln"))
-            replace_module(model, f"blocks.{i}.mlp.fc2", QLinear(block.mlp.fc2, "post_gelu"))
+            wrap_mlp(model, f"blocks.{i}.mlp")
         for head in ("head", "head_dist"):  # head_dist: the distillation head of DeiT's distilled models
             if isinstance(getattr(model, head, None), nn.Linear):
                 replace_module(model, head, QLinear(getattr(model, head), "act"))
@@ -51,16 +57,8 @@ class VitAdapter(ModelAdapter):
 
     @classmethod
     def norm_linear_pairs(cls, model: nn.Module) -> list[tuple[str, str]]:
-        """``blocks.{i}.norm1`` → ``blocks.{i}.attn.qkv`` and ``blocks.{i}.norm2`` → ``blocks.{i}.mlp.fc1``.
+        """``blocks.{i}.norm1`` → ``blocks.{i}.attn.qkv``, ``blocks.{i}.norm2`` → ``blocks.{i}.mlp.fc1`` and, in
+        MLPs that normalise their hidden activation, ``.mlp.norm`` → ``.mlp.fc2``.
 
         Only affine ``nn.LayerNorm`` norms are listed (other norms cannot take the fold)."""
-        pairs = []
-        for i, block in enumerate(model.blocks):
-            for norm, linear in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")):
-                if _affine_layernorm(getattr(block, norm, None)):
-                    pairs.append((f"blocks.{i}.{norm}", f"blocks.{i}.{linear}"))
-        return pairs
-
-
-def _affine_layernorm(module) -> bool:
-    return isinstance(module, nn.LayerNorm) and module.weight is not None and module.bias is not None
+        return [pair for i in range(len(model.blocks)) for pair in block_norm_pairs(model, f"blocks.{i}")]

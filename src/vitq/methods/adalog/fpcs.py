@@ -260,13 +260,18 @@ def fpcs_query_key(q: torch.Tensor, k: torch.Tensor, q_quantizer: Quantizer | No
 
 @torch.no_grad()
 def fpcs_value(v: torch.Tensor, attn: torch.Tensor, v_quantizer: Quantizer | None, attn_quantizer: Quantizer | None,
-               settings: FpcsSettings = FpcsSettings()) -> None:
+               settings: FpcsSettings = FpcsSettings(),
+               value_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Search the v quantizer by the attention-output error ‖A·v − Q(A)·Q(v)‖² (``A``: the attention map
     [B, heads, T, T'], ``v``: [B, heads, T', D], both unquantized), as ‖vᵀ·Aᵀ − Q(v)ᵀ·Q(A)ᵀ‖², on every
-    ``row_stride``-th image."""
+    ``row_stride``-th image. ``value_weights`` (the attention module's, e.g. talking heads' ``proj_w`` head mix)
+    maps ``A`` and ``Q(A)`` to the weights that multiply ``v``; ``None``: the identity."""
     if _searchable_operand(v_quantizer):
         v, attn = v[::settings.row_stride], attn[::settings.row_stride]
-        _search_operand(v_quantizer, v.transpose(-1, -2), attn, _fake_quant(attn_quantizer, attn), settings)
+        attn_hat = _fake_quant(attn_quantizer, attn)
+        if value_weights is not None:
+            attn, attn_hat = value_weights(attn), value_weights(attn_hat)
+        _search_operand(v_quantizer, v.transpose(-1, -2), attn, attn_hat, settings)
 
 
 class _Stop(Exception):
@@ -296,7 +301,8 @@ def fpcs_stage(qmodel, stage, x: torch.Tensor, settings: FpcsSettings = FpcsSett
         pending.append((attn.k, lambda k, i=i, attn=attn: fpcs_query_key(raw[i, "q"], k, attn.q.quantizer,
                                                                           attn.k.quantizer, settings)))
         pending.append((attn.softmax, lambda a, i=i, attn=attn: fpcs_value(raw[i, "v"], a, attn.v.quantizer,
-                                                                            attn.softmax.quantizer, settings)))
+                                                                            attn.softmax.quantizer, settings,
+                                                                            attn.value_weights)))
     captures = [(attn.q, (i, "q")) for i, attn in enumerate(attentions)] + \
                [(attn.v, (i, "v")) for i, attn in enumerate(attentions)]
     fired: list[int] = []

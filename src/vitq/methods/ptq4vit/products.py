@@ -5,7 +5,8 @@ A product layer computes ``O = op(a, b)`` from two quantizer slots (see :mod:`vi
 - :class:`LinearProduct` — a ``QLinear``: ``a`` = input (its ``input_quantizer``), ``b`` = weight;
 - :class:`ConvProduct` — a ``QConv2d`` (the patch embedding): ``a`` = image, ``b`` = weight;
 - :class:`ScoresProduct` — the attention scores ``(q·scale)·kᵀ`` (the ``q`` and ``k`` points);
-- :class:`ContextProduct` — the attention output ``A·v`` (the ``softmax`` and ``v`` points).
+- :class:`ContextProduct` — the attention output ``A·v`` (the ``softmax`` and ``v`` points; ``proj_w(A)·v`` in
+  talking-heads attention).
 
 Each layer registers hooks that capture its operands during a forward pass and the gradient ∂L/∂O during a
 backward pass. The scores are never materialised outside the attention module, so their gradient comes from the
@@ -166,7 +167,8 @@ class ScoresProduct(_AttentionProduct):
 
 
 class ContextProduct(_AttentionProduct):
-    """``O = A·v``; its gradient is that of ``proj``'s input ``O`` as [batch, tokens, heads·head_dim]."""
+    """``O = w(A)·v``, ``w`` the module's ``value_weights`` (the identity, or talking heads' ``proj_w`` head mix);
+    its gradient is that of ``proj``'s input ``O`` as [batch, tokens, heads·head_dim]."""
 
     def __init__(self, name: str, attn: QuantAttentionBase, row_stride: int) -> None:
         if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
@@ -174,7 +176,7 @@ class ContextProduct(_AttentionProduct):
         super().__init__(name, attn, attn.softmax, attn.v, row_stride)
 
     def op(self, a, b):
-        return a @ b
+        return self.attn.value_weights(a) @ b
 
     def gradient_hooks(self, sink):
         heads = self.attn.num_heads
