@@ -12,29 +12,22 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 from torch import nn
 
 import vitq
 from vitq import PointOverride, QuantConfig
-from vitq.checks import expected_image_size
 from vitq.config import ReconConfig
 from vitq.errors import VitqError
 from vitq.methods import method_class, method_names
+from vitq.models.smoke import SMOKE_OPTIONS, build_smoke_model, smoke_configs, smoke_images
 
-#: family -> (timm name, kwargs that make it small (few blocks, few tokens), one softmax point)
-FAMILIES: dict[str, tuple[str, dict, str]] = {
-    "beit": ("beit_base_patch16_224", {"depth": 2, "embed_dim": 192, "num_heads": 3, "img_size": 64},
-             "blocks.1.attn.softmax"),
-    "swinv2": ("swinv2_tiny_window8_256", {"embed_dim": 48, "depths": (2, 2), "num_heads": (3, 6), "img_size": 64},
-               "layers.0.blocks.1.attn.softmax"),
-    "eva02": ("eva02_tiny_patch14_224", {"depth": 2}, "blocks.1.attn.softmax"),
-    "cait": ("cait_xxs24_224", {"depth": 2, "img_size": 64, "init_values": 1.0}, "blocks.1.attn.softmax"),
-}
+#: the families checked here (the ViT and Swin v1 variants have their own tests in test_models.py)
+FAMILIES = {key: config for key, config in smoke_configs().items()
+            if key not in ("vit", "deit_distilled", "deit3", "dinov2", "clip", "siglip", "swin")}
 
 #: families without a LayerNorm → Linear fold pair by design (the adapter docstring says why)
-NO_FOLD_PAIRS: set[str] = {"swinv2"}
+NO_FOLD_PAIRS: set[str] = {"levit", "swinv2", "mobilevitv2", "efficientvit_msra"}
 
 #: relative max |logit difference| accepted between the wrapped float model and timm
 TOL = 1e-5
@@ -43,31 +36,14 @@ SQNR_FLOOR_DB = 25.0
 
 
 def build(family: str) -> nn.Module:
-    """The family's small config, random-init (seed 0), every parameter nudged by noise so that zero- or
-    constant-initialised tables, biases and LayerScale gains take part."""
-    name, kwargs, _ = FAMILIES[family]
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
-
-
-def images_for(model: nn.Module, n: int = 2) -> torch.Tensor:
-    size = expected_image_size(model) or model.pretrained_cfg["input_size"][1:]
-    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(1))
+    return build_smoke_model(FAMILIES[family])
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
     """``(family, float model, images)``."""
     model = build(request.param)
-    return request.param, model, images_for(model)
+    return request.param, model, smoke_images(model)
 
 
 def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -103,7 +79,7 @@ def test_stages_compose_to_forward(family):
 def test_softmax_point_is_on_the_path(family):
     """A 2-bit quantizer on one softmax point, alone enabled, sees probabilities and changes the logits."""
     name, model, x = family
-    point = FAMILIES[name][2]
+    point = FAMILIES[name].softmax_point
     config = QuantConfig(method="minmax", overrides=[PointOverride(pattern=point, bits=2)])
     qmodel = vitq.prepare(model, config)
     softmax = qmodel.model.get_submodule(point)
@@ -155,7 +131,7 @@ def test_norm_linear_pairs_feed_their_linear(family):
 def percentile(family):
     name, model, x = family
     return vitq.quantize(model, QuantConfig(method="percentile", w_bits=8, a_bits=8, calib_size=2), x,
-                         model_name=FAMILIES[name][0], progress=False)
+                         model_name=FAMILIES[name].timm_name, progress=False)
 
 
 @torch.no_grad()
@@ -180,10 +156,15 @@ def test_save_load_is_bit_identical(family, percentile, tmp_path, monkeypatch):
 RECON = ReconConfig(iterations=2, batch_size=2)
 #: run at W4A4 (the headline settings; llm-fp4's 4-bit format search tries 3 formats, its 8-bit one 7)
 W4A4_METHODS = ("repq-vit", "gptq", "erq", "llm-fp4")
-#: cheaper settings of the slowest calibrations; what they skip is family-agnostic and tested on ViT
-FAST_OPTIONS = {"adalog": {"fpcs": False}}
 #: family -> the methods that refuse it (with one line); every other method must run
-REFUSALS: dict[str, set[str]] = {}
+REFUSALS: dict[str, set[str]] = {
+    "tinyvit": {"gptq", "erq"},  # weight rounding takes dense convs only; TinyViT's convs are partly depthwise
+    "xcit": {"gptq", "erq"},  # weight rounding takes dense convs only; XCiT's LPI convs are depthwise
+    "pit": {"gptq", "erq"},  # weight rounding takes dense convs only; PiT's pooling convs are grouped
+    "mobilevit": {"gptq", "erq"},  # weight rounding takes dense convs only; MobileViT's inverted residuals are
+    "mobilevitv2": {"gptq", "erq"},  # depthwise, and v2 blocks start with a depthwise conv
+    "efficientvit_msra": {"gptq", "erq"},  # weight rounding takes dense convs only; dw0/dw1/dws are depthwise
+}
 
 
 @pytest.mark.parametrize("method", [m for m in method_names() if m != "float"])
@@ -191,11 +172,11 @@ REFUSALS: dict[str, set[str]] = {}
 def test_every_method_runs_or_refuses_in_one_line(family, method):
     name, model, x = family
     bits = 4 if method in W4A4_METHODS else 8
-    config = QuantConfig(method=method, w_bits=bits, a_bits=bits, calib_size=2, options=FAST_OPTIONS.get(method, {}),
+    config = QuantConfig(method=method, w_bits=bits, a_bits=bits, calib_size=2, options=SMOKE_OPTIONS.get(method, {}),
                          reconstruct=RECON if method_class(method).reconstructs else None)
     try:
         with torch.enable_grad():
-            qmodel = vitq.quantize(model, config, x, model_name=FAMILIES[name][0], progress=False)
+            qmodel = vitq.quantize(model, config, x, model_name=FAMILIES[name].timm_name, progress=False)
     except VitqError as err:
         assert method in REFUSALS.get(name, set()), f"{method} refuses {name}: {err}"
         assert "\n" not in str(err) and str(err)

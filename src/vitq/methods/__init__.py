@@ -14,6 +14,7 @@ from vitq.methods import minmax as _minmax  # noqa: F401
 from vitq.methods import noisyquant as _noisyquant  # noqa: F401
 from vitq.methods import percentile as _percentile  # noqa: F401
 from vitq.methods import ptq4vit as _ptq4vit  # noqa: F401
+from vitq.methods import q_hyvit as _q_hyvit  # noqa: F401
 from vitq.methods import qdrop as _qdrop  # noqa: F401
 from vitq.methods import repq_vit as _repq_vit  # noqa: F401
 from vitq.methods.base import Method, method_class, method_names, register_method

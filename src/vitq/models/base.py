@@ -145,14 +145,55 @@ def fold_batchnorm(model: nn.Module, layer_path: str, bn_path: str) -> None:
     if bn.num_features != layer.weight.shape[0]:
         raise ValueError(f"{bn_path} normalises {bn.num_features} channels, {layer_path} makes {layer.weight.shape[0]}")
     with torch.no_grad():
-        gain = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            gain = gain * bn.weight
-        shift = -bn.running_mean * gain
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        gain, shift = _batchnorm_affine(bn)
         bias = shift if layer.bias is None else layer.bias * gain + shift
         layer.weight.mul_(gain.view(-1, *([1] * (layer.weight.dim() - 1))))
         layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
     rest = [getattr(bn, name) for name in ("drop", "act") if isinstance(getattr(bn, name, None), nn.Module)]
     replace_module(model, bn_path, nn.Sequential(*rest) if rest else nn.Identity())
+
+
+def fold_batchnorm_into_next_linear(model: nn.Module, bn_path: str, linear_path: str) -> None:
+    """Fold the eval-mode BatchNorm1d at ``bn_path`` into the Linear at ``linear_path`` that reads it (a classifier
+    that normalises its input: LeViT's and EfficientViT's ``NormLinear``; a dropout between them is the identity
+    in eval), in place: ``linear(bn(x)) = W'x + b'`` with ``W' = W·diag(γ/σ)`` (per input feature) and
+    ``b' = W(β − μ·γ/σ) + b``. The BatchNorm becomes ``nn.Identity``."""
+    bn, linear = model.get_submodule(bn_path), model.get_submodule(linear_path)
+    if not isinstance(linear, nn.Linear) or not isinstance(bn, nn.BatchNorm1d):
+        raise TypeError(f"cannot fold {type(bn).__name__} at {bn_path} into {type(linear).__name__} at {linear_path}")
+    if bn.num_features != linear.in_features:
+        raise ValueError(f"{bn_path} normalises {bn.num_features} features, {linear_path} reads {linear.in_features}")
+    with torch.no_grad():
+        gain, shift = _batchnorm_affine(bn)
+        bias = linear.weight @ shift
+        if linear.bias is not None:
+            bias = bias + linear.bias
+        linear.weight.mul_(gain.to(linear.weight.dtype))
+        linear.bias = nn.Parameter(bias.to(linear.weight.dtype))
+    replace_module(model, bn_path, nn.Identity())
+
+
+def fold_conv_batchnorms(model: nn.Module) -> None:
+    """Fold the BatchNorm of every conv-norm pair (a module with ``conv`` and ``bn`` children: timm's
+    ``ConvNormAct``, EfficientViT's ``ConvNorm``) into its convolution; a one-line error if any other BatchNorm
+    remains (one that no convolution feeds directly)."""
+    from vitq.errors import VitqError
+
+    for name, module in list(model.named_modules()):
+        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            fold_batchnorm(model, f"{name}.conv" if name else "conv", f"{name}.bn" if name else "bn")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise VitqError(f"cannot fold the BatchNorm at {name}: no convolution feeds it directly")
+
+
+def _batchnorm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(γ/σ, β − μ·γ/σ)``: the per-channel gain and shift an eval-mode BatchNorm applies."""
+    gain = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        gain = gain * bn.weight
+    shift = -bn.running_mean * gain
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return gain, shift

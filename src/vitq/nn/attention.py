@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vitq.nn.modules import QAct, QLinear
+from vitq.nn.modules import QAct, QConv2d, QLinear
 
 
 class QuantAttentionBase(nn.Module):
@@ -48,6 +48,12 @@ class QuantAttentionBase(nn.Module):
         itself. The softmax point's consumer is ``value_weights(probs) @ v``; output-error searches of the softmax
         quantizer use it, and attention that transforms the probabilities first (talking heads) overrides it."""
         return probs
+
+    def norm_before_proj(self) -> bool:
+        """Whether a norm sits between the attention output and ``proj`` (EVA's ``scale_attn_inner``), so that
+        ``proj`` does not read ``value_weights(probs) @ v`` with the heads merged. Attention whose ``norm`` is
+        elsewhere (before ``qkv``) overrides it."""
+        return not isinstance(getattr(self, "norm", nn.Identity()), nn.Identity)
 
 
 class QuantAttention(QuantAttentionBase):
@@ -416,3 +422,352 @@ class QuantClassAttention(QuantAttentionBase):
         q, k, v = qkv.unbind(0)
         x_cls = self._attend(q[:, :, :1], k, v, None, self.attn_drop)
         return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(B, 1, C)))
+
+
+class QuantTinyVitAttention(QuantAttentionBase):
+    """Replacement for timm TinyViT's ``Attention``: attention over the tokens of one window that normalises its own
+    input, with a learned bias per head and window offset, following timm's non-fused path step by step:
+    ``norm`` → ``qkv`` → per head split into q, k (``key_dim``) and v (``val_dim``) →
+    ``softmax(Q(q·scale) Q(k)ᵀ + bias) → Q → @ Q(v)`` → ``proj``.
+
+    The bias is ``attention_biases[:, attention_bias_idxs]`` ([heads, N, N]): a table over the distinct
+    ``(|Δrow|, |Δcol|)`` offsets of two window positions, gathered by a fixed index. It depends on no input and is
+    added to the scores in float before the softmax point (timm caches the gathered tensor in eval mode; it is
+    gathered on every call here, the same values).
+
+    ``norm`` (the LayerNorm before ``qkv``) is ``qkv``'s whole input: ``qkv`` has role ``post_ln`` and
+    ``norm`` → ``qkv`` is a fold pair. Keeps timm's attribute names (``norm``, ``qkv``, ``proj``,
+    ``attention_biases``; ``attention_bias_idxs`` is a non-persistent buffer, as in timm), and the ``qkv`` rows keep
+    timm's per-head ``[q | k | v]`` layout.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.key_dim, self.val_dim, self.out_dim = attn.key_dim, attn.val_dim, attn.out_dim
+        self.resolution = tuple(attn.resolution)
+        self.norm = attn.norm
+        self.qkv = QLinear(attn.qkv, "post_ln")
+        self.attention_biases = attn.attention_biases
+        self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
+        self.attn_drop = nn.Identity()  # timm's TinyViT attention has no attention dropout
+        self._init_points()  # registered before proj so module order = forward order
+        self.proj = QLinear(attn.proj, "act")
+
+    def norm_before_proj(self) -> bool:
+        """``False``: ``norm`` normalises the input of ``qkv``; ``proj`` reads the attention output itself."""
+        return False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: the tokens of each window [B·windows, N, dim] (timm's block partitions and pads)."""
+        B, N, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, N, self.num_heads, -1)
+        q, k, v = (t.permute(0, 2, 1, 3) for t in qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3))
+        x = self._attend(q, k, v, self.attention_biases[:, self.attention_bias_idxs], self.attn_drop)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.out_dim))
+
+
+class QuantLinearSelfAttention(QuantAttentionBase):
+    """Replacement for timm MobileViT v2's ``LinearSelfAttention`` (separable self-attention, Mehta & Rastegari
+    2022), following timm's self-attention path step by step. Input and output are ``[B, dim, P, N]`` (P pixels per
+    patch, N patches); the attention runs over the N patches separately for each of the P pixel positions.
+
+    ``qkv_proj`` (a 1×1 convolution) gives one context score per token (``query``), a key and a value. The scores
+    are normalised over the patches, ``A = softmax(query)``, the context vector is the A-weighted sum of the keys,
+    ``c = Σ_n A_n · key_n``, and the output is ``out_proj(relu(value) ⊙ c)``. There is no N×N map and no q·kᵀ
+    product, so there are no ``q`` / ``k`` points. In the ``[batch, heads, queries, keys]`` layout of the other
+    attention modules, the P pixel positions are the heads and each has one query: the ``softmax`` point sees
+    ``A`` as ``[B, P, 1, N]`` (its last axis sums to 1) and the ``v`` point sees timm's ``key`` as ``[B, P, N, dim]``,
+    the operand ``A`` weights, so ``c = value_weights(Q(A)) @ Q(key)`` is the softmax point's consumer as in softmax
+    attention (the role ``v`` has there). ``relu(value) ⊙ c`` is an elementwise product; ``out_proj``'s input point
+    quantizes its result. ``c`` passes through the identity ``context``, so a search by the context's error can take
+    its gradient there (no ``proj`` reads it). Both convolutions keep timm's names and read an activation (role
+    ``act``): ``qkv_proj`` a ``GroupNorm1`` output, ``out_proj`` the gated context.
+
+    Cross-attention (timm's ``x_prev``) is not supported.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.embed_dim = attn.embed_dim
+        self.qkv_proj = QConv2d(attn.qkv_proj, "act")
+        self.attn_drop = attn.attn_drop
+        self.v = QAct("attn_v")  # registered before out_proj, v before softmax: module order = forward order
+        self.softmax = QAct("softmax")
+        self.context = nn.Identity()  # where searches by the context's error (ptq4vit) find its gradient
+        self.out_proj = QConv2d(attn.out_proj, "act")
+        self.out_drop = attn.out_drop
+
+    def norm_before_proj(self) -> bool:
+        """``True``: no ``proj`` reads ``value_weights(probs) @ v`` (``out_proj`` reads it gated by the values)."""
+        return True
+
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: [B, dim, P, N] → [B, dim, P, N]."""
+        if x_prev is not None:
+            raise NotImplementedError("cross-attention is not supported by quantized linear self-attention")
+        query, key, value = self.qkv_proj(x).split([1, self.embed_dim, self.embed_dim], dim=1)
+        key = self.v(key.permute(0, 2, 3, 1))  # [B, P, N, dim], quantized before the scores as in _attend
+        probs = self.softmax(query.permute(0, 2, 1, 3).softmax(dim=-1))  # [B, P, 1, N]
+        context = self.context(self.attn_drop(self.value_weights(probs)) @ key)  # [B, P, 1, dim]
+        out = nn.functional.relu(value) * context.permute(0, 3, 1, 2)  # [B, dim, P, N] ⊙ [B, dim, P, 1]
+        return self.out_drop(self.out_proj(out))
+
+
+class QuantXCAttention(QuantAttentionBase):
+    """Replacement for timm XCiT's ``XCA`` (cross-covariance attention): each head attends over its channels, not
+    over the tokens, following timm's non-fused path step by step.
+
+    Per head, q, k and v are [channels C', tokens N] (``qkv`` split as timm does). q and k are L2-normalised over the
+    tokens, the scores are the [C' × C'] cross-covariance ``Q(q̂)·Q(k̂)ᵀ`` times the learned per-head
+    ``temperature``, and ``softmax(·) → Q → @ Q(v)`` mixes the channels of v ([C', N]). The ``q`` and ``k`` points see
+    the normalised q and k, the operands of the product (``scale`` is 1); the temperature multiplies the product after
+    it, in float, as Swin v2's logit scale does, so the float output is timm's exactly. The ``softmax`` point quantizes
+    the channel-attention map (rows sum to 1 over the key channels) that multiplies v.
+
+    The attention output is [B, heads, C', N] (channels before tokens, :attr:`attends_over_channels`), merged into
+    ``proj``'s input [B, N, heads·C'] as timm does. Keeps timm's attribute names (``temperature``, ``qkv``, ``proj``),
+    so the ``state_dict`` keys are unchanged.
+    """
+
+    #: the attention output ``value_weights(A) @ v`` is [B, heads, channels, tokens], the transpose of the usual
+    #: [B, heads, tokens, channels] layout of ``proj``'s input split into heads
+    attends_over_channels = True
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.scale = 1.0  # the per-head temperature multiplies the normalised scores instead
+        self.temperature = attn.temperature
+        self.qkv = QLinear(attn.qkv, "post_ln")
+        self.attn_drop = attn.attn_drop
+        self._init_points()  # registered before proj so module order = forward order
+        self.proj = QLinear(attn.proj, "act")
+        self.proj_drop = attn.proj_drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: tokens [B, N, dim] → [B, N, dim]."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)  # each [B, heads, C', N]
+        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        x = self._attend(q, k, v, lambda scores: scores * self.temperature, self.attn_drop)
+        return self.proj_drop(self.proj(x.permute(0, 3, 1, 2).reshape(B, N, C)))
+
+
+class QuantGatedPositionalAttention(QuantAttentionBase):
+    """Replacement for timm ConViT's ``GPSA`` (gated positional self-attention), following timm's forward step by
+    step: per head, the content probabilities ``softmax(Q(q·scale) Q(k)ᵀ)`` and the positional probabilities
+    ``softmax(pos_proj(rel))`` are mixed by the learned gate ``σ = sigmoid(gating_param)``,
+    ``(1 − σ)·content + σ·positional``, renormalised over the keys, then ``→ Q → @ Q(v)`` → ``proj``.
+
+    The ``softmax`` point quantizes that final mixed map, the probabilities that multiply v. The content softmax, the
+    positional scores and their softmax, the gate and the renormalisation stay float: the positional scores come from
+    the small Linear ``pos_proj`` (3 → heads) over the fixed table ``rel`` of patch offsets ``(Δx, Δy, Δx² + Δy²)``,
+    so they depend on no input, like a relative position bias; the gate is one number per head. ``score_probs`` (an
+    identity) marks the content probabilities, so a search that needs the gradient of the scores (``ptq4vit``'s
+    Hessian) takes it through the content softmax rather than through the mix.
+
+    timm's separate ``qk`` (q and k) and ``v`` Linears are stacked into one ``qkv`` Linear
+    (:func:`stacked_linear`; timm's ``v`` would also take the name of the ``v`` quantization point), so the points are
+    named as ViT's: a quantized model's ``attn.qk.*`` / ``attn.v.*`` tensors become ``attn.qkv.*``. ``pos_proj``,
+    ``gating_param`` and ``proj`` keep their names; ``rel_indices`` is a non-persistent buffer, recomputed for the token
+    count of the input (a square grid), as in timm.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.num_heads, self.scale, self.dim = attn.num_heads, attn.scale, attn.dim
+        self.qkv = QLinear(stacked_linear((attn.qk, attn.v)), "post_ln")
+        self.pos_proj = attn.pos_proj
+        self.gating_param = attn.gating_param
+        self.register_buffer("rel_indices", attn.rel_indices, persistent=False)
+        self.attn_drop = attn.attn_drop
+        self.score_probs = nn.Identity()
+        self._init_points()  # registered before proj so module order = forward order
+        self.proj = QLinear(attn.proj, "act")
+        self.proj_drop = attn.proj_drop
+
+    def relative_indices(self, num_patches: int) -> torch.Tensor:
+        """[1, N, N, 3] offsets ``(Δx, Δy, Δx² + Δy²)`` from patch i to patch j of a square ``√N × √N`` grid in
+        row-major order (the table timm's GPSA computes)."""
+        side = int(num_patches ** 0.5)
+        coords = torch.arange(side, dtype=torch.float32)
+        rows, cols = coords.repeat_interleave(side), coords.repeat(side)
+        dx, dy = cols.view(1, -1) - cols.view(-1, 1), rows.view(1, -1) - rows.view(-1, 1)
+        table = torch.stack((dx, dy, dx ** 2 + dy ** 2), dim=-1).unsqueeze(0)
+        return table.to(device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: the patch tokens [B, N, dim] of a square grid → [B, N, dim]."""
+        B, N, C = x.shape
+        if self.rel_indices.shape[1] != N:
+            self.rel_indices = self.relative_indices(N)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        positional = self.pos_proj(self.rel_indices.expand(B, -1, -1, -1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        content = self.score_probs((self.q(q * self.scale) @ self.k(k).transpose(-2, -1)).softmax(dim=-1))
+        v = self.v(v)  # quantized before the attention map, as in _attend
+        gate = torch.sigmoid(self.gating_param.view(1, -1, 1, 1))
+        mixed = (1.0 - gate) * content + gate * positional
+        probs = self.softmax(mixed / mixed.sum(dim=-1, keepdim=True))
+        x = self.attn_drop(self.value_weights(probs)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class _QuantLevitAttentionBase(QuantAttentionBase):
+    """What LeViT's two attentions share: the scale multiplies the score product (timm's order, so the ``q`` point
+    sees the unscaled queries; ``scale`` is 1) and the learned bias ``attention_biases[:, attention_bias_idxs]``
+    ([heads, N_q, N_k], a table over the ``(|Δrow|, |Δcol|)`` offsets of a query and a key position gathered by a
+    fixed index) is added to the scaled scores in float before the softmax point. timm caches the gathered bias in
+    eval mode; it is gathered on every call here, the same values. The BatchNorms of timm's ``LinearNorm`` layers
+    are expected folded (:func:`vitq.models.base.fold_batchnorm`), their Linears wrapped by the adapter."""
+
+    def _init_levit(self, attn: nn.Module) -> None:
+        if attn.use_conv:
+            raise NotImplementedError("LeViT's conv mode (use_conv=True) is not supported")
+        self.num_heads, self.key_dim, self.val_dim = attn.num_heads, attn.key_dim, attn.val_dim
+        self.val_attn_dim = attn.val_attn_dim
+        self.resolution = tuple(attn.resolution)
+        self.scale = 1.0  # timm scales q·kᵀ, not q: score_scale is applied to the product
+        self.score_scale = attn.scale
+        self.attention_biases = attn.attention_biases
+        self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
+        self.attn_drop = nn.Identity()  # timm's LeViT attention has no attention dropout
+
+    def _scale_and_bias(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores * self.score_scale + self.attention_biases[:, self.attention_bias_idxs]
+
+
+class QuantLevitAttention(_QuantLevitAttentionBase):
+    """Replacement for timm LeViT's ``Attention`` (linear mode), following timm's path step by step:
+    ``qkv`` → per head split into q, k (``key_dim``) and v (``val_dim``) →
+    ``softmax(Q(q) Q(k)ᵀ · scale + bias) → Q → @ Q(v)`` → ``proj`` (Hardswish, then a Linear).
+
+    Keeps timm's attribute names and modules: ``qkv`` (a ``LinearNorm``), ``proj`` (``act``, ``ln``),
+    ``attention_biases`` (``attention_bias_idxs`` is a non-persistent buffer, as in timm). The ``qkv`` rows keep
+    timm's per-head ``[q | k | v]`` layout. ``proj``'s input is the attention output with the heads merged (its
+    Hardswish comes first, inside ``proj``), as the softmax point's consumers assume.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self._init_levit(attn)
+        self.qkv = attn.qkv
+        self._init_points()  # registered before proj so module order = forward order
+        self.proj = attn.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [B, N, dim] tokens of the stage's grid."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, self.num_heads, -1)
+        q, k, v = (t.permute(0, 2, 1, 3) for t in qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3))
+        x = self._attend(q, k, v, self._scale_and_bias, self.attn_drop)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.val_attn_dim))
+
+
+class QuantLevitAttentionDownsample(_QuantLevitAttentionBase):
+    """Replacement for timm LeViT's ``AttentionDownsample`` (linear mode): attention with subsampling, whose
+    queries come from every ``stride``-th token of the grid and whose keys and values come from all tokens, so the
+    output has the subsampled grid's tokens:
+    ``kv`` → per head k, v; ``q_proj`` (subsample, then a Linear) → per head q;
+    ``softmax(Q(q) Q(k)ᵀ · scale + bias) → Q → @ Q(v)`` → ``proj`` (Hardswish, then a Linear to the next width).
+
+    timm's query module ``q`` (``down`` + ``ln``) would take the name of the ``q`` quantization point; it is kept
+    as is under the name ``q_proj``, so a quantized model's tensor names differ from timm's there
+    (``attn_downsample.q.ln.linear.weight`` → ``attn_downsample.q_proj.ln.linear.weight``). Everything else keeps
+    timm's names (``kv``, ``proj``, ``attention_biases``).
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self._init_levit(attn)
+        self.stride = attn.stride
+        self.kv = attn.kv
+        self.q_proj = attn.q
+        self._init_points()  # registered before proj so module order = forward order
+        self.proj = attn.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [B, N, in_dim] tokens of the grid → [B, N_sub, out_dim] tokens of the subsampled grid."""
+        B, N, _ = x.shape
+        k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
+        q = self.q_proj(x).view(B, -1, self.num_heads, self.key_dim)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        x = self._attend(q, k, v, self._scale_and_bias, self.attn_drop)
+        return self.proj(x.transpose(1, 2).reshape(B, -1, self.val_attn_dim))
+
+
+class QuantCascadedHead(QuantAttentionBase):
+    """One head of EfficientViT (MSRA)'s cascaded group attention: ``softmax(Q(q·scale) Q(k)ᵀ + bias) → Q → @ Q(v)``
+    over the N pixels of a window, for q, k ([B, key_dim, N]) and v ([B, val_dim, N]) as timm's convolutions
+    make them (channels first). They are laid out as one head, [B, 1, N, dim], so the points and every search see
+    the layout of the other attention modules; ``A @ v`` is timm's ``v @ attnᵀ`` transposed, and the output is
+    [B, val_dim, N] again. ``A @ v`` passes through the identity ``context``: no ``proj`` reads one head's output
+    (the heads are concatenated and the next head's input depends on it), so searches by the attention output's
+    error (ptq4vit) take its gradient there."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.scale = 1, scale
+        self.attn_drop = nn.Identity()  # timm's cascaded group attention has no attention dropout
+        self._init_points()
+        self.context = nn.Identity()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``q``, ``k``: [B, key_dim, N]; ``v``: [B, val_dim, N]; ``bias``: [N, N] → [B, val_dim, N]."""
+        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
+        return self.context(self._attend(q, k, v, bias, self.attn_drop)).squeeze(1).transpose(1, 2)
+
+
+class QuantCascadedGroupAttention(nn.Module):
+    """Replacement for timm EfficientViT (MSRA)'s ``CascadedGroupAttention``, following timm's forward step by step.
+
+    The input [B, C, H, W] (one window) is split into ``num_heads`` channel groups. Head ``i`` reads its group plus
+    the previous head's output (the cascade), makes q, k and v with the 1×1 ``qkvs.{i}`` convolution, refines q
+    with the depthwise ``dws.{i}`` convolution, and attends over the H·W pixels with a learned bias per pixel
+    offset (:class:`QuantCascadedHead`, its points ``heads.{i}.q`` / ``.k`` / ``.v`` / ``.softmax``). ``proj``
+    (ReLU, then a 1×1 convolution) mixes the concatenated head outputs.
+
+    The bias ``attention_biases[:, attention_bias_idxs]`` ([heads, N, N], a table over the distinct
+    ``(|Δrow|, |Δcol|)`` offsets) depends on no input: it is added to the scores in float before the softmax point
+    (timm caches the gathered tensor in eval mode; it is gathered on every call here, the same values). The
+    convolutions are timm's ``ConvNorm`` modules with their BatchNorm already folded (the adapter folds before
+    wrapping); their ``conv`` becomes a :class:`~vitq.nn.QConv2d` (role ``act``: a channel group of the block's
+    stream plus the previous head's output, a convolution output (q), a ReLU output). Keeps timm's names
+    (``qkvs``, ``dws``, ``proj``, ``attention_biases``; ``attention_bias_idxs`` is a non-persistent buffer, as in
+    timm); ``heads`` is new and holds no tensor.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.key_dim, self.val_dim, self.attn_ratio = attn.key_dim, attn.val_dim, attn.attn_ratio
+        self.resolution = attn.resolution
+        self.qkvs, self.dws = attn.qkvs, attn.dws
+        for convs in (self.qkvs, self.dws):
+            for conv_norm in convs:
+                conv_norm.conv = QConv2d(conv_norm.conv, "act")
+        self.heads = nn.ModuleList(QuantCascadedHead(attn.scale) for _ in range(attn.num_heads))
+        self.proj = attn.proj
+        self.proj[1].conv = QConv2d(self.proj[1].conv, "act")  # after proj's ReLU
+        self.attention_biases = attn.attention_biases
+        self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
+
+    def set_resolution(self, resolution: int) -> None:
+        raise NotImplementedError("resize the timm model before wrapping it for quantization")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: one window [B, C, H, W] with ``H·W`` the bias table's N → [B, C, H, W]."""
+        B, _, H, W = x.shape
+        groups = x.chunk(self.num_heads, dim=1)
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        outputs = []
+        feat = groups[0]
+        for i, (qkv, dw, head) in enumerate(zip(self.qkvs, self.dws, self.heads, strict=True)):
+            if i > 0:
+                feat = feat + groups[i]
+            q, k, v = qkv(feat).view(B, -1, H, W).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
+            q = dw(q)
+            feat = head(q.flatten(2), k.flatten(2), v.flatten(2), bias[i]).view(B, self.val_dim, H, W)
+            outputs.append(feat)
+        return self.proj(torch.cat(outputs, 1))

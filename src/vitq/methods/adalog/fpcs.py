@@ -297,13 +297,16 @@ def fpcs_stage(qmodel, stage, x: torch.Tensor, settings: FpcsSettings = FpcsSett
 
     # (module whose input triggers the search, search on that input)
     pending = [(linear, lambda inp, linear=linear: fpcs_linear(linear, inp, settings)) for linear in linears]
+    # separable attention (MobileViT v2) has no q·kᵀ product: no q and k points to search
+    scored = [getattr(attn, "q", None) is not None and getattr(attn, "k", None) is not None for attn in attentions]
     for i, attn in enumerate(attentions):
-        pending.append((attn.k, lambda k, i=i, attn=attn: fpcs_query_key(raw[i, "q"], k, attn.q.quantizer,
-                                                                          attn.k.quantizer, settings)))
+        if scored[i]:
+            pending.append((attn.k, lambda k, i=i, attn=attn: fpcs_query_key(raw[i, "q"], k, attn.q.quantizer,
+                                                                              attn.k.quantizer, settings)))
         pending.append((attn.softmax, lambda a, i=i, attn=attn: fpcs_value(raw[i, "v"], a, attn.v.quantizer,
                                                                             attn.softmax.quantizer, settings,
                                                                             attn.value_weights)))
-    captures = [(attn.q, (i, "q")) for i, attn in enumerate(attentions)] + \
+    captures = [(attn.q, (i, "q")) for i, attn in enumerate(attentions) if scored[i]] + \
                [(attn.v, (i, "v")) for i, attn in enumerate(attentions)]
     fired: list[int] = []
 

@@ -19,6 +19,8 @@ current quantization. Candidates:
 - a symmetric uniform quantizer: PTQ4ViT's grid ``Δ ∈ linspace(0.01, 1.2, eq_n)·max|x|/(2^(b−1) − ½)`` (per
   quantization group: e.g. each of q, k, v's weight rows for ``qkv``, each output channel for the patch
   embedding), starting from ``Δ = max|x|/(2^(b−1) − ½)``;
+- an asymmetric uniform quantizer (Q-HyViT's scheme choice): the min-max range ``[lo, hi]`` scaled by the same
+  factors, ``[f·lo, f·hi]``;
 - any other kind: its own :meth:`~vitq.quantizers.Quantizer.search_candidates` (twin uniform: the split point or
   the positive step), starting from its current parameters; a kind without candidates keeps its calibration.
 
@@ -35,8 +37,9 @@ import torch
 
 from vitq.errors import VitqError
 from vitq.quantizers.base import Quantizer
+from vitq.quantizers.ranges import minmax_range
 from vitq.quantizers.twin_uniform import step_factors
-from vitq.quantizers.uniform import UniformQuantizer
+from vitq.quantizers.uniform import UniformQuantizer, uniform_params
 
 #: PTQ4ViT's number of alternating weight/activation (A/B) rounds
 ROUNDS = 3
@@ -67,6 +70,10 @@ def _is_grid_uniform(quantizer: Quantizer) -> bool:
     return type(quantizer) is UniformQuantizer and quantizer.symmetric and quantizer.signed
 
 
+def _is_asymmetric_uniform(quantizer: Quantizer) -> bool:
+    return type(quantizer) is UniformQuantizer and not quantizer.symmetric and quantizer.granularity != "group"
+
+
 def uniform_step_candidates(quantizer: UniformQuantizer, x: torch.Tensor, eq_n: int) -> list[Params]:
     """PTQ4ViT's step grid for a symmetric signed uniform quantizer, per quantization group of ``x``. Installs the
     starting point ``Δ = max|x|/(2^(b−1) − ½)``."""
@@ -77,17 +84,31 @@ def uniform_step_candidates(quantizer: UniformQuantizer, x: torch.Tensor, eq_n: 
     return [{"scale": (base * f).float(), "zero_point": zero} for f in step_factors(eq_n).tolist()]
 
 
+def asymmetric_range_candidates(quantizer: UniformQuantizer, x: torch.Tensor, eq_n: int) -> list[Params]:
+    """The same grid for an asymmetric uniform quantizer: the min-max range ``[lo, hi]`` of each group scaled by
+    each factor, ``[f·lo, f·hi]`` (step and zero point from the scaled range). Installs the min-max range."""
+    lo, hi = minmax_range(quantizer.group_rows(x.detach().float()))
+    quantizer.set_range(lo, hi)
+    candidates = []
+    for f in step_factors(eq_n).tolist():
+        scale, zero_point = uniform_params(lo * f, hi * f, quantizer.bits, quantizer.signed, symmetric=False)
+        candidates.append({"scale": scale, "zero_point": zero_point})
+    return candidates
+
+
 def ptq4vit_candidates(quantizer: Quantizer, x: torch.Tensor, eq_n: int) -> list[Params]:
     """The candidates PTQ4ViT searches for ``quantizer`` on data ``x`` (see the module docstring)."""
     if _is_grid_uniform(quantizer):
         return uniform_step_candidates(quantizer, x, eq_n)
+    if _is_asymmetric_uniform(quantizer):
+        return asymmetric_range_candidates(quantizer, x, eq_n)
     return quantizer.search_candidates(x)
 
 
 def output_groups(quantizer: Quantizer, channel_dim: int | None) -> int | None:
     """Number of independent groups of a weight quantizer along the output channels, or ``None`` if its
     parameters cannot be chosen group by group (then the candidate is chosen as a whole)."""
-    if channel_dim is None or not _is_grid_uniform(quantizer):
+    if channel_dim is None or not (_is_grid_uniform(quantizer) or _is_asymmetric_uniform(quantizer)):
         return None
     if quantizer.granularity == "tensor" or (quantizer.granularity in ("channel", "head") and quantizer.axis == 0):
         return quantizer.scale.numel()

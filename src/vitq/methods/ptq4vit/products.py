@@ -149,7 +149,9 @@ def softmax_input_grad(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 class ScoresProduct(_AttentionProduct):
-    """``S = (q·scale)·kᵀ`` (the softmax's input, up to an additive bias)."""
+    """``S = (q·scale)·kᵀ`` (the softmax's input, up to an additive bias). Its gradient comes through the softmax
+    of ``S``: the ``softmax`` point's input, or the input of the module's ``score_probs`` where the attention mixes
+    ``softmax(S)`` with other probabilities before that point (ConViT's gated positional attention)."""
 
     def __init__(self, name: str, attn: QuantAttentionBase, row_stride: int) -> None:
         super().__init__(name, attn, attn.q, attn.k, row_stride)
@@ -163,15 +165,20 @@ class ScoresProduct(_AttentionProduct):
 
             probs.register_hook(lambda grad: sink(self.rows(softmax_input_grad(probs.detach(), grad)).clone()))
 
-        return [self.attn.softmax.register_forward_pre_hook(capture)]
+        probs_module = getattr(self.attn, "score_probs", None)
+        return [(self.attn.softmax if probs_module is None else probs_module).register_forward_pre_hook(capture)]
 
 
 class ContextProduct(_AttentionProduct):
     """``O = w(A)·v``, ``w`` the module's ``value_weights`` (the identity, or talking heads' ``proj_w`` head mix);
-    its gradient is that of ``proj``'s input ``O`` as [batch, tokens, heads·head_dim]."""
+    its gradient is that of ``proj``'s input ``O`` as [batch, tokens, heads·head_dim], split into the heads as
+    ``O`` is laid out: [batch, heads, tokens, head_dim], or [batch, heads, head_dim, tokens] for attention whose
+    ``attends_over_channels`` is true (XCiT's cross-covariance attention). Attention whose ``proj`` does not read
+    ``O`` (MobileViT v2's separable attention, EfficientViT (MSRA)'s cascaded heads) passes ``O`` through an
+    identity submodule ``context``; the gradient of that module's output is ``O``'s."""
 
     def __init__(self, name: str, attn: QuantAttentionBase, row_stride: int) -> None:
-        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        if getattr(attn, "context", None) is None and attn.norm_before_proj():
             raise VitqError(f"{name}: attention with a norm before proj is not supported by the Hessian search")
         super().__init__(name, attn, attn.softmax, attn.v, row_stride)
 
@@ -179,12 +186,19 @@ class ContextProduct(_AttentionProduct):
         return self.attn.value_weights(a) @ b
 
     def gradient_hooks(self, sink):
+        if getattr(self.attn, "context", None) is not None:
+            return [_output_grad_hook(self.attn.context, self.rows, sink)]
         heads = self.attn.num_heads
+        # attention over channels (XCiT's) outputs [batch, heads, head_dim, tokens], the transpose
+        over_channels = getattr(self.attn, "attends_over_channels", False)
+
+        def as_output(grad: torch.Tensor) -> torch.Tensor:
+            split = grad.reshape(grad.shape[0], grad.shape[1], heads, -1).transpose(1, 2)
+            return split.transpose(-2, -1) if over_channels else split
 
         def capture(_module, args):
             x = args[0]
-            x.register_hook(lambda grad: sink(self.rows(
-                grad.reshape(grad.shape[0], grad.shape[1], heads, -1).transpose(1, 2)).clone()))
+            x.register_hook(lambda grad: sink(self.rows(as_output(grad)).clone()))
 
         return [self.attn.proj.register_forward_pre_hook(capture)]
 
@@ -262,9 +276,10 @@ def straight_through(slots: Iterable) -> Iterator[None]:
 
 
 def task_gradients(qmodel, stage_index: int, x: torch.Tensor, target: torch.Tensor, products: list[Product], *,
-                   batch_size: int = 8) -> dict[str, torch.Tensor]:
+                   batch_size: int = 8, output_sink: Sink | None = None) -> dict[str, torch.Tensor]:
     """``rows(∂L/∂O)`` of each product of stage ``stage_index`` on stage input ``x``, with
     ``L = KL(target ‖ softmax(z))`` summed over images (``target``: the float model's probabilities).
+    ``output_sink`` also receives ∂L/∂(stage output), batch by batch.
 
     The stage's quantizers are used as they are (straight-through), every other quantizer is disabled, so the
     stages after this one are float.
@@ -281,6 +296,8 @@ def task_gradients(qmodel, stage_index: int, x: torch.Tensor, target: torch.Tens
                 straight_through(own), torch.enable_grad():
             for xs, ts in zip(x.split(batch_size), target.split(batch_size), strict=True):
                 z = stage.run(xs.detach().requires_grad_())
+                if output_sink is not None:
+                    z.register_hook(lambda grad: output_sink(grad.detach().clone()))
                 for later in rest:
                     z = later.run(z)
                 F.kl_div(F.log_softmax(z, dim=-1), ts, reduction="sum").backward()
