@@ -29,15 +29,12 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from vitq.calib.runner import calibrating, run_batched
+from vitq.calib.runner import run_batched
 from vitq.methods.base import Paper, register_method
-from vitq.methods.ptq4vit import GRAD_BATCH, ROW_STRIDE, PTQ4ViT
+from vitq.methods.ptq4vit import GRAD_BATCH, PTQ4ViT, search_problem
 from vitq.methods.ptq4vit.hessian import ROUNDS, SearchProblem, alternating_search, weighted_error
 from vitq.methods.ptq4vit.products import (
     Product,
-    capture_operands,
-    stage_products,
-    task_gradients,
 )
 from vitq.models import Stage
 from vitq.nn import QConv2d
@@ -67,33 +64,27 @@ class QHyViT(PTQ4ViT):
 
     options: Options
 
-    def _calibrate_stage(self, qmodel, stage: Stage, index: int, x: torch.Tensor, target: torch.Tensor) -> None:
+    def _needs_output_grad(self, qmodel, stage: Stage) -> bool:
+        return self.options.select and self.options.bridge and is_bridge(qmodel, stage)
+
+    def _product_search(self, qmodel, stage: Stage, x: torch.Tensor, output_grads: list[torch.Tensor]):
+        """Each layer's configuration choice (:func:`_search`), judged by the stage output in a bridge stage."""
         if not self.options.select:
-            super()._calibrate_stage(qmodel, stage, index, x, target)
-            return
-        quantizers = qmodel.stage_quantizers(stage)
-        if not quantizers:
-            return
-        with calibrating(quantizers):
-            run_batched(stage.run, x, GRAD_BATCH)
-        products = stage_products(qmodel, stage, ROW_STRIDE)
-        out_grads: list[torch.Tensor] = []
-        bridge = self.options.bridge and is_bridge(qmodel, stage)
-        grads = task_gradients(qmodel, index, x, target, products, batch_size=GRAD_BATCH,
-                               output_sink=out_grads.append if bridge else None)
-        block = None
-        if bridge:
+            return super()._product_search(qmodel, stage, x, output_grads)
+        score = None
+        if output_grads:
             with qmodel.quantization_disabled(), torch.no_grad():
-                block = (run_batched(stage.run, x, GRAD_BATCH), torch.cat(out_grads).square())
-        for product in products:
-            if self.options.inputs == "float":
-                with qmodel.quantization_disabled():
-                    a, b = capture_operands(stage, x, product)
-            else:
-                a, b = capture_operands(stage, x, product)
-            score = (lambda: _block_error(stage, x, *block)) if block is not None else None
-            _search(product, a, b, grads[product.name], self._weight_specs(product), self._input_specs(product),
-                    self.options.eq_n, score)
+                reference = run_batched(stage.run, x, GRAD_BATCH)
+            grad_sq = torch.cat(output_grads).square()
+
+            def score() -> float:
+                return _block_error(stage, x, reference, grad_sq)
+
+        def search(product: Product, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor) -> None:
+            _search(product, a, b, grad, self._weight_specs(product), self._input_specs(product), self.options.eq_n,
+                    score)
+
+        return search
 
     # ------------------------------------------------------------------ the configurations a layer chooses from
     def _weight_specs(self, product: Product) -> list[dict[str, Any]]:
@@ -151,8 +142,7 @@ def _search(product: Product, a: torch.Tensor, b: torch.Tensor, grad: torch.Tens
     input's, each configuration's steps by :func:`alternating_search`, the best by the layer (or block) error."""
 
     def run() -> float:
-        problem = SearchProblem(product.op, product.rows(a), b, grad, product.a_quantizer, product.b_quantizer,
-                                a_full=a, first=product.first, b_channel_dim=product.b_channel_dim)
+        problem = search_problem(product, a, b, grad)
         alternating_search(problem, eq_n=eq_n, rounds=ROUNDS)
         return block_score() if block_score is not None else _layer_error(product, problem)
 

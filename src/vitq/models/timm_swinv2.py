@@ -25,11 +25,11 @@ timm's ``SwinTransformerV2Stage.forward`` (downsample first, then blocks).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from vitq.models.base import ModelAdapter, Stage, replace_module, wrap_layernorms, wrap_mlp
 from vitq.models.registry import register_adapter
+from vitq.models.timm_swin import SwinAdapter
 from vitq.nn import QConv2d, QLinear
 from vitq.nn.attention import QuantCosineWindowAttention
 
@@ -58,17 +58,8 @@ class SwinV2Adapter(ModelAdapter):
 
     @classmethod
     def stages(cls, model: nn.Module) -> list[Stage]:
-        def head(x: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.norm(x))
-
-        stages = [Stage("embed", ("patch_embed",), model.patch_embed)]
-        for i, layer in enumerate(model.layers):
-            if not isinstance(layer.downsample, nn.Identity):
-                stages.append(Stage(f"layers.{i}.downsample", (f"layers.{i}.downsample",), layer.downsample))
-            stages.extend(Stage(f"layers.{i}.blocks.{j}", (f"layers.{i}.blocks.{j}",), block)
-                          for j, block in enumerate(layer.blocks))
-        stages.append(Stage("head", ("norm", "head"), head))
-        return stages
+        """Swin v1's layout (:meth:`SwinAdapter.stages`): the module tree and forward order are the same."""
+        return SwinAdapter.stages(model)
 
     @classmethod
     def norm_linear_pairs(cls, model: nn.Module) -> list[tuple[str, str]]:

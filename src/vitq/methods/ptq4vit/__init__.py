@@ -118,14 +118,34 @@ class PTQ4ViT(Method):
         with calibrating(quantizers):
             run_batched(stage.run, x, GRAD_BATCH)
         products = stage_products(qmodel, stage, ROW_STRIDE)
-        grads = task_gradients(qmodel, index, x, target, products, batch_size=GRAD_BATCH)
+        output_grads: list[torch.Tensor] = []
+        grads = task_gradients(qmodel, index, x, target, products, batch_size=GRAD_BATCH,
+                               output_sink=output_grads.append if self._needs_output_grad(qmodel, stage) else None)
+        search = self._product_search(qmodel, stage, x, output_grads)
         for product in products:
             if self.options.inputs == "float":
                 with qmodel.quantization_disabled():
                     a, b = capture_operands(stage, x, product)
             else:
                 a, b = capture_operands(stage, x, product)
-            problem = SearchProblem(product.op, product.rows(a), b, grads[product.name], product.a_quantizer,
-                                    product.b_quantizer, a_full=a, first=product.first,
-                                    b_channel_dim=product.b_channel_dim)
-            alternating_search(problem, eq_n=self.options.eq_n, rounds=ROUNDS)
+            search(product, a, b, grads[product.name])
+
+    def _needs_output_grad(self, qmodel, stage: Stage) -> bool:
+        """Whether :meth:`_product_search` needs ∂L/∂(stage output) (PTQ4ViT: no)."""
+        return False
+
+    def _product_search(self, qmodel, stage: Stage, x: torch.Tensor, output_grads: list[torch.Tensor]):
+        """The search run on each product layer of ``stage`` (``output_grads``: ∂L/∂(stage output) batches when
+        :meth:`_needs_output_grad`): PTQ4ViT's alternating search of its two quantizers."""
+
+        def search(product, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor) -> None:
+            alternating_search(search_problem(product, a, b, grad), eq_n=self.options.eq_n, rounds=ROUNDS)
+
+        return search
+
+
+def search_problem(product, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor) -> SearchProblem:
+    """The :class:`SearchProblem` of ``product`` with its installed quantizers: operands ``a`` (all rows), ``b`` and
+    ``grad`` = ∂L/∂O on ``product.rows``."""
+    return SearchProblem(product.op, product.rows(a), b, grad, product.a_quantizer, product.b_quantizer, a_full=a,
+                         first=product.first, b_channel_dim=product.b_channel_dim)
