@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+#: what :func:`random_timm_model` does to every BatchNorm (the generator continues after the parameters' noise)
+BatchNormInit = Callable[[nn.modules.batchnorm._BatchNorm, torch.Generator], None]
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -26,6 +30,69 @@ def random_test_vit() -> nn.Module:
 
     torch.manual_seed(0)
     return timm.create_model("test_vit", pretrained=False).eval()
+
+
+def random_timm_model(name: str | Callable[..., nn.Module], *, seed: int = 0, noise: float = 0.05,
+                      batchnorm: BatchNormInit | None = None, **kwargs) -> nn.Module:
+    """A random-init timm model (``torch.manual_seed(seed)``; ``name`` or a constructor taking ``kwargs``) in eval
+    mode, every parameter nudged by ``noise``·N(0, 1) so zero- or constant-initialised biases, gates and tables take
+    part, then ``batchnorm`` applied to each BatchNorm (same generator), timm's fused attention off."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = (timm.create_model(name, pretrained=False, **kwargs) if isinstance(name, str) else name(**kwargs)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise)
+        for module in model.modules():
+            if batchnorm is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                batchnorm(module, gen)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
+
+
+def random_batchnorm_statistics(mean: float, *, gains: bool = False) -> BatchNormInit:
+    """A :data:`BatchNormInit`: running mean ``mean``·N(0, 1), running variance U(0.5, 1.5) and, with ``gains``,
+    weights U(0.5, 1.5), so that BatchNorm folds are not near-identities."""
+
+    def init(norm: nn.modules.batchnorm._BatchNorm, gen: torch.Generator) -> None:
+        norm.running_mean.copy_(torch.randn(norm.num_features, generator=gen) * mean)
+        norm.running_var.copy_(torch.rand(norm.num_features, generator=gen) + 0.5)
+        if gains:
+            norm.weight.copy_(torch.rand(norm.num_features, generator=gen) + 0.5)
+
+    return init
+
+
+def seeded_randn(*shape: int, seed: int) -> torch.Tensor:
+    """``torch.randn(shape)`` from its own generator seeded with ``seed``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def count_calls(monkeypatch, module, names: list[str]) -> dict[str, int]:
+    """Wrap the functions ``names`` of ``module`` so that each call is counted; returns the live counts."""
+    calls = dict.fromkeys(names, 0)
+
+    def counting(name: str):
+        function = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    for name in names:
+        monkeypatch.setattr(module, name, counting(name))
+    return calls
 
 
 def random_images(n: int, size: int = 160) -> torch.Tensor:

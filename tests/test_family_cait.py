@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from helpers import random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -22,30 +22,16 @@ SMALL = {"depth": 2, "img_size": 64, "init_values": 1.0}
 
 
 def build(**kwargs) -> nn.Module:
-    """A small random CaiT (seed 0), every parameter nudged so zero-initialised biases take part; timm's fused
-    class attention is switched off unless a test asks for it."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
+    """A small random CaiT (seed 0, parameters nudged; timm's fused class attention off)."""
+    return random_timm_model(NAME, **{**SMALL, **kwargs})
 
 
 def images(n: int = 2, size: int = 64) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return seeded_randn(n, 3, size, size, seed=1)
 
 
 def tokens(n: int = 2, count: int = 17, dim: int = 192) -> torch.Tensor:
-    return torch.randn(n, count, dim, generator=torch.Generator().manual_seed(2))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, count, dim, seed=2)
 
 
 @torch.no_grad()
@@ -71,7 +57,7 @@ def test_class_attention_computes_timms_output(fused):
     x = tokens()
     out = wrapped(x)
     assert out.shape == (2, 1, x.shape[-1])
-    assert _rel_diff(out, attn(x)) <= 1e-5
+    assert rel_diff(out, attn(x)) <= 1e-5
 
 
 def test_stacked_qkv_without_biases_has_no_bias():
@@ -79,7 +65,7 @@ def test_stacked_qkv_without_biases_has_no_bias():
     wrapped = QuantClassAttention(attn)
     assert wrapped.qkv.bias is None
     with torch.no_grad():
-        assert _rel_diff(wrapped(tokens()), attn(tokens())) <= 1e-5
+        assert rel_diff(wrapped(tokens()), attn(tokens())) <= 1e-5
 
 
 @torch.no_grad()
@@ -87,7 +73,7 @@ def test_talking_heads_attention_computes_timms_output():
     attn = build().blocks[1].attn
     wrapped = QuantTalkingHeadAttention(copy.deepcopy(attn))
     x = tokens(count=16)
-    assert _rel_diff(wrapped(x), attn(x)) <= 1e-5
+    assert rel_diff(wrapped(x), attn(x)) <= 1e-5
 
 
 @torch.no_grad()
@@ -111,7 +97,7 @@ def test_talking_heads_softmax_point_sees_probabilities_and_feeds_proj_w():
             handle.remove()
     assert torch.allclose(seen["probs"].sum(-1), torch.ones(()), atol=1e-5)
     assert torch.equal(seen["mixed_in"], seen["point"].permute(0, 2, 3, 1))
-    assert _rel_diff(quant_out, float_out) > 1e-3
+    assert rel_diff(quant_out, float_out) > 1e-3
 
 
 def test_head_mixes_stay_float_with_timms_names():
@@ -174,7 +160,7 @@ def test_stages_carry_the_class_token_through_the_class_attention_blocks():
     for stage in qmodel.stages()[:-1]:
         out = stage.run(out)
     ref = model.forward_cls(model.blocks(model.pos_drop(model.patch_embed(images()) + model.pos_embed)))
-    assert out.shape == ref.shape and _rel_diff(out, ref) <= 1e-5
+    assert out.shape == ref.shape and rel_diff(out, ref) <= 1e-5
 
 
 @torch.no_grad()
@@ -190,7 +176,7 @@ def test_pruned_model_has_no_class_token_stage():
     for stage in qmodel.stages():
         out = stage.run(out)
     assert torch.equal(out, qmodel(x))
-    assert _rel_diff(out, model(x)) <= 1e-5
+    assert rel_diff(out, model(x)) <= 1e-5
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from helpers import random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -25,27 +25,17 @@ SMALL = {"depth": 2, "local_up_to_layer": 1, "img_size": 64}
 
 
 def build(**kwargs) -> nn.Module:
-    """A small random ConViT (seed 0): one GPSA block then one MHSA block; every parameter nudged so that constant
+    """A small random ConViT (seed 0): one GPSA block then one MHSA block; parameters nudged so that constant
     initialisations (gates, identity v, the local position projection) take part."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return random_timm_model(NAME, **{**SMALL, **kwargs})
 
 
 def images(n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return seeded_randn(n, 3, 64, 64, seed=1)
 
 
 def tokens(n: int = 2, count: int = 16, dim: int = 192) -> torch.Tensor:
-    return torch.randn(n, count, dim, generator=torch.Generator().manual_seed(2))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, count, dim, seed=2)
 
 
 @torch.no_grad()
@@ -54,7 +44,7 @@ def test_gpsa_computes_timms_output_and_position_table(count):
     attn = build().blocks[0].attn
     wrapped = QuantGatedPositionalAttention(copy.deepcopy(attn))
     x = tokens(count=count)
-    assert _rel_diff(wrapped(x), attn(x)) <= 1e-5
+    assert rel_diff(wrapped(x), attn(x)) <= 1e-5
     assert torch.equal(wrapped.rel_indices, attn.get_rel_indices(count))
     assert torch.equal(wrapped.qkv.weight, torch.cat([attn.qk.weight, attn.v.weight]))
 
@@ -84,7 +74,7 @@ def test_gpsa_softmax_point_sees_the_mixed_map():
     assert torch.allclose(seen["mixed"].sum(-1), torch.ones(()), atol=1e-5)
     assert torch.allclose(seen["content"], (seen["q"] @ seen["k"].transpose(-2, -1)).softmax(-1), atol=1e-6)
     assert not torch.allclose(seen["content"], seen["mixed"], atol=1e-3)
-    assert _rel_diff(quant_out, float_out) > 1e-3
+    assert rel_diff(quant_out, float_out) > 1e-3
 
 
 def test_hessian_search_score_gradient_goes_through_the_content_softmax():
@@ -118,7 +108,7 @@ def test_mhsa_blocks_are_vit_attention():
     attn = qmodel.model.blocks[1].attn
     assert isinstance(attn, QuantAttention) and isinstance(qmodel.model.blocks[0].attn, QuantGatedPositionalAttention)
     x = tokens(count=17)
-    assert _rel_diff(attn(x), model.blocks[1].attn(x)) <= 1e-5
+    assert rel_diff(attn(x), model.blocks[1].attn(x)) <= 1e-5
 
 
 @torch.no_grad()
@@ -129,7 +119,7 @@ def test_class_token_stage_where_timm_prepends_it(local_up_to_layer):
     model = build(local_up_to_layer=local_up_to_layer)
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
     x = images()
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
     names = [stage.name for stage in qmodel.stages()]
     expected = ["embed", "blocks.0", "cls_token", "blocks.1", "head"] if local_up_to_layer == 1 else \
         ["embed", "blocks.0", "blocks.1", "head"]
@@ -155,7 +145,7 @@ def test_listed_fold_pairs_keep_the_function():
         ratio = torch.rand(channels, generator=gen, dtype=torch.float64) * 1.5 + 0.5
         shift = torch.randn(channels, generator=gen, dtype=torch.float64) * 0.5
         apply_fold(qmodel.model.get_submodule(norm), qmodel.model.get_submodule(linear), ratio, shift)
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-4
+    assert rel_diff(qmodel(x), model(x)) <= 1e-4
 
 
 def test_roles_and_tensor_names():

@@ -7,8 +7,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from helpers import count_calls, random_batchnorm_statistics, random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -26,27 +26,12 @@ SMALL = {"embed_dim": (64, 128), "key_dim": (16, 16), "depth": (1, 1), "num_head
 
 def build(size: int = 64, **kwargs) -> nn.Module:
     """A random EfficientViT M0 (seed 0) for ``size`` px images with timm's arguments ``kwargs`` (default:
-    ``SMALL``), every parameter nudged and every BatchNorm given random running statistics, so that the folds are
-    not near-identities."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, pretrained=False, img_size=size, **(kwargs or SMALL)).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model
+    ``SMALL``), parameters nudged and random BatchNorm statistics, so that the folds are not near-identities."""
+    return random_timm_model(NAME, batchnorm=random_batchnorm_statistics(0.2), img_size=size, **(kwargs or SMALL))
 
 
 def images(size: int = 64, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, 3, size, size, seed=1)
 
 
 def _float(model: nn.Module) -> vitq.QuantizedModel:
@@ -58,7 +43,7 @@ def test_batchnorm_folding_keeps_the_float_function():
     model = build()
     x = images()
     qmodel = _float(model)
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in qmodel.model.modules())
     assert isinstance(qmodel.model.head.bn, nn.Identity)  # folded into head.linear, after it
     assert isinstance(qmodel.model.patch_embed.conv1.bn, nn.Identity)
@@ -74,7 +59,7 @@ def test_windowed_configs_keep_the_float_function_and_compose(size):
     x = images(size, n=1)
     qmodel = _float(model)
     out = qmodel(x)
-    assert _rel_diff(out, model(x)) <= 1e-5
+    assert rel_diff(out, model(x)) <= 1e-5
     staged = x
     for stage in qmodel.stages():
         staged = stage.run(staged)
@@ -88,13 +73,13 @@ def test_cascaded_group_attention_computes_timms_output_and_its_points_see_each_
     attn = build().stages[0].blocks[0].mixer.m.attn
     wrapped = QuantCascadedGroupAttention(copy.deepcopy(attn))
     B, N = 2, attn.resolution ** 2
-    x = torch.randn(B, 64, attn.resolution, attn.resolution, generator=torch.Generator().manual_seed(3))
+    x = seeded_randn(B, 64, attn.resolution, attn.resolution, seed=3)
     seen: dict[tuple[int, str], torch.Tensor] = {}
     for i, head in enumerate(wrapped.heads):
         for point in ("q", "k", "v", "softmax", "context"):
             getattr(head, point).register_forward_hook(
                 lambda m, a, out, key=(i, point): seen.__setitem__(key, out))
-    assert _rel_diff(wrapped(x), attn(x)) <= 1e-5
+    assert rel_diff(wrapped(x), attn(x)) <= 1e-5
     bias = attn.attention_biases[:, attn.attention_bias_idxs]
     feat = x.chunk(attn.num_heads, dim=1)[0]
     for i in range(attn.num_heads):
@@ -152,7 +137,7 @@ def test_classifier_batchnorm_fold():
     """The BatchNorm1d before the classifier is folded into the Linear after it."""
     model = build()
     qmodel = _float(model)
-    pooled = torch.randn(3, model.head.linear.in_features, generator=torch.Generator().manual_seed(4))
+    pooled = seeded_randn(3, model.head.linear.in_features, seed=4)
     assert torch.allclose(qmodel.model.head(pooled), model.head(pooled), atol=1e-5)
 
 
@@ -185,19 +170,7 @@ def test_head_products_take_their_gradients_per_head():
 def test_adalog_fpcs_searches_every_head(monkeypatch):
     import vitq.methods.adalog.fpcs as fpcs
 
-    calls = {"fpcs_value": 0, "fpcs_query_key": 0}
-
-    def counting(name: str):
-        search = getattr(fpcs, name)
-
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return search(*args, **kwargs)
-
-        return counted
-
-    for name in calls:
-        monkeypatch.setattr(fpcs, name, counting(name))
+    calls = count_calls(monkeypatch, fpcs, ["fpcs_value", "fpcs_query_key"])
     model = build()
     x = images()
     qmodel = vitq.quantize(model, QuantConfig(method="adalog", calib_size=2, options={"fpcs": True}), x,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from helpers import random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -27,26 +27,13 @@ POST_NORM = {"use_post_norm": True, "scale_mlp": True, "num_classes": 10}
 
 
 def build(**kwargs) -> nn.Module:
-    """A small random EVA02 (seed 0), every parameter nudged so zero-initialised biases take part, timm's attention
-    on its non-fused path (the reference the wrapped model must reproduce)."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
+    """A small random EVA02 (seed 0, parameters nudged), timm's attention on its non-fused path (the reference the
+    wrapped model must reproduce)."""
+    return random_timm_model(NAME, **{**SMALL, **kwargs})
 
 
 def images(n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, SMALL["img_size"], SMALL["img_size"], generator=torch.Generator().manual_seed(1))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, 3, SMALL["img_size"], SMALL["img_size"], seed=1)
 
 
 def _input_roles(qmodel, prefix: str) -> dict[str, str]:
@@ -62,7 +49,7 @@ def test_variants_keep_the_float_function_and_compose(kwargs):
     model, x = build(**kwargs), images()
     qmodel = vitq.prepare(model, QuantConfig(method="float"), model_name=NAME)
     out = qmodel(x)
-    assert _rel_diff(out, model(x)) <= 1e-5
+    assert rel_diff(out, model(x)) <= 1e-5
     staged = x
     for stage in qmodel.stages():
         staged = stage.run(staged)

@@ -9,6 +9,7 @@ import copy
 import pytest
 import timm
 import torch
+from helpers import random_batchnorm_statistics, random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -23,33 +24,18 @@ SMALL = {"img_size": 128, "depth": (2, 1, 1), "num_classes": 10}
 
 
 def build(name: str = NAME, **kwargs) -> nn.Module:
-    """A small random LeViT (seed 0) with every parameter nudged and random BatchNorm statistics and gains, so that
-    the zero-initialised attention biases, the zero-initialised residual-branch BatchNorm gains and the folds are not
+    """A small random LeViT (seed 0), parameters nudged and random BatchNorm statistics and gains, so that the
+    zero-initialised attention biases, the zero-initialised residual-branch BatchNorm gains and the folds are not
     trivial."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-    return model
+    return random_timm_model(name, batchnorm=random_batchnorm_statistics(0.5, gains=True), **{**SMALL, **kwargs})
 
 
 def images(n: int = 2, size: int = 128) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return seeded_randn(n, 3, size, size, seed=1)
 
 
 def tokens(n: int = 2, count: int = 64, dim: int = 128) -> torch.Tensor:
-    return torch.randn(n, count, dim, generator=torch.Generator().manual_seed(2))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, count, dim, seed=2)
 
 
 @torch.no_grad()
@@ -75,7 +61,7 @@ def test_wrap_folds_every_batchnorm_and_keeps_the_function():
     x = images()
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in qmodel.model.modules())
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
 
 
 @torch.no_grad()
@@ -89,7 +75,7 @@ def test_single_head_model():
     for stage in qmodel.stages():
         out = stage.run(out)
     assert torch.equal(out, qmodel(x))
-    assert _rel_diff(out, model(x)) <= 1e-5
+    assert rel_diff(out, model(x)) <= 1e-5
 
 
 def test_points_and_roles():
@@ -118,9 +104,9 @@ def test_attention_computes_timms_output_with_its_bias(downsample):
     count = 64 if downsample else 16
     wrapped = wrapper(copy.deepcopy(attn))
     x = tokens(count=count, dim=dim)
-    assert _rel_diff(wrapped(x), attn(x)) <= 1e-5
+    assert rel_diff(wrapped(x), attn(x)) <= 1e-5
     wrapped.attention_biases.add_(torch.randn(wrapped.attention_biases.shape))
-    assert _rel_diff(wrapped(x), attn(x)) > 1e-3  # the bias takes part
+    assert rel_diff(wrapped(x), attn(x)) > 1e-3  # the bias takes part
 
 
 @pytest.fixture(scope="module")

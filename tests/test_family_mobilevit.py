@@ -6,10 +6,12 @@ use them, roles, fold pairs and tensor names."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import timm
 import torch
+from helpers import count_calls, random_batchnorm_statistics, random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -25,37 +27,19 @@ V1, V2 = "mobilevit_xxs", "mobilevitv2_050"
 
 
 def build(name: str, stages: int | None = 3, **kwargs) -> nn.Module:
-    """A random MobileViT (seed 0) with its first ``stages`` stages (all: ``None``), every parameter nudged and every
-    BatchNorm given random running statistics, so that the folds are not near-identities."""
-    torch.manual_seed(0)
+    """A random MobileViT (seed 0) with its first ``stages`` stages (all: ``None``), parameters nudged and random
+    BatchNorm statistics, so that the folds are not near-identities."""
     if stages is not None:
         kwargs["blocks"] = timm.models.mobilevit.model_cfgs[name].blocks[:stages]
-    if timm.is_model(name):
-        model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    else:  # a config of timm's MobileViT module without a registered model
+    if not timm.is_model(name):  # a config of timm's MobileViT module without a registered model
         from timm.models.byobnet import ByobNet
 
-        model = ByobNet(timm.models.mobilevit.model_cfgs[name], **kwargs).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
+        name = partial(ByobNet, timm.models.mobilevit.model_cfgs[name])
+    return random_timm_model(name, batchnorm=random_batchnorm_statistics(0.2), **kwargs)
 
 
 def images(size: int = 64, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, 3, size, size, seed=1)
 
 
 def _float(model: nn.Module) -> vitq.QuantizedModel:
@@ -70,7 +54,7 @@ def test_batchnorm_folding_keeps_the_float_function(name):
     model = build(name)
     x = images()
     qmodel = _float(model)
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in qmodel.model.modules())
     assert isinstance(qmodel.model.stem.bn, nn.Sequential)  # BatchNormAct2d → its (dropout and) SiLU
     assert isinstance(qmodel.model.stem.bn[-1], nn.SiLU)
@@ -90,7 +74,7 @@ def test_full_configs_keep_the_float_function_and_compose(name, size):
     x = images(size, n=1)
     qmodel = _float(model)
     out = qmodel(x)
-    assert _rel_diff(out, model(x)) <= 1e-5
+    assert rel_diff(out, model(x)) <= 1e-5
     staged = x
     for stage in qmodel.stages():
         staged = stage.run(staged)
@@ -104,7 +88,7 @@ def test_squeeze_excitation_convs_are_points():
     model = build("semobilevit_s")
     qmodel = vitq.prepare(model, QuantConfig(method="float"), model_name="mobilevit_s")  # no timm name of its own
     x = images()
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
     se = qmodel.model.stages[0][0].attn
     assert isinstance(se.fc1, QConv2d) and isinstance(se.fc2, QConv2d)
     assert se.fc1.slot_roles["input_quantizer"] == "act"
@@ -181,11 +165,11 @@ def _linear_self_attention() -> nn.Module:
 def test_linear_self_attention_computes_timms_output_and_its_points_see_probabilities_and_keys():
     attn = _linear_self_attention()
     wrapped = QuantLinearSelfAttention(copy.deepcopy(attn))
-    x = torch.randn(2, attn.embed_dim, 4, 16, generator=torch.Generator().manual_seed(3))  # [B, dim, P, N]
+    x = seeded_randn(2, attn.embed_dim, 4, 16, seed=3)  # [B, dim, P, N]
     seen = {}
     for point in ("v", "softmax", "context"):
         getattr(wrapped, point).register_forward_hook(lambda m, a, out, key=point: seen.__setitem__(key, out))
-    assert _rel_diff(wrapped(x), attn(x)) <= 1e-5
+    assert rel_diff(wrapped(x), attn(x)) <= 1e-5
     query, key, _ = attn.qkv_proj(x).split([1, attn.embed_dim, attn.embed_dim], dim=1)
     assert seen["softmax"].shape == (2, 4, 1, 16)  # [B, P (the "heads"), one query, N]
     assert torch.allclose(seen["softmax"].sum(-1), torch.ones(()), atol=1e-6)
@@ -224,19 +208,7 @@ def test_adalog_fpcs_searches_the_separable_attention(monkeypatch):
     """FPCS searches v by the context error, once per attention; there is no q·kᵀ product to search."""
     import vitq.methods.adalog.fpcs as fpcs
 
-    calls = {"fpcs_value": 0, "fpcs_query_key": 0}
-
-    def counting(name: str):
-        search = getattr(fpcs, name)
-
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return search(*args, **kwargs)
-
-        return counted
-
-    for name in calls:
-        monkeypatch.setattr(fpcs, name, counting(name))
+    calls = count_calls(monkeypatch, fpcs, ["fpcs_value", "fpcs_query_key"])
     model = build(V2)
     x = images()
     qmodel = vitq.quantize(model, QuantConfig(method="adalog", calib_size=2, options={"fpcs": True}), x,

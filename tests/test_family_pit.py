@@ -3,8 +3,8 @@ token counts between stages, the distilled models' two class tokens and heads, f
 
 from __future__ import annotations
 
-import timm
 import torch
+from helpers import random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -16,26 +16,12 @@ SMALL = {"depth": (1, 2, 1), "img_size": 64}
 
 
 def build(name: str = "pit_ti_224", **kwargs) -> nn.Module:
-    """A small random PiT (seed 0), every parameter nudged so that zero-initialised biases take part; timm's fused
-    attention is switched off."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
+    """A small random PiT (seed 0, parameters nudged; timm's fused attention off)."""
+    return random_timm_model(name, **{**SMALL, **kwargs})
 
 
 def images(n: int = 2, size: int = 64) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, 3, size, size, seed=1)
 
 
 def test_pooling_points_and_attention():
@@ -72,7 +58,7 @@ def test_distilled_model_two_class_tokens_and_heads():
     model = build("pit_ti_distilled_224")
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
     x = images()
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
     out = x
     for stage in qmodel.stages():
         out = stage.run(out)
@@ -100,7 +86,7 @@ def test_listed_fold_pairs_keep_the_function():
         ratio = torch.rand(channels, generator=gen, dtype=torch.float64) * 1.5 + 0.5
         shift = torch.randn(channels, generator=gen, dtype=torch.float64) * 0.5
         apply_fold(qmodel.model.get_submodule(norm), qmodel.model.get_submodule(linear), ratio, shift)
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-4
+    assert rel_diff(qmodel(x), model(x)) <= 1e-4
 
 
 def test_roles_and_tensor_names():

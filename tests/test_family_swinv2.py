@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
+from helpers import random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -20,23 +20,13 @@ SMALL = {"embed_dim": 48, "depths": (2, 2), "num_heads": (3, 6)}
 
 
 def build(**kwargs) -> nn.Module:
-    """A small random Swin V2 (seed 0), every parameter nudged so the zero-initialised post-norms and q/v biases
-    take part."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    """A small random Swin V2 (seed 0), parameters nudged so the zero-initialised post-norms and q/v biases take
+    part."""
+    return random_timm_model(NAME, **{**SMALL, **kwargs})
 
 
 def images(size: int, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, 3, size, size, seed=1)
 
 
 @torch.no_grad()
@@ -48,7 +38,7 @@ def test_padded_and_dynamic_windows_keep_the_float_function(kwargs, size):
     model = build(**kwargs)
     x = images(size)
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
 
 
 @torch.no_grad()
@@ -63,7 +53,7 @@ def test_logit_scale_is_clamped_as_in_timm():
     attn = qmodel.model.get_submodule("layers.0.blocks.0.attn")
     assert isinstance(attn, QuantCosineWindowAttention)
     assert torch.allclose(attn._get_logit_scale()[0], torch.tensor(100.0))
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from helpers import random_batchnorm_statistics, random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -21,30 +21,13 @@ SMALL = {"depths": (1, 1, 2, 1), "window_sizes": (7, 4, 4, 2), "num_classes": 10
 
 
 def build(**kwargs) -> nn.Module:
-    """A small random TinyViT (seed 0) with every parameter nudged and random BatchNorm statistics, so that the
+    """A small random TinyViT (seed 0), parameters nudged and random BatchNorm statistics, so that the
     zero-initialised attention biases and the BatchNorm folds are not trivial; timm's fused attention off."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
+    return random_timm_model(NAME, batchnorm=random_batchnorm_statistics(0.5), **{**SMALL, **kwargs})
 
 
 def images(n: int = 2, size: int = 64) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, 3, size, size, seed=1)
 
 
 @torch.no_grad()
@@ -67,9 +50,9 @@ def test_wrap_folds_every_batchnorm_and_keeps_the_function():
     x = images()
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in qmodel.model.modules())
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
     model.train()  # wrapping folds the running statistics whatever the mode: the quantized model is the eval one
-    assert _rel_diff(vitq.prepare(model, QuantConfig(method="float"))(x), qmodel(x)) <= 1e-6
+    assert rel_diff(vitq.prepare(model, QuantConfig(method="float"))(x), qmodel(x)) <= 1e-6
 
 
 def test_conv_points_and_roles():
@@ -100,10 +83,10 @@ def test_attention_computes_timms_output_with_its_bias(fused):
     attn = build().stages[2].blocks[0].attn
     wrapped = QuantTinyVitAttention(copy.deepcopy(attn))
     attn.fused_attn = fused
-    x = torch.randn(3, 16, 160, generator=torch.Generator().manual_seed(2))
-    assert _rel_diff(wrapped(x), attn(x)) <= 1e-5
+    x = seeded_randn(3, 16, 160, seed=2)
+    assert rel_diff(wrapped(x), attn(x)) <= 1e-5
     wrapped.attention_biases.add_(torch.randn(wrapped.attention_biases.shape))
-    assert _rel_diff(wrapped(x), attn(x)) > 1e-3  # the bias takes part
+    assert rel_diff(wrapped(x), attn(x)) > 1e-3  # the bias takes part
 
 
 @torch.no_grad()
@@ -135,7 +118,7 @@ def test_padded_windows():
     model = build(window_sizes=(7, 3, 3, 3))
     x = images()
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-5
+    assert rel_diff(qmodel(x), model(x)) <= 1e-5
     attn = qmodel.model.get_submodule("stages.1.blocks.0.attn")
     seen: dict[str, torch.Tensor] = {}
     handles = [attn.norm.register_forward_hook(lambda m, a, out: seen.update(norm=out)),
@@ -177,7 +160,7 @@ def test_pruned_model_stages_compose():
     for stage in qmodel.stages():
         out = stage.run(out)
     assert torch.equal(out, qmodel(x))
-    assert _rel_diff(out, model(x)) <= 1e-5
+    assert rel_diff(out, model(x)) <= 1e-5
 
 
 def test_tensor_names():

@@ -7,8 +7,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from helpers import random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
@@ -23,36 +23,23 @@ NAME = "xcit_nano_12_p16_224"
 SMALL = {"depth": 2, "img_size": 64}
 
 
+def _nudge_statistics(norm: nn.modules.batchnorm._BatchNorm, gen: torch.Generator) -> None:
+    norm.running_mean.add_(torch.randn(norm.running_mean.shape, generator=gen) * 0.1)
+    norm.running_var.mul_(torch.rand(norm.running_var.shape, generator=gen) + 0.5)
+
+
 def build(**kwargs) -> nn.Module:
-    """A small random XCiT (seed 0), every parameter and BatchNorm statistic nudged so that zero- or
-    one-initialised biases, temperatures and running statistics take part; timm's fused XCA is switched off unless a
-    test asks for it."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, pretrained=False, **{**SMALL, **kwargs}).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.add_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
-                module.running_var.mul_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
+    """A small random XCiT (seed 0), parameters and BatchNorm statistics nudged so that zero- or one-initialised
+    biases, temperatures and running statistics take part; timm's fused XCA off unless a test asks for it."""
+    return random_timm_model(NAME, batchnorm=_nudge_statistics, **{**SMALL, **kwargs})
 
 
 def images(n: int = 2, height: int = 64, width: int = 64) -> torch.Tensor:
-    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(1))
+    return seeded_randn(n, 3, height, width, seed=1)
 
 
 def tokens(n: int = 2, count: int = 16, dim: int = 128) -> torch.Tensor:
-    return torch.randn(n, count, dim, generator=torch.Generator().manual_seed(2))
-
-
-def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
+    return seeded_randn(n, count, dim, seed=2)
 
 
 @torch.no_grad()
@@ -62,7 +49,7 @@ def test_xca_computes_timms_output(fused):
     wrapped = QuantXCAttention(copy.deepcopy(attn))
     attn.fused_attn = fused
     x = tokens()
-    assert _rel_diff(wrapped(x), attn(x)) <= 1e-5
+    assert rel_diff(wrapped(x), attn(x)) <= 1e-5
 
 
 @torch.no_grad()
@@ -92,7 +79,7 @@ def test_xca_points_see_normalised_operands_and_channel_probabilities():
     assert torch.allclose(seen["softmax"].sum(-1), torch.ones(()), atol=1e-5)
     scores = (seen["q"] @ seen["k"].transpose(-2, -1)) * attn.temperature
     assert torch.allclose(scores.softmax(-1), seen["softmax"], atol=1e-6)
-    assert _rel_diff(quant_out, float_out) > 1e-3
+    assert rel_diff(quant_out, float_out) > 1e-3
 
 
 def test_batchnorms_folded_or_float_and_position_encoding_float():
@@ -112,7 +99,7 @@ def test_batchnorms_folded_or_float_and_position_encoding_float():
     assert type(projection) is nn.Conv2d and not isinstance(projection, QuantPoint)
     assert not any(p.startswith("pos_embed") for p in qmodel.points())
     with torch.no_grad():
-        assert _rel_diff(qmodel(images()), model(images())) <= 1e-5
+        assert rel_diff(qmodel(images()), model(images())) <= 1e-5
 
 
 @torch.no_grad()
@@ -151,11 +138,11 @@ def test_listed_fold_pairs_keep_the_function_and_class_attention_norms_would_not
                      for i in (0, 1) for norm, linear in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"))]
     for seed, (norm, linear) in enumerate(pairs):
         _random_fold(qmodel, norm, linear, seed)
-    assert _rel_diff(qmodel(x), model(x)) <= 1e-4
+    assert rel_diff(qmodel(x), model(x)) <= 1e-4
 
     unlisted = vitq.prepare(model, QuantConfig(method="float"))
     _random_fold(unlisted, "cls_attn_blocks.0.norm1", "cls_attn_blocks.0.attn.qkv", 0)
-    assert _rel_diff(unlisted(x), model(x)) > 1e-2
+    assert rel_diff(unlisted(x), model(x)) > 1e-2
 
 
 def test_hessian_search_context_gradient_has_the_product_layout():
