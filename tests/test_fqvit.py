@@ -105,3 +105,18 @@ def test_fqvit_calibrates_the_layernorm_before_the_blocks_of_a_pre_norm_model():
         with qmodel.quantization_disabled():
             reference = qmodel(images)
     assert torch.isfinite(quantized).all() and not torch.equal(quantized, reference)
+
+
+def test_fqvit_calibrates_the_layernorm_of_an_attention_pooling_head():
+    """SigLIP-style towers pool with a multi-head attention probe (``attn_pool``) whose MLP starts with a LayerNorm:
+    it belongs to the head stage, so its PTF input quantizer is calibrated and the model runs."""
+    import timm
+    from helpers import random_images
+
+    model = timm.create_model("test_vit", class_token=False, global_pool="map").eval()
+    images = random_images(4)
+    qmodel = vitq.quantize(model, vitq.QuantConfig(method="fqvit", calib_size=4), images, progress=False)
+    norm = qmodel.model.attn_pool.norm.input_quantizer
+    assert norm is not None and norm.is_calibrated
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(images)).all()

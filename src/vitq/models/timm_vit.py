@@ -52,7 +52,7 @@ class VitAdapter(ModelAdapter):
         return [
             Stage("embed", ("patch_embed", "norm_pre"), embed),
             *(Stage(f"blocks.{i}", (f"blocks.{i}",), block) for i, block in enumerate(model.blocks)),
-            Stage("head", ("norm", "fc_norm", "head", "head_dist"), head),
+            Stage("head", ("norm", "attn_pool", "fc_norm", "head", "head_dist"), head),
         ]
 
     @classmethod
