@@ -147,6 +147,18 @@ def test_preprocessing_follows_the_image_processor(kind, tmp_path):
     assert float((ours - theirs).abs().mean()) <= 0.1 * level
 
 
+@pytest.mark.parametrize(("processor_type", "square"), [
+    ("ViTImageProcessor", True), ("ViTFeatureExtractor", True), ("CLIPImageProcessor", False),
+    ("ConvNextImageProcessorFast", False)])
+def test_a_plain_number_size_means_what_its_processor_reads(processor_type, square):
+    """Older configs write ``"size": 224``: ViT's processor squashes to 224×224, CLIP's resizes the shortest edge
+    (transformers' ``default_to_square`` of each processor)."""
+    key = "feature_extractor_type" if processor_type.endswith("FeatureExtractor") else "image_processor_type"
+    config = data_config({key: processor_type, "size": 40}, "test", 224)
+    assert config["input_size"] == (3, 40, 40)
+    assert config["crop_mode"] == ("squash" if square else "center")
+
+
 def test_timm_models_convert_to_folders_transformers_reads(tmp_path):
     torch.manual_seed(0)
     distilled = timm.models.deit.VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2,

@@ -16,6 +16,18 @@ _DEFAULT_PROCESSOR = {"do_resize": True, "resample": 2, "do_normalize": True, "i
 
 
 
+#: image processors that read a plain-number ``size`` as the shortest edge (the others, ViT's among them, as a square)
+_INT_SIZE_IS_SHORTEST_EDGE = frozenset({"CLIPImageProcessor", "BitImageProcessor", "ConvNextImageProcessor",
+                                        "LevitImageProcessor", "PoolFormerImageProcessor"})
+
+
+def _processor_type(processor: dict) -> str:
+    """The processor's class name without transformers' ``Fast``/``Pil`` variants (``FeatureExtractor`` in older
+    configs)."""
+    name = processor.get("image_processor_type") or processor.get("feature_extractor_type") or ""
+    return name.removesuffix("Fast").replace("FeatureExtractor", "ImageProcessor")
+
+
 def data_config(processor: dict, source: str, image_size: int) -> dict[str, Any]:
     """The timm data config (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``) that
     reproduces an image processor's evaluation preprocessing (see the module notes); without a processor file,
@@ -27,8 +39,9 @@ def data_config(processor: dict, source: str, image_size: int) -> dict[str, Any]
     if not processor.get("do_resize", True):
         raise VitqError(f"{source}: an image processor without resizing is not supported")
     size = processor.get("size")
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
+    if isinstance(size, int):  # an older config's plain number: what it means depends on the processor
+        size = {"shortest_edge": size} if _processor_type(processor) in _INT_SIZE_IS_SHORTEST_EDGE else \
+            {"height": size, "width": size}
     crop = processor.get("crop_size") if processor.get("do_center_crop", False) else None
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
