@@ -109,3 +109,11 @@ def test_rotation_refuses_what_it_cannot_keep_exact():
     clip_like = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, pre_norm=True)
     with pytest.raises(VitqError, match="rotation is exact only for plain ViT/DeiT blocks; this model has norm_pre"):
         vitq.prepare(clip_like, vitq.QuantConfig(rotate=True))
+    siglip_like = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, class_token=False,
+                                    global_pool="map")
+    with pytest.raises(VitqError, match="this model has attn_pool"):
+        vitq.prepare(siglip_like, vitq.QuantConfig(rotate=True))
+    wide_head = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    wide_head.head = torch.nn.Linear(2 * wide_head.embed_dim, 10)  # a head on two tokens' features
+    with pytest.raises(VitqError, match="a head reading 384 features, not one token's"):
+        vitq.prepare(wide_head, vitq.QuantConfig(rotate=True))

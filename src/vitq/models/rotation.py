@@ -81,6 +81,10 @@ def _check_vit(model: nn.Module) -> None:
         problems.append("norm (not a LayerNorm)")
     if not isinstance(model.head, nn.Linear):
         problems.append("no classification head (the head undoes the rotation)")
+    elif model.head.in_features != model.pos_embed.shape[-1]:
+        problems.append(f"a head reading {model.head.in_features} features, not one token's")
+    if getattr(model, "attn_pool", None) is not None:
+        problems.append("attn_pool (an attention-pooling head)")
     for i, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
         for name, module in (("norm1", block.norm1), ("norm2", block.norm2)):

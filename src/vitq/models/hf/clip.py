@@ -1,9 +1,18 @@
-"""CLIP's image tower, alone or inside a whole CLIP model."""
+"""CLIP's image tower, alone or inside a whole CLIP model.
+
+A config written by transformers leaves out what equals the vision config's defaults (a whole model's
+``vision_config`` often does), so those are filled in first.
+"""
 
 from __future__ import annotations
 
 from vitq.errors import VitqError
 from vitq.models.hf.layout import Layout, config_field, register_layout
+
+#: transformers' ``CLIPVisionConfig`` defaults
+_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "projection_dim": 512, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 
 
 @register_layout
@@ -24,6 +33,9 @@ class _ClipVisionLayout(Layout):
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     timm_kwargs = {"pre_norm": True}
 
+    def vision_config(self, config: dict) -> dict:
+        return {**_DEFAULTS, **config}
+
     def head_classes(self, config: dict) -> int:
         return config_field(config, "projection_dim", int, self.source)
 
@@ -39,4 +51,5 @@ class _ClipLayout(_ClipVisionLayout):
         vision = config.get("vision_config")
         if not isinstance(vision, dict):
             raise VitqError(f"{self.source}: a CLIP config needs its 'vision_config'")
-        return {**vision, "projection_dim": config.get("projection_dim", vision.get("projection_dim"))}
+        projection = config.get("projection_dim", vision.get("projection_dim", _DEFAULTS["projection_dim"]))
+        return super().vision_config({**vision, "projection_dim": projection})

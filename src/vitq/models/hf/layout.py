@@ -3,6 +3,7 @@ registry of layouts by ``model_type``."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -30,6 +31,23 @@ def config_field(config: dict, key: str, kind: type, source: str):
     return value
 
 
+def mlp_ratio(width: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which timm's ``int(dim * mlp_ratio)`` is ``width`` (``width / dim`` may round below
+    it, e.g. 120 / 88)."""
+    ratio = width / dim
+    while int(dim * ratio) < width:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def activation(config: dict, source: str) -> Callable[[], nn.Module] | str:
+    """The activation layer (or its timm name) of the config's ``hidden_act``."""
+    act = config.get("hidden_act", "gelu")
+    if act not in _ACTIVATIONS:
+        raise VitqError(f"{source}: activation {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[act]
+
+
 class Layout:
     """One transformers model type: its timm constructor and the key names of its checkpoint."""
 
@@ -39,11 +57,14 @@ class Layout:
     heads: dict[str, tuple[str, dict[str, str]]]
     #: timm key -> transformers key (after the prefix) outside the blocks
     outer: dict[str, str]
-    #: a block's transformers prefix (``{i}``: its index), its (timm, transformers) modules, and where q, k and v
-    #: sit (their weights are concatenated into timm's ``qkv``)
+    #: a block's transformers prefix (``{i}``: its index; :meth:`block_prefixes` formats it), its (timm,
+    #: transformers) modules, and where q, k and v sit (their weights are concatenated into timm's ``qkv``)
     layer: str
     block: tuple[tuple[str, str], ...]
     qkv: tuple[str, str, str]
+    #: transformers key (after the prefix) -> the timm tensors it holds stacked along its first axis, in order
+    #: (SigLIP's pooling attention keeps q, k and v in one ``in_proj``, timm's splits q from kv)
+    packed: dict[str, tuple[str, ...]] = {}
     #: extra timm constructor arguments
     timm_kwargs: dict[str, Any] = {}
 
@@ -56,25 +77,27 @@ class Layout:
         self.prefix, self.head_names = self.heads[self.architecture]
         self.source = source
         config = self.vision_config(config)
-        act = config.get("hidden_act", "gelu")
-        if act not in _ACTIVATIONS:
-            raise VitqError(f"{source}: activation {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+        self.num_classes = self.head_classes(config) if self.head_names else 0
+        self.kwargs: dict[str, Any] = {**self.model_kwargs(config), "num_classes": self.num_classes,
+                                       **self.timm_kwargs}
+
+    def model_kwargs(self, config: dict) -> dict[str, Any]:
+        """The timm constructor's arguments (all but ``num_classes``) for the model ``config`` describes: a ViT's
+        here."""
+        source = self.source
         hidden = config_field(config, "hidden_size", int, source)
         intermediate = config_field(config, "intermediate_size", int, source)
-        self.num_classes = self.head_classes(config) if self.head_names else 0
-        self.kwargs: dict[str, Any] = {
+        return {
             "img_size": config_field(config, "image_size", int, source),
             "patch_size": config_field(config, "patch_size", int, source),
             "in_chans": config.get("num_channels", 3),
             "embed_dim": hidden,
             "depth": config_field(config, "num_hidden_layers", int, source),
             "num_heads": config_field(config, "num_attention_heads", int, source),
-            "mlp_ratio": intermediate / hidden,
+            "mlp_ratio": mlp_ratio(intermediate, hidden),
             "qkv_bias": bool(config.get("qkv_bias", True)),
             "norm_layer": partial(nn.LayerNorm, eps=float(config.get("layer_norm_eps", 1e-12))),
-            "act_layer": _ACTIVATIONS[act],
-            "num_classes": self.num_classes,
-            **self.timm_kwargs,
+            "act_layer": activation(config, source),
         }
 
     def vision_config(self, config: dict) -> dict:
@@ -85,34 +108,47 @@ class Layout:
         labels = config.get("id2label") or {}
         return len(labels) or config_field(config, "num_labels", int, self.source)
 
+    def set_input_size(self, side: int) -> None:
+        """The image processor gives ``side``-pixel images. A layout whose transformers model resamples its position
+        embedding to any input (DINOv2) builds its timm model at that size; the others keep the config's image
+        size, the only one their transformers model takes."""
+
     def build(self) -> nn.Module:
         from timm.models.vision_transformer import VisionTransformer
 
         return VisionTransformer(**self.kwargs)
+
+    def num_blocks(self) -> int:
+        """How many transformer blocks the model has, in all."""
+        return self.kwargs["depth"]
+
+    def block_prefixes(self, i: int) -> tuple[str, str]:
+        """Block ``i``'s key prefix in timm and in the checkpoint (after the model prefix)."""
+        return f"blocks.{i}.", self.layer.format(i=i)
 
     def key_map(self, depth: int, prefix: str) -> dict[str, str]:
         """timm key -> transformers key (base-model tensors under ``prefix``), for every tensor but the
         concatenated ``qkv``."""
         keys = {timm_key: prefix + hf_key for timm_key, hf_key in self.outer.items()}
         for i in range(depth):
-            hf = prefix + self.layer.format(i=i)
+            timm_block, hf_block = self.block_prefixes(i)
             for timm_name, hf_name in self.block:
                 for tensor in ("weight", "bias"):
-                    keys[f"blocks.{i}.{timm_name}.{tensor}"] = f"{hf}{hf_name}.{tensor}"
+                    keys[f"{timm_block}{timm_name}.{tensor}"] = f"{prefix}{hf_block}{hf_name}.{tensor}"
         for hf_head, timm_head in self.head_names.items():
             for tensor in ("weight", "bias"):
                 keys[f"{timm_head}.{tensor}"] = f"{hf_head}.{tensor}"
         return keys
 
     def qkv_keys(self, block: int, tensor: str, prefix: str) -> list[str]:
-        return [f"{prefix}{self.layer.format(i=block)}{part}.{tensor}" for part in self.qkv]
+        return [f"{prefix}{self.block_prefixes(block)[1]}{part}.{tensor}" for part in self.qkv]
 
     def timm_state(self, hf_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """``model``'s state dict from the transformers tensors ``hf_state`` (a missing tensor is one error line;
         a head without a bias gets zeros)."""
-        depth = self.kwargs["depth"]
+        depth = self.num_blocks()
         shapes = {key: value.shape for key, value in model.state_dict().items()}
-        first_block = self.layer.format(i=0)
+        first_block = self.block_prefixes(0)[1]
         # a base model's tensors may be saved with or without its attribute name (CLIPVisionModel's vision_model.)
         prefix = next((p for p in (self.prefix, "") if any(k.startswith(p + first_block) for k in hf_state)),
                       self.prefix)
@@ -128,8 +164,13 @@ class Layout:
         state = {timm_key: take(hf_key, timm_key) for timm_key, hf_key in self.key_map(depth, prefix).items()}
         for i in range(depth):
             for tensor in ("weight", "bias") if self.kwargs["qkv_bias"] else ("weight",):
-                timm_key = f"blocks.{i}.attn.qkv.{tensor}"
+                timm_key = f"{self.block_prefixes(i)[0]}attn.qkv.{tensor}"
                 state[timm_key] = torch.cat([take(key, timm_key) for key in self.qkv_keys(i, tensor, prefix)])
+        for hf_key, timm_keys in self.packed.items():
+            value, sizes = take(prefix + hf_key, timm_keys[0]), [shapes[key][0] for key in timm_keys]
+            if value.shape[0] != sum(sizes):
+                raise VitqError(f"{self.source}: {prefix + hf_key!r} has {value.shape[0]} rows, expected {sum(sizes)}")
+            state.update(zip(timm_keys, value.split(sizes), strict=True))
         return state
 
 

@@ -24,11 +24,13 @@ def _architecture(name: str, folder: Path) -> tuple[nn.Module, Layout]:
     if not (folder / CONFIG_FILE).is_file():
         raise VitqError(f"{name}: no {CONFIG_FILE} in {folder}")
     layout = layout_for(read_json(folder / CONFIG_FILE), name)
-    model = layout.build()
     processor_path = folder / PROCESSOR_FILE
     processor = read_json(processor_path) if processor_path.is_file() else {}
-    model.pretrained_cfg = {**data_config(processor, name, layout.kwargs["img_size"]),
-                            "num_classes": layout.num_classes, "architecture": layout.architecture, "source": name}
+    data = data_config(processor, name, layout.kwargs["img_size"])
+    layout.set_input_size(data["input_size"][-1])
+    model = layout.build()
+    model.pretrained_cfg = {**data, "num_classes": layout.num_classes, "architecture": layout.architecture,
+                            "source": name}
     return model.eval(), layout
 
 
