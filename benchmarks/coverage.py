@@ -31,9 +31,9 @@ from vitq.models.smoke import SMOKE_OPTIONS, build_smoke_model, smoke_configs, s
 from vitq.report.tables import markdown_table
 
 #: families without an adapter yet: label -> timm name (the row shows the refusal)
-UNSUPPORTED: dict[str, str] = {"EfficientViT (MIT)": "efficientvit_b0"}
+UNSUPPORTED: dict[str, str] = {}
 #: the hybrid CNN-ViT families, compared at a lower bit-width with the methods written or used for them
-HYBRIDS = ("levit", "mobilevit", "mobilevitv2", "efficientvit_msra", "tinyvit")
+HYBRIDS = ("levit", "mobilevit", "mobilevitv2", "efficientvit_msra", "efficientvit_mit", "tinyvit")
 HYBRID_METHODS = ("percentile", "repq-vit", "ptq4vit", "q-hyvit")
 RECON = ReconConfig(iterations=4, batch_size=2)
 

@@ -27,12 +27,16 @@ FAMILIES = {key: config for key, config in smoke_configs().items()
             if key not in ("vit", "deit_distilled", "deit3", "dinov2", "clip", "siglip", "swin")}
 
 #: families without a LayerNorm → Linear fold pair by design (the adapter docstring says why)
-NO_FOLD_PAIRS: set[str] = {"levit", "swinv2", "mobilevitv2", "efficientvit_msra"}
+NO_FOLD_PAIRS: set[str] = {"levit", "swinv2", "mobilevitv2", "efficientvit_msra", "efficientvit_mit"}
 
 #: relative max |logit difference| accepted between the wrapped float model and timm
 TOL = 1e-5
 #: ``percentile`` W8A8 logit SQNR floor on random weights (ViT/Swin measure 33-40 dB)
 SQNR_FLOOR_DB = 25.0
+#: families whose smoke config measures below it, with their own floor: EfficientViT MIT measures 19-22 dB over
+#: seeds (20.7 with seed 0): many short BatchNorm-normalised conv layers, and the per-tensor quantizer of the
+#: linear attention's kᵀv product, whose heads differ in scale (tests/test_family_efficientvit_mit.py)
+SQNR_FLOORS_DB: dict[str, float] = {"efficientvit_mit": 17.0}
 
 
 def build(family: str) -> nn.Module:
@@ -80,6 +84,8 @@ def test_softmax_point_is_on_the_path(family):
     """A 2-bit quantizer on one softmax point, alone enabled, sees probabilities and changes the logits."""
     name, model, x = family
     point = FAMILIES[name].softmax_point
+    if point is None:
+        pytest.skip(f"{name} has no softmax (its family test checks its attention points)")
     config = QuantConfig(method="minmax", overrides=[PointOverride(pattern=point, bits=2)])
     qmodel = vitq.prepare(model, config)
     softmax = qmodel.model.get_submodule(point)
@@ -136,8 +142,8 @@ def percentile(family):
 
 @torch.no_grad()
 def test_percentile_w8a8_is_close_to_float(family, percentile):
-    _, model, x = family
-    assert _sqnr_db(percentile(x), model(x)) >= SQNR_FLOOR_DB
+    name, model, x = family
+    assert _sqnr_db(percentile(x), model(x)) >= SQNR_FLOORS_DB.get(name, SQNR_FLOOR_DB)
 
 
 @torch.no_grad()
@@ -157,14 +163,7 @@ RECON = ReconConfig(iterations=2, batch_size=2)
 #: run at W4A4 (the headline settings; llm-fp4's 4-bit format search tries 3 formats, its 8-bit one 7)
 W4A4_METHODS = ("repq-vit", "gptq", "erq", "llm-fp4")
 #: family -> the methods that refuse it (with one line); every other method must run
-REFUSALS: dict[str, set[str]] = {
-    "tinyvit": {"gptq", "erq"},  # weight rounding takes dense convs only; TinyViT's convs are partly depthwise
-    "xcit": {"gptq", "erq"},  # weight rounding takes dense convs only; XCiT's LPI convs are depthwise
-    "pit": {"gptq", "erq"},  # weight rounding takes dense convs only; PiT's pooling convs are grouped
-    "mobilevit": {"gptq", "erq"},  # weight rounding takes dense convs only; MobileViT's inverted residuals are
-    "mobilevitv2": {"gptq", "erq"},  # depthwise, and v2 blocks start with a depthwise conv
-    "efficientvit_msra": {"gptq", "erq"},  # weight rounding takes dense convs only; dw0/dw1/dws are depthwise
-}
+REFUSALS: dict[str, set[str]] = {}
 
 
 @pytest.mark.parametrize("method", [m for m in method_names() if m != "float"])

@@ -10,6 +10,15 @@ no layer's activations are ever kept (ERQ's reference code pickles all of them t
   ``2·X̃ᵀX̃/N``, ERQ's ridge systems; the ones column carries the bias);
 - with ``float_inputs``: also ``AᵀB`` and ``BᵀB`` with ``B = [X, 1]`` the input *before* it (ERQ's
   Aqer target ``Y = B·[W, b]ᵀ``).
+
+A convolution with ``G > 1`` groups (depthwise: ``G = C_in``) is ``G`` independent layers: its weight is
+``out × C`` with ``C = C_in/G·kh·kw``, and the ``out/G`` rows of group ``g`` only meet the patches ``X_g`` of
+the input channels of group ``g``, so ``‖X Wᵀ − X Ŵᵀ‖² = Σ_g ‖X_g W_gᵀ − X_g Ŵ_gᵀ‖²`` and every quantity
+above is per group. Its rows are ``G × N × C`` and its moments ``G × (C+1) × (C+1)`` (``A_gᵀA_g`` …, the
+same ``N`` rows in each group). :meth:`InputMoments.per_group` pairs each group's weight rows with its
+moments and :meth:`InputMoments.split_rows` splits a weight by group along that axis, so that the methods round
+a group's rows exactly as they would a separate layer's, one group at a time (GPTQ's column loop) or all groups
+in one batch of small systems (GPTQ's factorizations, ERQ).
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ WeightLayer = QLinear | QConv2d
 
 @dataclass
 class InputMoments:
-    """Sums over the ``rows`` input rows of one layer (float64, shape ``(C+1) × (C+1)``)."""
+    """Sums over the ``rows`` input rows of one layer (float64, shape ``(C+1) × (C+1)``, or ``G × (C+1) × (C+1)``
+    for a convolution with ``G > 1`` groups: one set per group, module docstring)."""
 
     quantized: torch.Tensor  # AᵀA, A = [X̃, 1]
     cross: torch.Tensor | None  # AᵀB, B = [X, 1]
@@ -40,7 +50,37 @@ class InputMoments:
 
     @property
     def channels(self) -> int:
-        return self.quantized.shape[0] - 1
+        return self.quantized.shape[-1] - 1
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.quantized.dim() == 2 else self.quantized.shape[0]
+
+    def per_group(self, out_features: int) -> list[tuple[slice, InputMoments]]:
+        """Each group's weight rows (of ``out_features``, in order) with its ``(C+1) × (C+1)`` moments; a layer
+        without groups is one group of every row."""
+        if self.quantized.dim() == 2:
+            return [(slice(0, out_features), self)]
+        size = self._rows_per_group(out_features)
+
+        def part(moment: torch.Tensor | None, g: int) -> torch.Tensor | None:
+            return None if moment is None else moment[g]
+
+        return [(slice(g * size, (g + 1) * size),
+                 InputMoments(self.quantized[g], part(self.cross, g), part(self.float, g), self.rows))
+                for g in range(self.groups)]
+
+    def split_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """A tensor over the layer's weight rows (``out × …``) as ``G × out/G × …``, aligned with the moments'
+        group axis (unchanged for a layer without groups), so that batched solvers take every group at once."""
+        if self.quantized.dim() == 2:
+            return rows
+        return rows.unflatten(0, (self.groups, self._rows_per_group(rows.shape[0])))
+
+    def _rows_per_group(self, out_features: int) -> int:
+        if out_features % self.groups:
+            raise VitqError(f"{out_features} weight rows do not split into {self.groups} convolution groups")
+        return out_features // self.groups
 
 
 def weight_layers(qmodel, stage: Stage) -> list[tuple[str, WeightLayer]]:
@@ -51,14 +91,16 @@ def weight_layers(qmodel, stage: Stage) -> list[tuple[str, WeightLayer]]:
 
 
 def input_rows(layer: WeightLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows ``(N, C)`` matching the columns of :func:`weight_matrix`."""
+    """The layer's input as rows ``(N, C)`` matching the columns of :func:`weight_matrix`; ``(G, N, C)`` for a
+    convolution with ``G > 1`` groups (group ``g``'s patches, which only its weight rows see)."""
     if isinstance(layer, QLinear):
         return x.reshape(-1, x.shape[-1])
-    if layer.groups != 1:
-        raise VitqError("grouped convolutions are not supported by weight-rounding methods")
     kernel = layer.weight.shape[2:]
     patches = F.unfold(x, kernel, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·L, C_in·kh·kw), weight's order
+    # (B, C_in·kh·kw, L), channel-major: group g's columns are the contiguous block of its C_in/G channels
+    grouped = patches.unflatten(1, (layer.groups, -1))
+    rows = grouped.permute(1, 0, 3, 2).reshape(layer.groups, -1, grouped.shape[2])  # (G, B·L, C), weight's order
+    return rows[0] if layer.groups == 1 else rows
 
 
 def weight_matrix(layer: WeightLayer) -> torch.Tensor:
@@ -106,19 +148,25 @@ def row_grid(quantizer: Quantizer | None, out_features: int, what: str = "weight
 class RowGrid:
     """A uniform grid per weight row (``scale``/``zero_point`` of shape ``out × 1``) or per entry (``out × C``):
     values ``(c − z)·Δ`` for integer codes ``c`` in ``[q_min, q_max]``. ``columns`` selects the entries'
-    columns of a per-entry grid (ignored by a per-row one)."""
+    columns of a per-entry grid (ignored by a per-row one). Leading axes broadcast (``G × out/G × 1``: a grouped
+    conv's rows split by group)."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor
     q_min: int
     q_max: int
 
+    def map_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> RowGrid:
+        """The grid of the weight rows that ``rows`` makes of the rows of ``scale`` and ``zero_point``: one
+        convolution group's slice, or every group's (:meth:`InputMoments.split_rows`)."""
+        return RowGrid(rows(self.scale), rows(self.zero_point), self.q_min, self.q_max)
+
     def _params(self, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.scale.shape[1] == 1:
+        if self.scale.shape[-1] == 1:
             return self.scale, self.zero_point
         if columns is None:
             raise VitqError("a per-entry weight grid needs the columns being rounded")
-        return self.scale[:, columns], self.zero_point[:, columns]
+        return self.scale[..., columns], self.zero_point[..., columns]
 
     def _values(self, codes: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         scale, zero_point = self._params(columns)
@@ -165,13 +213,13 @@ def gather_input_moments(run: Run, x: torch.Tensor, layers: Sequence[WeightLayer
                 return
             x_q = x_in if quantizer is None else quantizer.quantize_dequantize(x_in)
             quantized = _with_ones(input_rows(layer, x_q))
-            new = InputMoments(quantized.T @ quantized, None, None, quantized.shape[0])
+            new = InputMoments(quantized.mT @ quantized, None, None, quantized.shape[-2])
             plain = reference_rows[index] if reference is not None else \
                 _with_ones(input_rows(layer, x_in)) if float_inputs else None
             if plain is not None:
                 if plain.shape != quantized.shape:
                     raise VitqError("the reference run does not give the same rows as the calibration run")
-                new.cross, new.float = quantized.T @ plain, plain.T @ plain
+                new.cross, new.float = quantized.mT @ plain, plain.mT @ plain
             moments[index] = new if moments[index] is None else _add(moments[index], new)
         return hook
 
@@ -199,7 +247,7 @@ def gather_input_moments(run: Run, x: torch.Tensor, layers: Sequence[WeightLayer
 
 def _with_ones(rows: torch.Tensor) -> torch.Tensor:
     rows = rows.double()
-    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
 
 
 def _add(a: InputMoments, b: InputMoments) -> InputMoments:

@@ -4,6 +4,7 @@ from vitq.models import (  # noqa: F401  (register the adapter families)
     timm_beit,
     timm_cait,
     timm_convit,
+    timm_efficientvit_mit,
     timm_efficientvit_msra,
     timm_eva,
     timm_levit,

@@ -173,16 +173,17 @@ def fold_batchnorm_into_next_linear(model: nn.Module, bn_path: str, linear_path:
     replace_module(model, bn_path, nn.Identity())
 
 
-def fold_conv_batchnorms(model: nn.Module) -> None:
+def fold_conv_batchnorms(model: nn.Module, norm: str = "bn") -> None:
     """Fold the BatchNorm of every conv-norm pair (a module with ``conv`` and ``bn`` children: timm's
-    ``ConvNormAct``, EfficientViT's ``ConvNorm``) into its convolution; a one-line error if any other BatchNorm
-    remains (one that no convolution feeds directly)."""
+    ``ConvNormAct``, EfficientViT's ``ConvNorm``; ``norm`` names the BatchNorm child where a family calls it
+    otherwise, e.g. ``"norm"`` in EfficientViT MIT's ``ConvNormAct``) into its convolution; a one-line error if any
+    other BatchNorm remains (one that no convolution feeds directly)."""
     from vitq.errors import VitqError
 
     for name, module in list(model.named_modules()):
-        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        conv, bn = getattr(module, "conv", None), getattr(module, norm, None)
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            fold_batchnorm(model, f"{name}.conv" if name else "conv", f"{name}.bn" if name else "bn")
+            fold_batchnorm(model, f"{name}.conv" if name else "conv", f"{name}.{norm}" if name else norm)
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise VitqError(f"cannot fold the BatchNorm at {name}: no convolution feeds it directly")

@@ -15,12 +15,13 @@ from vitq.checks import expected_image_size
 
 @dataclass(frozen=True)
 class SmokeConfig:
-    """A timm model name, the keyword arguments that make it small, and one of its softmax points."""
+    """A timm model name, the keyword arguments that make it small, and one of its softmax points (``None``: the
+    family has no softmax, e.g. EfficientViT MIT's ReLU linear attention)."""
 
     label: str
     timm_name: str
     kwargs: dict = field(default_factory=dict)
-    softmax_point: str = "blocks.1.attn.softmax"
+    softmax_point: str | None = "blocks.1.attn.softmax"
     #: measure the BatchNorm running statistics on random images, as training sets them: under timm's init
     #: (PyTorch's default conv init with unit running variances) some models' signal fades layer by layer, their
     #: logits hardly depend on the image and every attention map is uniform, so no quantizer's effect shows
@@ -89,6 +90,11 @@ def smoke_configs() -> dict[str, SmokeConfig]:
                                {"depths": (1, 1, 2, 1), "window_sizes": (7, 4, 4, 2), "num_classes": 1000,
                                 **_input_size(64)},
                                "stages.2.blocks.1.attn.softmax"),
+        # stem, two MBConv stages, then a stage of an MBConv and two EfficientViT blocks (LiteMLA over 4x4 pixels)
+        "efficientvit_mit": SmokeConfig("EfficientViT (MIT)", "efficientvit_b0",
+                                        {"widths": (8, 16, 32, 64), "depths": (1, 1, 1, 2), "head_dim": 16,
+                                         "head_widths": (64, 80), **_input_size(64)},
+                                        None, batchnorm_statistics=True),
     }
 
 
