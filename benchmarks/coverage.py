@@ -5,7 +5,8 @@ registered method at W8A8 (reconstruction methods with a 4-iteration budget): wh
 first line of the error) or fails with another exception (``error``: a bug to fix); the logit SQNR of the
 quantized model against the float one on random images; whether the ``percentile`` W8A8 model exports to ONNX
 (and how many points keep a float path) and whether the integer-only runtime compiles it. Random weights make
-the SQNR a smoke check of the wiring (a broken adapter gives ~0 dB), not an accuracy claim. A second table compares
+the SQNR a smoke check of the wiring (a broken adapter gives ~0 dB), not an accuracy claim. A second table runs
+``percentile``, ``repq-vit``, ``gptq`` and ``erq`` on every family at ``--low-bits`` (W4A4); a third compares
 ``percentile``, ``repq-vit``, ``ptq4vit`` and ``q-hyvit`` on the hybrid CNN-ViTs at ``--hybrid-bits`` (6).
 
     python benchmarks/coverage.py --out benchmarks/results/coverage.md
@@ -17,7 +18,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import timm
 import torch
 from common import comma_list, report_header, write_report
 
@@ -30,11 +30,11 @@ from vitq.methods import method_class, method_names
 from vitq.models.smoke import SMOKE_OPTIONS, build_smoke_model, smoke_configs, smoke_images
 from vitq.report.tables import markdown_table
 
-#: families without an adapter yet: label -> timm name (the row shows the refusal)
-UNSUPPORTED: dict[str, str] = {}
 #: the hybrid CNN-ViT families, compared at a lower bit-width with the methods written or used for them
 HYBRIDS = ("levit", "mobilevit", "mobilevitv2", "efficientvit_msra", "efficientvit_mit", "tinyvit")
 HYBRID_METHODS = ("percentile", "repq-vit", "ptq4vit", "q-hyvit")
+#: the methods every family must run at a low bit-width
+LOW_BIT_METHODS = ("percentile", "repq-vit", "gptq", "erq")
 RECON = ReconConfig(iterations=4, batch_size=2)
 
 
@@ -46,12 +46,10 @@ def sqnr_db(reference: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.square().mean() / (out - reference).square().mean().clamp_min(1e-30)))
 
 
-def family_row(label: str, name: str, model: torch.nn.Module | None, methods: list[str], images: int,
+def family_row(label: str, name: str, model: torch.nn.Module, methods: list[str], images: int,
                bits: int = 8, options: dict[str, dict] | None = None) -> tuple[list, list]:
-    """The summary row of one family (``model``: its small random model, ``None`` when vitq has no adapter) and
-    its per-method cells at ``bits`` (weights and activations)."""
-    if model is None:
-        model = timm.create_model(name, pretrained=False).eval()
+    """The summary row of one family (``model``: its small random model) and its per-method cells at ``bits``
+    (weights and activations)."""
     x = smoke_images(model, images)
     with torch.no_grad():
         reference = model(x)
@@ -92,9 +90,10 @@ def family_row(label: str, name: str, model: torch.nn.Module | None, methods: li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     configs = smoke_configs()
-    parser.add_argument("--families", type=comma_list(str), default=[*configs, *UNSUPPORTED],
-                        help="keys of vitq.models.smoke.smoke_configs() or labels of UNSUPPORTED (default: all)")
+    parser.add_argument("--families", type=comma_list(str), default=list(configs),
+                        help="keys of vitq.models.smoke.smoke_configs() (default: all)")
     parser.add_argument("--images", type=int, default=2, help="random calibration/test images per family")
+    parser.add_argument("--low-bits", type=int, default=4, help="bits of the low-bit table (every family)")
     parser.add_argument("--hybrid-bits", type=int, default=6, help="bits of the hybrid comparison table")
     parser.add_argument("--quick", action="store_true",
                         help="shrink the slowest searches (vitq.models.smoke.SMOKE_OPTIONS) in the main table")
@@ -103,25 +102,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = [m for m in method_names() if m != "float"]
-    summaries, grid, hybrids = [], [], []
+    summaries, grid, low, hybrids = [], [], [], []
     for key in args.families:
-        if key in UNSUPPORTED:
-            label, name, model = key, UNSUPPORTED[key], None
-        else:
-            config = configs[key]
-            label, name, model = config.label, config.timm_name, build_smoke_model(config)
+        config = configs[key]
+        label, name, model = config.label, config.timm_name, build_smoke_model(config)
         summary, cells = family_row(label, name, model, methods, args.images,
                                     options=SMOKE_OPTIONS if args.quick else None)
         summaries.append(summary)
         grid.append(cells)
         print(" | ".join(summary), flush=True)
+        _, cells = family_row(label, name, model, list(LOW_BIT_METHODS), args.images, bits=args.low_bits)
+        low.append(cells)
+        print(" | ".join(cells), flush=True)
         if key in HYBRIDS:
             _, cells = family_row(label, name, model, list(HYBRID_METHODS), args.images, bits=args.hybrid_bits)
             hybrids.append(cells)
             print(" | ".join(cells), flush=True)
     write_report(args.out, [
         *report_header(
-            "Model coverage: family x method on small random-initialised timm models (W8A8)",
+            "Model coverage: family x method on small random-initialised timm models (W8A8, then W4A4)",
             f"- {args.images} random images per family (calibration and test); reconstruction methods with "
             f"{RECON.iterations} iterations"
             + (f"; searches shrunk ({SMOKE_OPTIONS})" if args.quick else "")
@@ -135,6 +134,10 @@ def main() -> None:
         "Logit SQNR (dB) per method:",
         "",
         markdown_table(["family", *methods], grid),
+        "",
+        f"Every family at W{args.low_bits}A{args.low_bits}, logit SQNR (dB) (`refused`: the method refused it):",
+        "",
+        markdown_table(["family", *LOW_BIT_METHODS], low),
         "",
         f"Hybrid CNN-ViTs at W{args.hybrid_bits}A{args.hybrid_bits}, logit SQNR (dB) (no real hybrid weights are "
         "available offline, so this compares the methods' mechanics on random weights only):",
