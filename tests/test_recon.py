@@ -7,7 +7,7 @@ import torch
 from helpers import quantized_test_vit
 
 import vitq.calib.recon as recon
-from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
+from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough, round_ste
 from vitq.calib.recon import reconstruct_model, reconstruct_stage
 from vitq.config import ReconConfig, make
 from vitq.errors import VitqError
@@ -29,12 +29,46 @@ def test_learned_step_has_lsq_gradients():
     x = torch.tensor([0.123, -0.2, -5.0, 5.0])  # inside, inside, below and above the range
     x_hat = step(x)
     assert torch.allclose(x_hat, quantizer(x))
-    grads = [torch.autograd.grad(x_hat[i], step.scale, retain_graph=True)[0].item() for i in range(4)]
+    # one step: Δ = Δ₀ + p, so the gradient in the offset p is LSQ's gradient in Δ
+    grads = [torch.autograd.grad(x_hat[i], step.offset, retain_graph=True)[0].item() for i in range(4)]
     inside = [round(v / 0.1) - v / 0.1 for v in (0.123, -0.2)]
     assert grads == pytest.approx([*inside, 0 - 3.0, 15 - 3.0], abs=1e-4)
-    step.scale.data.fill_(0.2)
+    step.offset.data.fill_(0.1)
     step.commit(None)
     assert float(quantizer.scale) == pytest.approx(0.2)
+
+
+def _adam_steps(parameter: torch.Tensor, step_of, x: torch.Tensor, quantizer, n: int = 20) -> list[torch.Tensor]:
+    """``n`` Adam steps (lr 4e-5) on ``‖Q(x) − x‖²`` with the step given by ``step_of(parameter)``."""
+    optimizer, trace = torch.optim.Adam([parameter], lr=4e-5), []
+    for _ in range(n):
+        scale = step_of(parameter)
+        s, z = quantizer.broadcast(scale, x), quantizer.broadcast(quantizer.zero_point, x)
+        x_hat = (torch.clamp(round_ste(x / s) + z, quantizer.q_min, quantizer.q_max) - z) * s
+        optimizer.zero_grad()
+        (x_hat - x).square().sum().backward()
+        optimizer.step()
+        trace.append(step_of(parameter).detach().clone())
+    return trace
+
+
+def test_learned_per_tensor_step_follows_plain_lsq_and_per_channel_steps_move_by_fractions():
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 1e-4])
+    tensor = _uniform(4)
+    tensor.calibrate(x)
+    step = LearnedStep(tensor)
+    ours = _adam_steps(step.offset, lambda _: step.scale, x, tensor)
+    plain = _adam_steps(tensor.scale.detach().clone().requires_grad_(True), lambda s: s, x, tensor)
+    torch.testing.assert_close(torch.stack(ours), torch.stack(plain))  # Δ₀ + p: LSQ on Δ itself
+    channel = _uniform(4, granularity="channel", axis=-1)
+    channel.calibrate(x)
+    step = LearnedStep(channel)
+    start = channel.scale.clone()
+    trace = _adam_steps(step.offset, lambda _: step.scale, x, channel)
+    ratio = trace[-1] / start
+    assert float(start[1] / start[0]) < 1e-3  # steps four decades apart
+    # Adam moves the offset by about lr per iteration: at most 20·lr/m of each step, the tiny one included
+    assert bool((ratio > 0).all()) and float((ratio - 1).abs().max()) <= 20 * 4e-5 / float(start.mean()) * 1.01
 
 
 def test_qdrop_keeps_float_values_while_training_only():

@@ -8,7 +8,11 @@ vitq model again.
 - :class:`LearnedStep` (LSQ, Esser et al. 2020): a uniform activation quantizer whose step Δ is a parameter,
   ``x̂ = (clamp(⌊x/Δ⌉ + z, q_min, q_max) − z)·Δ`` with ``⌊·⌉`` straight-through, so ∂x̂/∂Δ is LSQ's
   ``⌊x/Δ⌉ − x/Δ`` inside the range and ``q_min − z`` / ``q_max − z`` outside it. Optionally QDrop (Wei et al.
-  2022): during training each element keeps its float value with probability ``drop_prob``.
+  2022): during training each element keeps its float value with probability ``drop_prob``. The learned parameter
+  is an offset ``p`` in units of the quantizer's mean initial step ``m``: ``Δ = Δ₀ ⊙ (1 + p/m)``. For one step
+  (per tensor) that is ``Δ₀ + p``, plain LSQ; for per-channel steps spread over decades (a post-LayerNorm channel
+  that hardly varies), Adam, which moves every parameter by about its learning rate, then changes each channel's
+  step by the same fraction instead of the same amount, which would make a tiny step negative.
 - :class:`AdaRoundWeight` (Nagel et al. 2020): the rounding of every weight is learned,
   ``Ŵ = (clamp(⌊W/Δ⌋ + h(α) + z, q_min, q_max) − z)·Δ`` with the rectified sigmoid
   ``h(α) = clamp(σ(α)·(ζ − γ) + γ, 0, 1)``, ζ = 1.1, γ = −0.1, α initialised so that ``h(α) = W/Δ − ⌊W/Δ⌋``
@@ -51,13 +55,24 @@ class StraightThrough(nn.Module):
 class LearnedStep(nn.Module):
     """A uniform activation quantizer with a learned step (and QDrop while training)."""
 
+    #: the smallest fraction of its initial value a step may shrink to (keeps it positive)
+    MIN_RATIO = 1e-3
+
     def __init__(self, quantizer: UniformQuantizer, drop_prob: float = 0.0,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.quantizer = quantizer
-        self.scale = nn.Parameter(quantizer.scale.detach().clone())
+        initial = quantizer.scale.detach().clone()
+        self.register_buffer("initial", initial)
+        self.register_buffer("unit", initial.abs().mean())
+        self.offset = nn.Parameter(torch.zeros_like(initial))
         self.drop_prob = drop_prob
         self.generator = generator
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The current step ``Δ₀ ⊙ (1 + p/m)`` (differentiable in the offset ``p``)."""
+        return self.initial * (1 + self.offset / self.unit).clamp_min(self.MIN_RATIO)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
@@ -70,8 +85,8 @@ class LearnedStep(nn.Module):
         return x_hat
 
     def commit(self, point: nn.Module) -> None:
-        """Install the learned step (kept positive) in the wrapped quantizer."""
-        self.quantizer.set_params({"scale": self.scale.detach().abs().clamp_min(torch.finfo(self.scale.dtype).tiny)})
+        """Install the learned step in the wrapped quantizer."""
+        self.quantizer.set_params({"scale": self.scale.detach()})
 
 
 class AdaRoundWeight(nn.Module):

@@ -111,7 +111,7 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
     roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
     steps = [m for _, m in swapped if isinstance(m, LearnedStep)]
     groups = [{"params": [m.alpha for m in roundings], "lr": settings.weight_lr},
-              {"params": [m.scale for m in steps], "lr": settings.scale_lr}]
+              {"params": [m.offset for m in steps], "lr": settings.scale_lr}]
     groups = [g for g in groups if g["params"]]
     try:
         for p in frozen:
