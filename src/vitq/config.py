@@ -17,7 +17,16 @@ import fnmatch
 import inspect
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from vitq.errors import VitqError
 from vitq.quantizers.base import MAX_BITS, MIN_BITS
@@ -31,6 +40,9 @@ MAX_SEED = 2**64 - 1
 #: ``a_bits`` of a weight-only setting (W4A16): every activation stays float, as the 16-bit float activations of
 #: the weight-only settings deployment papers and runtimes name this way
 WEIGHT_ONLY_A_BITS = 16
+#: the reconstruction-loss settings of :class:`ReconConfig`, added after it was first saved (left out of dumps while
+#: at their defaults); the options are named after their loss (``aphq_eps``: loss ``aphq``)
+LOSS_FIELDS = ("loss", "aphq_eps", "aphq_temperature", "aphq_probes", "global_local_weight")
 
 
 def _without_new_defaults(model: BaseModel, handler, names: tuple[str, ...]) -> dict[str, Any]:
@@ -155,6 +167,37 @@ class ReconConfig(BaseModel):
     augment: int = Field(0, ge=0, description="random crop/flip copies added per calibration image")
     unit: Literal["block", "layer"] = Field(
         "block", description="what is fitted to its float output: each stage (BRECQ) or each weight layer (AdaRound)")
+    loss: Literal["mse", "fisher", "aphq", "global"] = Field(
+        "mse", description="what a stage minimises (vitq.calib.losses, docs/recon_losses.md): its squared output "
+                           "error, weighted by BRECQ's Fisher or APHQ-ViT's Hessian diagonal, or the KL of the "
+                           "prediction its output gives through the float rest of the model")
+    aphq_eps: float = Field(1e-3, gt=0, description="aphq: finite-difference step, relative to the RMS of the "
+                                                    "float stage output")
+    aphq_temperature: float = Field(20.0, gt=0, description="aphq: temperature of the prediction KL (APHQ-ViT's "
+                                                            "released code: 20)")
+    aphq_probes: int = Field(1, ge=1, description="aphq: random ±1 perturbation directions per calibration image")
+    global_local_weight: float = Field(0.01, ge=0, description="global: weight of the stage's own squared error "
+                                                               "added to the prediction KL")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict[str, Any]:
+        return _without_new_defaults(self, handler, LOSS_FIELDS)
+
+    @field_validator("loss")
+    @classmethod
+    def _layers_take_mse(cls, loss: str, info: ValidationInfo) -> str:
+        if info.data.get("unit") == "layer" and loss != "mse":
+            raise ValueError("unit='layer' (one weight layer at a time) takes loss='mse' only")
+        return loss
+
+    @field_validator(*LOSS_FIELDS[1:])
+    @classmethod
+    def _option_of_the_loss(cls, value: Any, info: ValidationInfo) -> Any:
+        # given explicitly (defaults are not validated): an option of another loss would silently do nothing
+        owner = info.field_name.partition("_")[0]
+        if info.data.get("loss") != owner:
+            raise ValueError(f"applies to loss={owner!r} only (loss is {info.data.get('loss', 'mse')!r})")
+        return value
 
     def beta_at(self, iteration: int) -> float | None:
         """β of the rounding regulariser at ``iteration`` (``None`` during the warm-up: no regulariser)."""

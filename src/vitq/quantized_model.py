@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -83,9 +83,11 @@ class QuantizedModel(nn.Module):
 
     # ------------------------------------------------------------------ modes
     @contextmanager
-    def quantization_disabled(self) -> Iterator[QuantizedModel]:
-        """Run the wrapped model in float (every quantizer passes its input through)."""
-        quantizers = list(self.quantizers().values())
+    def quantization_disabled(self, stages: Sequence[Stage] | None = None) -> Iterator[QuantizedModel]:
+        """Run the wrapped model in float (every quantizer passes its input through), or only ``stages`` of it
+        (their quantizers off, the others as they are: e.g. a float tail behind a stage being reconstructed)."""
+        quantizers = [q for name, q in self.quantizers().items()
+                      if stages is None or any(stage.contains(name) for stage in stages)]
         previous = [q.enabled for q in quantizers]
         for q in quantizers:
             q.enabled = False

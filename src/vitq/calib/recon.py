@@ -10,15 +10,17 @@ Per stage, in forward order (:func:`reconstruct_model`):
 - learnable parts (:mod:`vitq.calib.learnable`): the rounding of every per-row uniform weight (AdaRound), the
   step of every uniform activation quantizer (LSQ, optionally with QDrop's random drop); every other quantizer
   is kept fixed with a straight-through gradient;
-- loss, over a random mini-batch of calibration images per iteration (Adam):
-  ``mean over tokens of ‖f_q(x_q) − f(x)‖²`` (summed over channels) ``+ λ·Σ (1 − |2h − 1|^β)``, with the
-  regulariser off for the first ``warmup`` fraction of the iterations and β decayed linearly from
-  ``beta[0]`` to ``beta[1]`` afterwards (BRECQ's schedule);
+- loss, over a random mini-batch of calibration images per iteration (Adam): the stage loss ``settings.loss``
+  (:mod:`vitq.calib.losses`; by default ``mean over tokens of ‖f_q(x_q) − f(x)‖²``, summed over channels; the
+  others weight that error by BRECQ's Fisher or APHQ-ViT's Hessian diagonal, or look at the model's prediction
+  through the float stages after this one) ``+ λ·Σ (1 − |2h − 1|^β)``, with the regulariser off for the first
+  ``warmup`` fraction of the iterations and β decayed linearly from ``beta[0]`` to ``beta[1]`` afterwards (BRECQ's
+  schedule);
 - then the learned values are written back (hard rounding → on-grid weights, learned steps → the quantizers).
 
 With ``unit = "layer"`` (AdaRound's protocol) the unit is one weight layer instead of a stage: each Linear/conv of
 the stage in turn is fitted from its input in the quantized model (earlier layers already rounded) to its output in
-the float model, the stage's other quantizers staying as they are.
+the float model, the stage's other quantizers staying as they are (with the ``mse`` loss only).
 
 Optional augmentation (``augment = k``): the calibration set gets ``k`` extra copies of every image, each randomly
 cropped (a square of 50-100 % of the side, resized back) and flipped (probability ½), drawn from ``seed``.
@@ -26,12 +28,15 @@ cropped (a square of 50-100 % of the side, resized back) and flipped (probabilit
 Reproducible and resumable: the mini-batches and QDrop masks of stage ``i`` come from a generator seeded with
 ``(seed, i)``; with ``checkpoint_dir`` the model state is saved after every stage and a rerun with the same
 directory (and settings) loads it and goes on after the last finished stage, giving the same result as an
-uninterrupted run. Memory: one stage's calibration inputs and targets, plus one mini-batch's autograd graph.
+uninterrupted run. Memory: one stage's calibration inputs and targets (and the loss's weights), plus one
+mini-batch's autograd graph (through the later stages too with ``loss = "global"``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +48,7 @@ from tqdm.auto import tqdm
 
 from vitq.calib.layer_inputs import weight_layers
 from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
+from vitq.calib.losses import FloatTail, StageLoss, StageProblem, prepare_loss, squared_error
 from vitq.calib.runner import run_batched
 from vitq.config import ReconConfig
 from vitq.errors import VitqError
@@ -57,7 +63,8 @@ CHECKPOINT_FILE = "reconstruction.safetensors"
 
 @dataclass(frozen=True)
 class StageRecon:
-    """What reconstructing one stage did: loss on all calibration images before and after (hard rounding)."""
+    """What reconstructing one stage did: its loss (``ReconConfig.loss``) on all calibration images before and after
+    (hard rounding)."""
 
     stage: str
     learned_roundings: int
@@ -88,25 +95,47 @@ def _wrap(qmodel, stage: Stage, settings: ReconConfig, generator: torch.Generato
     return swapped
 
 
-def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (the last dim of tokens, dim 1 of a conv's NCHW output), averaged over
-    images and tokens (or pixels)."""
-    return (output - target).square().sum(1 if output.dim() == 4 else -1).mean()
-
-
 @torch.no_grad()
 def full_loss(stage: Stage, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
-    """The stage's reconstruction loss over all of ``x`` (evaluated ``batch_size`` images at a time)."""
-    return float(_stage_loss(run_batched(stage.run, x, batch_size), target))
+    """The stage's squared error (loss ``mse``) over all of ``x`` (evaluated ``batch_size`` images at a time)."""
+    return float(squared_error(run_batched(stage.run, x, batch_size), target))
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The model's own parameters without gradients (only the stand-ins' learn), restored afterwards."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tensor, settings: ReconConfig,
-                      *, seed: int = 0, index: int = 0, progress: bool = True) -> StageRecon:
+                      *, tail: Sequence[Stage] = (), seed: int = 0, index: int = 0,
+                      progress: bool = True) -> StageRecon:
     """Reconstruct one stage of ``qmodel`` (calibrated) from its quantized input ``x`` to the float output
-    ``target``; ``(seed, index)`` seed its random stream. The learned values are written back into the model."""
-    loss_before = full_loss(stage, x, target, settings.batch_size)
+    ``target``; ``tail``: the stages after it, which every loss but ``mse`` runs in float; ``(seed, index)`` seed
+    its random stream. The learned values are written back into the model; the record's losses are
+    ``settings.loss``."""
     generator = torch.Generator().manual_seed((seed * 100_003 + index) % 2**64)
-    frozen = [p for p in qmodel.model.parameters() if p.requires_grad]  # the model's own parameters
+    with _frozen(qmodel.model):
+        # prepared on the stage as calibrated, before the stand-ins change anything
+        loss_fn = prepare_loss(settings, StageProblem(stage, x, target, FloatTail(qmodel, tuple(tail)),
+                                                      settings.batch_size), generator)
+        loss_before = loss_fn.full()
+        roundings, steps = _learn(qmodel, stage, x, settings, loss_fn, generator, progress)
+        loss_after = loss_fn.full()
+    return StageRecon(stage.name, sum(m.alpha.numel() for m in roundings), len(steps), loss_before, loss_after)
+
+
+def _learn(qmodel, stage: Stage, x: torch.Tensor, settings: ReconConfig, loss_fn: StageLoss,
+           generator: torch.Generator, progress: bool) -> tuple[list[AdaRoundWeight], list[LearnedStep]]:
+    """The optimisation of :func:`reconstruct_stage`: swap in the stand-ins, fit them, write back what they learned;
+    returns the rounding and step stand-ins."""
     swapped = _wrap(qmodel, stage, settings, generator)
     roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
     steps = [m for _, m in swapped if isinstance(m, LearnedStep)]
@@ -114,8 +143,6 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
               {"params": [m.offset for m in steps], "lr": settings.scale_lr}]
     groups = [g for g in groups if g["params"]]
     try:
-        for p in frozen:
-            p.requires_grad_(False)
         if groups:
             optimizer = torch.optim.Adam(groups)
             for m in steps:
@@ -126,7 +153,7 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
                 # drawn on the CPU generator: the same seed picks the same images on every device
                 batch = torch.randint(len(x), (min(settings.batch_size, len(x)),), generator=generator).to(x.device)
                 with torch.enable_grad():
-                    loss = _stage_loss(stage.run(x[batch]), target[batch])
+                    loss = loss_fn(stage.run(x[batch]), batch)
                     beta = settings.beta_at(iteration)
                     if beta is not None and roundings:
                         loss = loss + settings.round_weight * sum(m.regularizer(beta) for m in roundings)
@@ -136,13 +163,10 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
             for m in steps:
                 m.eval()
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         for slot, stand_in in swapped:
             stand_in.commit(slot.module)
             slot.quantizer = stand_in.quantizer
-    return StageRecon(stage.name, sum(m.alpha.numel() for m in roundings), len(steps), loss_before,
-                      full_loss(stage, x, target, settings.batch_size))
+    return roundings, steps
 
 
 #: augmentation: side of the random square crop, as a fraction of the image side
@@ -267,8 +291,8 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
                 records += reconstruct_layers(qmodel, stage, x, x_float, settings, seed=seed, index=index,
                                               progress=progress)
             else:
-                records.append(reconstruct_stage(qmodel, stage, x, target, settings, seed=seed, index=index,
-                                                 progress=progress))
+                records.append(reconstruct_stage(qmodel, stage, x, target, settings, tail=stages[index + 1:],
+                                                 seed=seed, index=index, progress=progress))
             if checkpoint is not None:
                 _save_checkpoint(qmodel, checkpoint, index, fingerprint)
             x_float = target
