@@ -406,7 +406,8 @@ def test_compare_variants_choose_their_own_reconstruction():
 def test_leaderboard_preset_plan():
     plan, settings = compare_plan(CompareSpec(preset="leaderboard"))
     bits = {variant.label: [f"W{w}A{a}" for w, a in b] for variant, b in plan}
-    assert set(bits) == set(method_names()) - {"float", "adaround", "brecq", "qdrop", "is-vit"}  # calibration only
+    reconstruction = {"adaround", "aphq-vit", "brecq", "qdrop", "is-vit"}
+    assert set(bits) == set(method_names()) - {"float", *reconstruction}  # calibration only
     assert bits["repq-vit"] == bits["noisyquant"] == ["W8A8", "W6A6", "W4A4", "W3A3"]
     assert bits["gptq"] == bits["erq"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W3A4", "W4A8", "W4A16", "W3A16"]
     assert bits["percentile"] == ["W8A8", "W6A6", "W4A4", "W3A3", "W4A8", "W4A16", "W3A16"]  # round-to-nearest

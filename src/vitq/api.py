@@ -56,6 +56,7 @@ def _prepare(model: nn.Module, config: QuantConfig, method: Method, model_name: 
         if adapter.family != "vit":
             raise VitqError(f"rotation (--rotate) is implemented for ViT/DeiT, not the {adapter.family} family")
         rotate_vit(model, seed=config.seed)
+    method.restructure(model)
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), model_name, adapter.family, config)
     slots = qmodel.slots()

@@ -179,6 +179,7 @@ def _skeleton(model: nn.Module, name: str, family: str, adapter, config: QuantCo
         raise VitqError(f"saved as a {family} model, but {name} is not one")
     if config.rotate:  # the rotated structure (RMSNorm without affine, folded biases); the weights come from the file
         rotate_vit(model, seed=config.seed)
+    method_class(config.method)(config).restructure(model)  # the method's own changes (APHQ-ViT's ReLU MLPs)
     adapter.wrap(model)
     qmodel = QuantizedModel(model.eval(), name, family, config)
     slots = qmodel.slots()

@@ -2,6 +2,7 @@
 
 from vitq.methods import adalog as _adalog  # noqa: F401
 from vitq.methods import adaround as _adaround  # noqa: F401
+from vitq.methods import aphq_vit as _aphq_vit  # noqa: F401
 from vitq.methods import brecq as _brecq  # noqa: F401
 from vitq.methods import dopq_vit as _dopq_vit  # noqa: F401
 from vitq.methods import erq as _erq  # noqa: F401

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
 
 from vitq.calib.runner import calibrate_in_forward_order
 from vitq.config import WEIGHT_ONLY_A_BITS, QuantConfig, ReconConfig, first_error, make
@@ -138,6 +139,10 @@ class Method:
             where, message, given = first_error(err)
             got = f" (got {given!r})" if where else ""
             raise VitqError(f"method {cls.name!r} option {where or '(all)'}: {message}{got}; {valid}") from None
+
+    def restructure(self, model: nn.Module) -> None:
+        """Change the float architecture in place before it is wrapped (e.g. APHQ-ViT's GELU → ReLU); run again when
+        a saved model is rebuilt, so the skeleton matches. Default: nothing."""
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         """The quantizer of a slot with ``role`` (``None`` keeps it float)."""
