@@ -182,3 +182,26 @@ def assert_close_to_fake_quant(qmodel, exported: torch.Tensor, images: torch.Ten
     flipped = exported.argmax(1) != reference.argmax(1)
     assert bool((margin[flipped] < deviation[flipped]).all()), (margin[flipped], deviation[flipped])
     assert (exported - reference).abs().mean() < 0.3 * quantization_error
+
+
+def sqnr_to_float(qmodel, images: torch.Tensor) -> float:
+    """The quantized model's output SQNR (dB) against the same model with every quantizer off."""
+    with torch.no_grad():
+        quantized = qmodel(images)
+        with qmodel.quantization_disabled():
+            floating = qmodel(images)
+    return float(10 * torch.log10(floating.square().sum() / (quantized - floating).square().sum()))
+
+
+def assert_saves_and_loads_bit_identically(name: str, tmp_path: Path) -> None:
+    """Quantize the model ``name`` (W4A8 ``minmax``, 32 px random images), save, load: same name, same outputs."""
+    import vitq
+    from vitq.models.registry import create_model
+
+    images = random_images(4, size=32)
+    qmodel = vitq.quantize(create_model(name), vitq.QuantConfig(method="minmax", w_bits=4, a_bits=8, calib_size=4),
+                           images, model_name=name, progress=False)
+    loaded = vitq.load(vitq.save(qmodel, tmp_path / "q.safetensors"))
+    assert loaded.model_name == name
+    with torch.no_grad():
+        assert torch.equal(loaded(images), qmodel(images))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import random_images, write_images
+from helpers import assert_saves_and_loads_bit_identically, random_images, sqnr_to_float, write_images
 from PIL import Image
 
 import vitq
@@ -101,11 +101,7 @@ def test_quantized_hf_model_keeps_timm_point_names_and_its_softmax_quantizer_is_
     slots = {slot.name for slot in qmodel.slots()}
     assert {"blocks.1.attn.softmax.quantizer", "blocks.0.attn.qkv.weight_quantizer",
             "head.weight_quantizer", "head_dist.weight_quantizer"} <= slots
-    quantized = qmodel(images)
-    with qmodel.quantization_disabled():
-        floating = qmodel(images)
-    sqnr = 10 * torch.log10(floating.square().sum() / (quantized - floating).square().sum())
-    assert sqnr > 20  # W8A8 on a random model: the logits stay close to float
+    assert sqnr_to_float(qmodel, images) > 20  # W8A8 on a random model: the logits stay close to float
     # a 2-bit softmax (HF's small initial weights leave the attention nearly uniform: 8 bits barely move it)
     coarse = vitq.quantize(model, vitq.QuantConfig(method="percentile", calib_size=4, overrides=[
         vitq.PointOverride.parse("blocks.*.attn.softmax=2")]), images, progress=False)
@@ -119,14 +115,7 @@ def test_quantized_hf_model_keeps_timm_point_names_and_its_softmax_quantizer_is_
 
 def test_save_and_load_an_hf_model_bit_identically(hf_folders, tmp_path):
     name = f"hf:{hf_folders['ViTForImageClassification']}"
-    images = random_images(4, size=32)
-    qmodel = vitq.quantize(create_model(name), vitq.QuantConfig(method="minmax", w_bits=4, a_bits=8, calib_size=4),
-                           images, model_name=name, progress=False)
-    path = vitq.save(qmodel, tmp_path / "q.safetensors")
-    loaded = vitq.load(path)
-    assert loaded.model_name == name
-    with torch.no_grad():
-        assert torch.equal(loaded(images), qmodel(images))
+    assert_saves_and_loads_bit_identically(name, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["vit", "clip", "convnext"])

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import random_images, randomize_norms
+from helpers import assert_saves_and_loads_bit_identically, random_images, randomize_norms, sqnr_to_float
 
 import vitq
 from vitq.errors import VitqError
@@ -97,11 +97,7 @@ def test_quantized_swin_has_its_softmax_quantizer_on_the_path(swin_folders):
     slots = {slot.name for slot in qmodel.slots()}
     assert {"layers.0.blocks.1.attn.softmax.quantizer", "layers.1.blocks.0.attn.qkv.weight_quantizer",
             "layers.1.downsample.reduction.weight_quantizer", "head.fc.weight_quantizer"} <= slots
-    quantized = qmodel(images)
-    with qmodel.quantization_disabled():
-        floating = qmodel(images)
-    sqnr = 10 * torch.log10(floating.square().sum() / (quantized - floating).square().sum())
-    assert sqnr > 20  # W8A8 on a random model: the logits stay close to float
+    assert sqnr_to_float(qmodel, images) > 20  # W8A8 on a random model: the logits stay close to float
     # a 2-bit softmax, so that switching it off visibly moves the logits
     coarse = vitq.quantize(model, vitq.QuantConfig(method="percentile", calib_size=4, overrides=[
         vitq.PointOverride.parse("*.attn.softmax=2")]), images, progress=False)
@@ -115,13 +111,7 @@ def test_quantized_swin_has_its_softmax_quantizer_on_the_path(swin_folders):
 
 def test_save_and_load_a_swin_bit_identically(swin_folders, tmp_path):
     name = f"hf:{swin_folders['shifted', 'SwinForImageClassification']}"
-    images = random_images(4, size=32)
-    qmodel = vitq.quantize(create_model(name), vitq.QuantConfig(method="minmax", w_bits=4, a_bits=8, calib_size=4),
-                           images, model_name=name, progress=False)
-    loaded = vitq.load(vitq.save(qmodel, tmp_path / "q.safetensors"))
-    assert loaded.model_name == name
-    with torch.no_grad():
-        assert torch.equal(loaded(images), qmodel(images))
+    assert_saves_and_loads_bit_identically(name, tmp_path)
 
 
 @pytest.mark.parametrize(("change", "message"), [
