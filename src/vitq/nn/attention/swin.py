@@ -10,7 +10,45 @@ from vitq.nn.attention.base import QuantAttentionBase, merged_qkv
 from vitq.nn.modules import QLinear
 
 
-class QuantWindowAttention(QuantAttentionBase):
+class _QuantWindowAttentionBase(QuantAttentionBase):
+    """What Swin v1's and v2's window attentions share: the forward over windows with the relative position bias and
+    the shifted-window mask (0 / a large negative value) added to the scores, timm's non-fused path step by step.
+    A subclass gives the bias (``_get_rel_pos_bias``) and may transform the product's operands and its scores."""
+
+    def _get_rel_pos_bias(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _operands(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q and k the score product (and its quantization points) sees."""
+        return q, k
+
+    def _scores(self, attn: torch.Tensor) -> torch.Tensor:
+        """The product's scores before the bias is added."""
+        return attn
+
+    def set_window_size(self, window_size) -> None:
+        raise NotImplementedError("resize the timm model before wrapping it for quantization")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: [num_windows*B, N, C]; ``mask``: [num_windows, N, N] or ``None``."""
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+
+        def bias_and_mask(attn: torch.Tensor) -> torch.Tensor:
+            attn = self._scores(attn) + self._get_rel_pos_bias()
+            if mask is not None:
+                num_win = mask.shape[0]
+                attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                attn = attn.view(-1, self.num_heads, N, N)
+            return attn
+
+        x = self._attend(*self._operands(q, k), v, bias_and_mask, self.attn_drop)
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(_QuantWindowAttentionBase):
     """Replacement for timm Swin's ``WindowAttention`` (relative position bias, shifted-window mask).
 
     Keeps timm's attribute names, so the ``state_dict`` keys are unchanged:
@@ -37,29 +75,9 @@ class QuantWindowAttention(QuantAttentionBase):
         bias = bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous()
         return bias.unsqueeze(0)
 
-    def set_window_size(self, window_size) -> None:
-        raise NotImplementedError("resize the timm model before wrapping it for quantization")
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: [num_windows*B, N, C]; ``mask``: (0/-inf) [num_windows, N, N] or ``None``."""
-        B_, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-
-        def add_bias(attn: torch.Tensor) -> torch.Tensor:
-            attn = attn + self._get_rel_pos_bias()
-            if mask is not None:
-                num_win = mask.shape[0]
-                attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-                attn = attn.view(-1, self.num_heads, N, N)
-            return attn
-
-        x = self._attend(q, k, v, add_bias, self.attn_drop)
-        x = x.transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
 
 
-class QuantCosineWindowAttention(QuantAttentionBase):
+class QuantCosineWindowAttention(_QuantWindowAttentionBase):
     """Replacement for timm Swin V2's ``WindowAttention``: scaled cosine attention with a continuous relative
     position bias and the shifted-window mask, following timm's non-fused path step by step.
 
@@ -106,25 +124,9 @@ class QuantCosineWindowAttention(QuantAttentionBase):
         """[heads, 1, 1] multiplier of the cosine scores, ``exp(logit_scale)`` clamped at 100."""
         return torch.clamp(self.logit_scale, max=self.max_logit_scale).exp()
 
-    def set_window_size(self, window_size) -> None:
-        raise NotImplementedError("resize the timm model before wrapping it for quantization")
+    def _operands(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The L2-normalised queries and keys (cosine attention)."""
+        return nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: [num_windows*B, N, C]; ``mask``: (0/-100) [num_windows, N, N] or ``None``."""
-        B_, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-
-        def scale_and_bias(attn: torch.Tensor) -> torch.Tensor:
-            attn = attn * self._get_logit_scale()
-            attn = attn + self._get_rel_pos_bias()
-            if mask is not None:
-                num_win = mask.shape[0]
-                attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-                attn = attn.view(-1, self.num_heads, N, N)
-            return attn
-
-        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
-        x = self._attend(q, k, v, scale_and_bias, self.attn_drop)
-        x = x.transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
+    def _scores(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn * self._get_logit_scale()
