@@ -205,3 +205,24 @@ def assert_saves_and_loads_bit_identically(name: str, tmp_path: Path) -> None:
     assert loaded.model_name == name
     with torch.no_grad():
         assert torch.equal(loaded(images), qmodel(images))
+
+
+def run_stages(qmodel, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through every stage of ``qmodel`` in order (what block-by-block calibration runs)."""
+    for stage in qmodel.stages():
+        x = stage.run(x)
+    return x
+
+
+@torch.no_grad()
+def apply_random_folds(qmodel, pairs: list[tuple[str, str]], seed: int = 0) -> None:
+    """Fold a random per-channel ratio in [0.5, 2) and shift (0.5·N(0, 1)) into every LayerNorm → Linear pair, as
+    RepQ-ViT's reparameterization does; the float function must not change."""
+    from vitq.methods.repq_vit.reparam import apply_fold
+
+    gen = torch.Generator().manual_seed(seed)
+    for norm, linear in pairs:
+        channels = qmodel.model.get_submodule(norm).weight.numel()
+        ratio = torch.rand(channels, generator=gen, dtype=torch.float64) * 1.5 + 0.5
+        shift = torch.randn(channels, generator=gen, dtype=torch.float64) * 0.5
+        apply_fold(qmodel.model.get_submodule(norm), qmodel.model.get_submodule(linear), ratio, shift)

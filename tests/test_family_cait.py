@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import random_timm_model, rel_diff, seeded_randn
+from helpers import random_timm_model, rel_diff, run_stages, seeded_randn
 from torch import nn
 
 import vitq
@@ -172,9 +172,7 @@ def test_pruned_model_has_no_class_token_stage():
     x = images()
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
     assert [stage.name for stage in qmodel.stages()] == ["embed", "blocks.0", "blocks.1", "head"]
-    out = x
-    for stage in qmodel.stages():
-        out = stage.run(out)
+    out = run_stages(qmodel, x)
     assert torch.equal(out, qmodel(x))
     assert rel_diff(out, model(x)) <= 1e-5
 

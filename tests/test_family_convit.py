@@ -8,14 +8,13 @@ import copy
 
 import pytest
 import torch
-from helpers import random_timm_model, rel_diff, seeded_randn
+from helpers import apply_random_folds, random_timm_model, rel_diff, run_stages, seeded_randn
 from torch import nn
 
 import vitq
 from vitq import QuantConfig
 from vitq.errors import VitqError
 from vitq.methods.ptq4vit.products import ScoresProduct
-from vitq.methods.repq_vit.reparam import apply_fold
 from vitq.nn import QuantAttention
 from vitq.nn.attention import QuantGatedPositionalAttention
 from vitq.quantizers import build_quantizer
@@ -124,9 +123,7 @@ def test_class_token_stage_where_timm_prepends_it(local_up_to_layer):
     expected = ["embed", "blocks.0", "cls_token", "blocks.1", "head"] if local_up_to_layer == 1 else \
         ["embed", "blocks.0", "blocks.1", "head"]
     assert names == expected
-    out = x
-    for stage in qmodel.stages():
-        out = stage.run(out)
+    out = run_stages(qmodel, x)
     assert torch.equal(out, qmodel(x))
 
 
@@ -139,12 +136,7 @@ def test_listed_fold_pairs_keep_the_function():
     pairs = qmodel.norm_linear_pairs()
     assert pairs == [(f"blocks.{i}.{norm}", f"blocks.{i}.{linear}")
                      for i in (0, 1) for norm, linear in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"))]
-    gen = torch.Generator().manual_seed(0)
-    for norm, linear in pairs:
-        channels = qmodel.model.get_submodule(norm).weight.numel()
-        ratio = torch.rand(channels, generator=gen, dtype=torch.float64) * 1.5 + 0.5
-        shift = torch.randn(channels, generator=gen, dtype=torch.float64) * 0.5
-        apply_fold(qmodel.model.get_submodule(norm), qmodel.model.get_submodule(linear), ratio, shift)
+    apply_random_folds(qmodel, pairs)
     assert rel_diff(qmodel(x), model(x)) <= 1e-4
 
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import timm
 import torch
-from helpers import random_batchnorm_statistics, random_timm_model, rel_diff, seeded_randn
+from helpers import random_batchnorm_statistics, random_timm_model, rel_diff, run_stages, seeded_randn
 from torch import nn
 
 import vitq
@@ -71,9 +71,7 @@ def test_single_head_model():
     assert not hasattr(model, "head_dist")
     x = images()
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
-    out = x
-    for stage in qmodel.stages():
-        out = stage.run(out)
+    out = run_stages(qmodel, x)
     assert torch.equal(out, qmodel(x))
     assert rel_diff(out, model(x)) <= 1e-5
 

@@ -4,12 +4,11 @@ token counts between stages, the distilled models' two class tokens and heads, f
 from __future__ import annotations
 
 import torch
-from helpers import random_timm_model, rel_diff, seeded_randn
+from helpers import apply_random_folds, random_timm_model, rel_diff, seeded_randn
 from torch import nn
 
 import vitq
 from vitq import QuantConfig
-from vitq.methods.repq_vit.reparam import apply_fold
 from vitq.nn import QConv2d, QLinear, QuantAttention
 
 SMALL = {"depth": (1, 2, 1), "img_size": 64}
@@ -80,12 +79,7 @@ def test_listed_fold_pairs_keep_the_function():
     blocks = [(0, 0), (1, 0), (1, 1), (2, 0)]
     assert pairs == [(f"transformers.{i}.blocks.{j}.{norm}", f"transformers.{i}.blocks.{j}.{linear}")
                      for i, j in blocks for norm, linear in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"))]
-    gen = torch.Generator().manual_seed(0)
-    for norm, linear in pairs:
-        channels = qmodel.model.get_submodule(norm).weight.numel()
-        ratio = torch.rand(channels, generator=gen, dtype=torch.float64) * 1.5 + 0.5
-        shift = torch.randn(channels, generator=gen, dtype=torch.float64) * 0.5
-        apply_fold(qmodel.model.get_submodule(norm), qmodel.model.get_submodule(linear), ratio, shift)
+    apply_random_folds(qmodel, pairs)
     assert rel_diff(qmodel(x), model(x)) <= 1e-4
 
 

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import random_batchnorm_statistics, random_timm_model, rel_diff, seeded_randn
+from helpers import random_batchnorm_statistics, random_timm_model, rel_diff, run_stages, seeded_randn
 from torch import nn
 
 import vitq
@@ -156,9 +156,7 @@ def test_pruned_model_stages_compose():
     model.prune_intermediate_layers(indices=2)
     x = images()
     qmodel = vitq.prepare(model, QuantConfig(method="float"))
-    out = x
-    for stage in qmodel.stages():
-        out = stage.run(out)
+    out = run_stages(qmodel, x)
     assert torch.equal(out, qmodel(x))
     assert rel_diff(out, model(x)) <= 1e-5
 
