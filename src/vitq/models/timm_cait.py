@@ -43,9 +43,7 @@ class CaitAdapter(ModelAdapter):
         for i, block in enumerate(model.blocks):
             replace_module(model, f"blocks.{i}.attn", QuantTalkingHeadAttention(block.attn))
             wrap_mlp(model, f"blocks.{i}.mlp")
-        for j, block in enumerate(_class_attention_blocks(model)):
-            replace_module(model, f"blocks_token_only.{j}.attn", QuantClassAttention(block.attn))
-            wrap_mlp(model, f"blocks_token_only.{j}.mlp")
+        wrap_class_attention_blocks(model, "blocks_token_only")
         if isinstance(model.head, nn.Linear):
             replace_module(model, "head", QLinear(model.head, "act"))
         wrap_layernorms(model)
@@ -83,7 +81,7 @@ class CaitAdapter(ModelAdapter):
             *(Stage(f"blocks.{i}", (f"blocks.{i}",), block) for i, block in enumerate(model.blocks)),
             *cls_token,
             *(Stage(f"blocks_token_only.{j}", (f"blocks_token_only.{j}",), class_attention(block))
-              for j, block in enumerate(_class_attention_blocks(model))),
+              for j, block in enumerate(class_attention_blocks(model, "blocks_token_only"))),
             Stage("head", ("norm", "head"), head),
         ]
 
@@ -96,10 +94,19 @@ class CaitAdapter(ModelAdapter):
         ``norm2`` normalises the class token, ``fc1``'s whole input. ``norm`` → ``head`` is left out as in ViT: the
         classifier input has role ``act``."""
         paths = [f"blocks.{i}" for i in range(len(model.blocks))]
-        paths += [f"blocks_token_only.{j}" for j in range(len(_class_attention_blocks(model)))]
+        paths += [f"blocks_token_only.{j}" for j in range(len(class_attention_blocks(model, "blocks_token_only")))]
         return [pair for path in paths for pair in block_norm_pairs(model, path)]
 
 
-def _class_attention_blocks(model: nn.Module) -> nn.ModuleList | list:
-    """``model.blocks_token_only``, or ``[]`` when timm's ``prune_intermediate_layers`` removed it."""
-    return model.blocks_token_only if model.blocks_token_only is not None else []
+def class_attention_blocks(model: nn.Module, attr: str) -> nn.ModuleList | list:
+    """The class-attention blocks ``model.<attr>`` (CaiT's ``blocks_token_only``, XCiT's ``cls_attn_blocks``), or
+    ``[]`` when timm's ``prune_intermediate_layers`` removed them."""
+    blocks = getattr(model, attr)
+    return blocks if blocks is not None else []
+
+
+def wrap_class_attention_blocks(model: nn.Module, attr: str) -> None:
+    """Wrap each class-attention block of ``model.<attr>``: its attention and its MLP."""
+    for j, block in enumerate(class_attention_blocks(model, attr)):
+        replace_module(model, f"{attr}.{j}.attn", QuantClassAttention(block.attn))
+        wrap_mlp(model, f"{attr}.{j}.mlp")

@@ -55,8 +55,9 @@ from vitq.models.base import (
     wrap_mlp,
 )
 from vitq.models.registry import register_adapter
+from vitq.models.timm_cait import class_attention_blocks, wrap_class_attention_blocks
 from vitq.nn import QConv2d, QLinear
-from vitq.nn.attention import QuantClassAttention, QuantXCAttention
+from vitq.nn.attention import QuantXCAttention
 
 
 @register_adapter("xcit")
@@ -77,9 +78,7 @@ class XcitAdapter(ModelAdapter):
             for conv in ("conv1", "conv2"):
                 replace_module(model, f"blocks.{i}.local_mp.{conv}", QConv2d(getattr(block.local_mp, conv), "act"))
             wrap_mlp(model, f"blocks.{i}.mlp")
-        for j, block in enumerate(_class_attention_blocks(model)):
-            replace_module(model, f"cls_attn_blocks.{j}.attn", QuantClassAttention(block.attn))
-            wrap_mlp(model, f"cls_attn_blocks.{j}.mlp")
+        wrap_class_attention_blocks(model, "cls_attn_blocks")
         if isinstance(model.head, nn.Linear):
             replace_module(model, "head", QLinear(model.head, "act"))
         wrap_layernorms(model)
@@ -121,7 +120,7 @@ class XcitAdapter(ModelAdapter):
             *(Stage(f"blocks.{i}", (f"blocks.{i}",), xca_block(block)) for i, block in enumerate(model.blocks)),
             Stage("cls_token", (), to_tokens),
             *(Stage(f"cls_attn_blocks.{j}", (f"cls_attn_blocks.{j}",), block)
-              for j, block in enumerate(_class_attention_blocks(model))),
+              for j, block in enumerate(class_attention_blocks(model, "cls_attn_blocks"))),
             Stage("head", ("norm", "head"), head),
         ]
 
@@ -149,11 +148,6 @@ def _patch_embed_convs(model: nn.Module) -> list[tuple[int, str]]:
     indices = [i for i, layer in enumerate(model.patch_embed.proj)
                if isinstance(layer, nn.Sequential) and isinstance(layer[0], nn.Conv2d)]
     return [(index, "image" if n == 0 else "act") for n, index in enumerate(indices)]
-
-
-def _class_attention_blocks(model: nn.Module) -> nn.ModuleList | list:
-    """``model.cls_attn_blocks``, or ``[]`` when timm's ``prune_intermediate_layers`` removed it."""
-    return model.cls_attn_blocks if model.cls_attn_blocks is not None else []
 
 
 def _as_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
