@@ -11,6 +11,7 @@ import torch
 from helpers import quantized_test_vit
 
 from vitq.calib.losses import (
+    DplrFisherError,
     FisherError,
     FloatTail,
     GlobalPrediction,
@@ -28,7 +29,7 @@ from vitq.config import QuantConfig, ReconConfig, make
 from vitq.errors import VitqError
 from vitq.models import Stage
 
-LOSSES = ["mse", "fisher", "aphq", "global"]
+LOSSES = ["mse", "fisher", "aphq", "global", "fima"]
 
 
 def _kl_by_hand(float_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -127,6 +128,61 @@ def test_aphq_weights_estimate_the_hessian_diagonal_of_the_prediction_kl():
     assert torch.equal(loss.weight, unit_mean(estimate.abs()).expand_as(outputs))
 
 
+def _token_problem(net: TwoLayerNet, x: torch.Tensor, batch_size: int) -> StageProblem:
+    """``net``'s first layer on every token of ``x`` ``[images, tokens, d_in]``; the tail reads the mean token."""
+    stage = Stage("layer1", ("layer1",), lambda inputs: inputs @ net.w1_quantized.T)
+    return StageProblem(stage, x, x @ net.w1.T, lambda y: net.tail(y.mean(-2)), batch_size)
+
+
+@pytest.mark.parametrize("rank", [2, 5, 8])
+def test_fima_loss_is_the_error_under_the_diagonal_plus_low_rank_fisher(rank):
+    net = TwoLayerNet(dtype=torch.float64)
+    x = torch.randn(5, 3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # 5 images, 3 tokens
+    problem = _token_problem(net, x, batch_size=2)
+    outputs = x @ net.w1_quantized.T
+    gradients = []
+    for n in range(len(x)):  # one image at a time, plain autograd
+        y = outputs[n].clone().requires_grad_(True)
+        grad, = torch.autograd.grad(_kl_by_hand(problem.tail(problem.target[n]), problem.tail(y)), y)
+        gradients.append(grad.flatten())
+    g = torch.stack(gradients)  # [5 images, 18 elements]
+    # the images' mean empirical Fisher, its `rank` largest eigenvalues (all five nonzero ones from rank 5 on)
+    eigenvalues, eigenvectors = torch.linalg.eigh(g.T @ g / len(g))
+    top = eigenvectors[:, -rank:]
+    low_rank = top @ torch.diag(eigenvalues[-rank:]) @ top.T
+    share = 0.3
+    fisher = [(1 - share) * torch.diag(g_n.square()) / g.square().mean() + share * low_rank / low_rank.diagonal().mean()
+              for g_n in g]  # F_n = D_n + U Uᵀ, 18 x 18
+    assert torch.stack(fisher).diagonal(dim1=1, dim2=2).mean() == pytest.approx(1.0, rel=1e-12)
+    errors = (outputs - problem.target).flatten(1)
+    expected = torch.stack([e @ f @ e for e, f in zip(errors, fisher, strict=True)]) / 3  # per image, / 3 tokens
+
+    settings = ReconConfig(loss="fima", fima_rank=rank, fima_low_rank_share=share)
+    loss = DplrFisherError.prepare(problem, settings, torch.Generator())
+    assert loss.factor.shape == (18, min(rank, 5))
+    assert torch.allclose(loss.factor @ loss.factor.T, share * low_rank / low_rank.diagonal().mean(), rtol=0,
+                          atol=1e-10)
+    assert loss.full() == pytest.approx(float(expected.mean()), rel=1e-10)
+    index = torch.tensor([4, 1])
+    assert float(loss(outputs[index], index)) == pytest.approx(float(expected[index].mean()), rel=1e-10)
+
+
+def test_fima_loss_without_a_low_rank_part_is_the_fisher_loss():
+    net = TwoLayerNet()
+    x = torch.randn(5, 3, 5, generator=torch.Generator().manual_seed(4))
+    problem = _token_problem(net, x, batch_size=2)
+    fisher = FisherError.prepare(problem, ReconConfig(loss="fisher"), torch.Generator())
+    outputs = problem.outputs()
+    for settings in (ReconConfig(loss="fima", fima_rank=0), ReconConfig(loss="fima", fima_low_rank_share=0.0)):
+        loss = DplrFisherError.prepare(problem, settings, torch.Generator())
+        assert loss.factor.shape == (18, 0) and torch.equal(loss.weight, fisher.weight)
+        assert torch.equal(loss(outputs, slice(None)), fisher(outputs, slice(None)))
+    # a stage whose output cannot move the prediction: no gradient, no low-rank part, uniform weights (mse)
+    still = StageProblem(problem.stage, x, problem.target, lambda y: y.sum((1, 2))[:, None] * 0 + net.w2[:, 0], 2)
+    loss = DplrFisherError.prepare(still, ReconConfig(loss="fima"), torch.Generator())
+    assert loss.factor.shape == (18, 0) and torch.equal(loss.weight, torch.ones_like(problem.target))
+
+
 def test_losses_that_need_the_prediction_refuse_a_model_without_class_logits():
     x = torch.randn(2, 3, 4)
     problem = StageProblem(Stage("s", ("s",), lambda y: y), x, x, lambda y: y, 2)
@@ -204,5 +260,15 @@ def test_loss_setting_round_trips_and_is_checked(tmp_path):
         make(ReconConfig, aphq_eps=0.1)
     with pytest.raises(VitqError, match="invalid global_local_weight: applies to loss='global' only"):
         make(ReconConfig, loss="fisher", global_local_weight=1.0)
+    with pytest.raises(VitqError, match="invalid fima_rank: applies to loss='fima' only"):
+        make(ReconConfig, loss="fisher", fima_rank=2)
+    with pytest.raises(VitqError, match="invalid fima_low_rank_share: applies to loss='fima' only"):
+        make(ReconConfig, fima_low_rank_share=0.2)
+    with pytest.raises(VitqError, match="invalid fima_low_rank_share"):
+        make(ReconConfig, loss="fima", fima_low_rank_share=1.5)
+    assert set(ReconConfig(loss="fima").model_dump()) == {*saved_before, "loss"}  # the fima_* defaults left out
+    args = build_parser().parse_args(["quantize", "--model", "test_vit", "--output", str(tmp_path / "out"),
+                                      "--recon", "loss=fima", "--recon", "fima_rank=2"])
+    assert _request(args).build().reconstruct == ReconConfig(loss="fima", fima_rank=2)
     with pytest.raises(VitqError, match="invalid loss"):
         make(ReconConfig, loss="hessian")

@@ -194,7 +194,7 @@ def _recon_options(*, checkpoint: bool) -> argparse.ArgumentParser:
                         "calibration images; pair it with a larger --calib-size, e.g. 256)")
     p.add_argument("--recon", action="append", default=[], metavar="KEY=VALUE",
                    help="reconstruction setting (implies --reconstruct), e.g. iterations=100, batch_size=16, "
-                        "drop_prob=0.5 (QDrop), loss=fisher (mse, fisher, aphq, global: docs/recon_losses.md); "
+                        "drop_prob=0.5 (QDrop), loss=fisher (mse, fisher, aphq, global, fima: docs/recon_losses.md); "
                         "VALUE is parsed as JSON (repeatable)")
     if checkpoint:
         p.add_argument("--recon-checkpoint", type=Path, metavar="DIR",

@@ -42,7 +42,8 @@ MAX_SEED = 2**64 - 1
 WEIGHT_ONLY_A_BITS = 16
 #: the reconstruction-loss settings of :class:`ReconConfig`, added after it was first saved (left out of dumps while
 #: at their defaults); the options are named after their loss (``aphq_eps``: loss ``aphq``)
-LOSS_FIELDS = ("loss", "aphq_eps", "aphq_temperature", "aphq_probes", "global_local_weight")
+LOSS_FIELDS = ("loss", "aphq_eps", "aphq_temperature", "aphq_probes", "global_local_weight", "fima_rank",
+               "fima_low_rank_share")
 
 
 def _without_new_defaults(model: BaseModel, handler, names: tuple[str, ...]) -> dict[str, Any]:
@@ -167,10 +168,11 @@ class ReconConfig(BaseModel):
     augment: int = Field(0, ge=0, description="random crop/flip copies added per calibration image")
     unit: Literal["block", "layer"] = Field(
         "block", description="what is fitted to its float output: each stage (BRECQ) or each weight layer (AdaRound)")
-    loss: Literal["mse", "fisher", "aphq", "global"] = Field(
+    loss: Literal["mse", "fisher", "aphq", "global", "fima"] = Field(
         "mse", description="what a stage minimises (vitq.calib.losses, docs/recon_losses.md): its squared output "
                            "error, weighted by BRECQ's Fisher or APHQ-ViT's Hessian diagonal, or the KL of the "
-                           "prediction its output gives through the float rest of the model")
+                           "prediction its output gives through the float rest of the model, or its error under "
+                           "FIMA-Q's diagonal plus low-rank Fisher")
     aphq_eps: float = Field(1e-3, gt=0, description="aphq: finite-difference step, relative to the RMS of the "
                                                     "float stage output")
     aphq_temperature: float = Field(20.0, gt=0, description="aphq: temperature of the prediction KL (APHQ-ViT's "
@@ -178,6 +180,13 @@ class ReconConfig(BaseModel):
     aphq_probes: int = Field(1, ge=1, description="aphq: random ±1 perturbation directions per calibration image")
     global_local_weight: float = Field(0.01, ge=0, description="global: weight of the stage's own squared error "
                                                                "added to the prediction KL")
+    fima_rank: int = Field(5, ge=0, description="fima: rank of the low-rank part, the top principal directions of "
+                                                "the images' KL gradients (FIMA-Q's released configs: 5; 0: the "
+                                                "fisher loss)")
+    fima_low_rank_share: float = Field(0.5, ge=0, le=1, description="fima: share of the Fisher's trace given to the "
+                                                                    "low-rank part, the rest to the diagonal "
+                                                                    "(FIMA-Q's released configs weigh the two "
+                                                                    "equally)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:

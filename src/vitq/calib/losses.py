@@ -17,10 +17,19 @@ model's; ``KL_T(z_f ‖ z) = Σ_k p_k log(p_k / q_k)`` with ``p = softmax(z_f/T)
   ``v ⊙ (g(y + h·v) − g(y − h·v)) / 2h = v ⊙ Hv + O(h²)`` and ``E_v[v ⊙ Hv] = diag H``; ``h = aphq_eps · RMS(y)``.
 - ``global``: ``L = mean_n KL_1(z_f ‖ z(ŷ)) + λ·mean_{n,t} Σ_c (ŷ − y)²`` (λ = ``global_local_weight``): the stage is
   fitted to what the float rest of the model makes of its output, its own error a regulariser.
+- ``fima``: ``L = mean_n Δ_nᵀ F_n Δ_n / T``, ``Δ_n = ŷ_n − y_n`` flattened, ``T`` tokens per image, and FIMA-Q's
+  diagonal plus low-rank (DPLR) Fisher ``F_n = D_n + U Uᵀ``: ``D_n = (1 − s)·g_n² / mean(g²)`` (the ``fisher``
+  weights, ``g_n`` the same gradients at ``ŷ₀``) and ``U Uᵀ = s·M_k / mean diag M_k``, ``M_k`` the best rank-k
+  approximation of the images' mean empirical Fisher ``M = mean_n g_n g_nᵀ`` (k = ``fima_rank``, s =
+  ``fima_low_rank_share``). ``U`` is shared by the images and catches what the diagonal cannot: errors of several
+  elements that move the prediction together (``Δᵀ g gᵀ Δ = (gᵀΔ)²``, with the signs of the products).
 
 The ``fisher`` and ``aphq`` weights are scaled to mean 1: Adam's steps do not depend on the loss's scale, but the
 rounding regulariser (``round_weight``) is added to it, and mean-1 weights keep the weighted error on the plain
-error's scale (equal to it where the error is spread evenly). The ``global`` KL has a scale of its own.
+error's scale (equal to it where the error is spread evenly). ``fima``'s ``F`` has a mean diagonal of 1 for the same
+reason, which is the same statement for a full matrix: an error spread evenly and independently over the elements
+(``E[ΔΔᵀ] = σ²·I``) gives ``E[Δᵀ F Δ] = σ²·tr F``, the plain error's ``σ²·d``. The ``global`` KL has a scale of
+its own.
 
 Interface: a :class:`StageLoss` subclass registered by name; :func:`prepare_loss` builds it for one stage (all the
 per-stage precomputation: the float prediction, the Fisher or Hessian weights; the float tail is a
@@ -30,6 +39,7 @@ over all the calibration images.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,14 +89,23 @@ class StageProblem:
     tail: Tail
     batch_size: int
 
+    def outputs(self) -> torch.Tensor:
+        """The stage's output on every calibration image as the stage stands (``batch_size`` images at a time)."""
+        with torch.no_grad():
+            return run_batched(self.stage.run, self.x, self.batch_size)
+
+
+def channel_dim(output: torch.Tensor) -> int:
+    """Where a stage output's channels are: the last dim of tokens, dim 1 of a conv's NCHW output."""
+    return 1 if output.dim() == 4 else -1
+
 
 def squared_error(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean_{n,t} Σ_c w ⊙ (ŷ − y)²`` (``w = 1`` without ``weight``): channels are the last dim of tokens, dim 1 of a
-    conv's NCHW output."""
+    """``mean_{n,t} Σ_c w ⊙ (ŷ − y)²`` (``w = 1`` without ``weight``; channels: :func:`channel_dim`)."""
     error = (output - target).square()
     if weight is not None:
         error = error * weight
-    return error.sum(1 if output.dim() == 4 else -1).mean()
+    return error.sum(channel_dim(output)).mean()
 
 
 def prediction_kl(float_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -104,11 +123,38 @@ def prediction_gradient(tail: Tail, y: torch.Tensor, float_logits: torch.Tensor,
         return torch.autograd.grad(prediction_kl(float_logits, tail(y), temperature).sum(), y)[0]
 
 
-def fisher_diagonal(outputs: torch.Tensor, tail: Tail, float_logits: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``g²`` per image and element, ``g = ∂KL_1(z_f ‖ z(y))/∂y`` at ``y = outputs`` (one backward pass of the tail
+def prediction_gradients(outputs: torch.Tensor, tail: Tail, float_logits: torch.Tensor,
+                         batch_size: int) -> torch.Tensor:
+    """``g`` per image and element, ``g = ∂KL_1(z_f ‖ z(y))/∂y`` at ``y = outputs`` (one backward pass of the tail
     per batch of ``batch_size`` images)."""
-    return torch.cat([prediction_gradient(tail, y, z).square()
+    return torch.cat([prediction_gradient(tail, y, z)
                       for y, z in zip(outputs.split(batch_size), float_logits.split(batch_size), strict=True)])
+
+
+def fisher_diagonal(outputs: torch.Tensor, tail: Tail, float_logits: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``g²`` per image and element (:func:`prediction_gradients`): the diagonal of image ``n``'s empirical Fisher
+    ``g_n g_nᵀ``."""
+    return prediction_gradients(outputs, tail, float_logits, batch_size).square()
+
+
+def dplr_fisher(gradients: torch.Tensor, rank: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``D`` (the shape of ``gradients``) and ``U`` (``[d, ≤ rank]``, ``d`` the elements of one image) of the DPLR
+    Fisher ``F_n = D_n + U Uᵀ`` from the per-image gradients ``g_n`` (the rows of ``G``, ``[N, d]`` flattened)::
+
+        D_n = (1 − s)·g_n² / mean(g²)          U Uᵀ = s·M_k / mean diag M_k,      M = mean_n g_n g_nᵀ = GᵀG / N
+
+    ``M_k`` keeps the ``rank`` largest eigenvalues of ``M`` (all of it when ``rank ≥ N``). ``M`` (``d × d``) is not
+    formed: an eigenvector ``w`` of the Gram matrix ``G Gᵀ`` (``N × N``) gives ``GᵀG·Gᵀw = λ·Gᵀw``, so the columns
+    ``Gᵀw`` of the top ``rank`` ones factor ``N·M_k``. ``F``'s mean diagonal is 1, ``1 − s`` of it in ``D`` (the
+    scale: module docstring). Without a low-rank part (``rank`` or ``s`` 0, or all gradients 0) ``D`` takes the
+    whole trace: the ``fisher`` weights, and ``U`` has no columns."""
+    flat = gradients.flatten(1)
+    _, eigenvectors = torch.linalg.eigh((flat @ flat.T).double())  # ascending eigenvalues
+    factor = flat.T @ eigenvectors.flip(1)[:, :rank].to(flat)
+    trace = float(factor.square().sum())  # N·d·mean diag M_k
+    if share == 0 or trace == 0:
+        return unit_mean(gradients.square()), factor[:, :0]
+    return unit_mean(gradients.square()) * (1 - share), factor * math.sqrt(share * len(factor) / trace)
 
 
 def perturbation_hessian_diagonal(outputs: torch.Tensor, tail: Tail, float_logits: torch.Tensor, *, eps: float,
@@ -161,9 +207,9 @@ class StageLoss(ABC):
 
     def full(self) -> float:
         """The loss over all the calibration images (the stage run ``batch_size`` images at a time)."""
-        p = self.problem
+        outputs = self.problem.outputs()
         with torch.no_grad():
-            return float(self(run_batched(p.stage.run, p.x, p.batch_size), slice(None)))
+            return float(self(outputs, slice(None)))
 
     @classmethod
     def float_logits(cls, problem: StageProblem) -> torch.Tensor:
@@ -208,9 +254,7 @@ class FisherError(SquaredError):
 
     @classmethod
     def prepare(cls, problem: StageProblem, settings: ReconConfig, generator: torch.Generator) -> StageLoss:
-        with torch.no_grad():
-            outputs = run_batched(problem.stage.run, problem.x, problem.batch_size)
-        return cls(problem, unit_mean(fisher_diagonal(outputs, problem.tail, cls.float_logits(problem),
+        return cls(problem, unit_mean(fisher_diagonal(problem.outputs(), problem.tail, cls.float_logits(problem),
                                                       problem.batch_size)))
 
 
@@ -258,3 +302,24 @@ class GlobalPrediction(StageLoss):
                 total += float(self(p.stage.run(p.x[index]), index)) * len(p.x[index])
         return total / len(p.x)
 
+
+@LOSSES.register("fima")
+class DplrFisherError(SquaredError):
+    """FIMA-Q's diagonal plus low-rank Fisher (:func:`dplr_fisher`): ``mean_n Δ_nᵀ (D_n + U Uᵀ) Δ_n / T``, the
+    diagonal part the weighted squared error and the low-rank part ``‖Uᵀ Δ_n‖² / T`` (one ``[B, d] × [d, k]``
+    product per step). With ``fima_rank = 0`` it is the ``fisher`` loss."""
+
+    def __init__(self, problem: StageProblem, weight: torch.Tensor, factor: torch.Tensor) -> None:
+        super().__init__(problem, weight)
+        self.factor = factor
+
+    @classmethod
+    def prepare(cls, problem: StageProblem, settings: ReconConfig, generator: torch.Generator) -> StageLoss:
+        gradients = prediction_gradients(problem.outputs(), problem.tail, cls.float_logits(problem),
+                                         problem.batch_size)
+        return cls(problem, *dplr_fisher(gradients, settings.fima_rank, settings.fima_low_rank_share))
+
+    def __call__(self, output: torch.Tensor, index: Index) -> torch.Tensor:
+        error = (output - self.problem.target[index]).flatten(1)
+        tokens = error.shape[1] // output.shape[channel_dim(output)]
+        return super().__call__(output, index) + (error @ self.factor).square().sum(-1).mean() / tokens
