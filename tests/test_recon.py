@@ -38,6 +38,36 @@ def test_learned_step_has_lsq_gradients():
     assert float(quantizer.scale) == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
+def test_learned_step_gradients_equal_autograd_on_the_composed_expression(granularity, drop_prob):
+    # the reference: the expression written with round_ste, clamp and torch.where, differentiated by autograd
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 6, generator=generator) * torch.linspace(0.5, 3, 6)
+    quantizer = _uniform(3, **({"granularity": "channel", "axis": -1} if granularity == "channel" else {}))
+    quantizer.calibrate(x * 0.6)  # a range narrower than x: some elements are clamped
+    step = LearnedStep(quantizer, drop_prob=drop_prob, generator=torch.Generator().manual_seed(1)).train()
+    step.offset.data.uniform_(-0.01, 0.01, generator=generator)
+    upstream = torch.randn(x.shape, generator=generator)
+    ours_x = x.clone().requires_grad_(True)
+    (step(ours_x) * upstream).sum().backward()
+    ours = (ours_x.grad, step.offset.grad.clone())
+    step.offset.grad = None
+    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < drop_prob
+    ref_x = x.clone().requires_grad_(True)
+    s, z = quantizer.broadcast(step.scale, x), quantizer.broadcast(quantizer.zero_point, x)
+    x_hat = (torch.clamp(round_ste(ref_x / s) + z, quantizer.q_min, quantizer.q_max) - z) * s
+    reference = torch.where(keep, ref_x, x_hat) if drop_prob else x_hat
+    (reference * upstream).sum().backward()
+    assert bool(keep.any()) == bool(drop_prob)
+    torch.testing.assert_close(ours[0], ref_x.grad)
+    torch.testing.assert_close(ours[1], step.offset.grad)
+    assert torch.equal(ours_x.grad.ne(0), ref_x.grad.ne(0))  # the same elements pass the gradient
+    step.eval()
+    with torch.no_grad():
+        assert torch.equal(step(x), x_hat)  # the same values as the composed expression
+
+
 def _adam_steps(parameter: torch.Tensor, step_of, x: torch.Tensor, quantizer, n: int = 20) -> list[torch.Tensor]:
     """``n`` Adam steps (lr 4e-5) on ``‖Q(x) − x‖²`` with the step given by ``step_of(parameter)``."""
     optimizer, trace = torch.optim.Adam([parameter], lr=4e-5), []

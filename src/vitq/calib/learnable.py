@@ -36,6 +36,56 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _StraightThroughQuantize(torch.autograd.Function):
+    """``Q(x)`` forward, the identity's gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
+        return quantizer(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _LearnedStepQuantize(torch.autograd.Function):
+    """``x̂ = (clamp(⌊x/Δ⌉ + z, q_min, q_max) − z)·Δ`` with ``⌊·⌉`` straight-through, and QDrop's ``x̂ = x`` where
+    ``keep_float``; the gradients written out instead of left to autograd, which on the composed expression saves
+    and revisits about ten full-size intermediates (most of a CPU reconstruction step): one float and one bool
+    tensor are saved here.
+
+    - ``∂x̂/∂x = 1`` where the code ``⌊x/Δ⌉ + z`` lies strictly between ``q_min`` and ``q_max`` or the value is
+      kept float, else 0 (the gradient of ``torch.clamp``, which counts a code on a bound as clamped);
+    - ``∂x̂/∂Δ = (c − z) − (x/Δ)·[inside]`` for a quantized element, ``c`` its clamped code: LSQ's ``⌊x/Δ⌉ − x/Δ``
+      inside and ``q_min − z`` / ``q_max − z`` on or beyond a bound; 0 where the value is kept float. Summed over
+      the elements that share a step (``Δ`` arrives broadcast against ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int,
+                keep_float: torch.Tensor | None) -> torch.Tensor:
+        ratio = x / scale
+        codes = torch.round(ratio).add_(zero_point)
+        inside = (codes > q_min) & (codes < q_max)
+        levels = codes.clamp_(q_min, q_max).sub_(zero_point)
+        x_hat = levels * scale
+        d_scale = levels.sub_(ratio.mul_(inside))  # in place: levels and ratio are not needed any more
+        passes = inside
+        if keep_float is not None:
+            x_hat = torch.where(keep_float, x, x_hat)
+            d_scale.masked_fill_(keep_float, 0)
+            passes = inside.logical_or_(keep_float)
+        ctx.save_for_backward(passes, d_scale)
+        ctx.scale_shape = scale.shape
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+        passes, d_scale = ctx.saved_tensors
+        grad_x = grad * passes if ctx.needs_input_grad[0] else None
+        grad_scale = (grad * d_scale).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_scale, None, None, None, None
+
+
 class StraightThrough(nn.Module):
     """A fixed quantizer with a straight-through gradient."""
 
@@ -44,9 +94,7 @@ class StraightThrough(nn.Module):
         self.quantizer = quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            quantized = self.quantizer(x)
-        return x + (quantized - x).detach()
+        return _StraightThroughQuantize.apply(x, self.quantizer)
 
     def commit(self, point: nn.Module) -> None:
         """Nothing was learned."""
@@ -76,13 +124,12 @@ class LearnedStep(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        scale, zero_point = q.broadcast(self.scale, x), q.broadcast(q.zero_point, x)
-        x_hat = (torch.clamp(round_ste(x / scale) + zero_point, q.q_min, q.q_max) - zero_point) * scale
+        keep_float = None
         if self.training and self.drop_prob > 0:
             # drawn on the CPU generator (the same seed gives the same masks on every device), moved as bools
             keep_float = (torch.rand(x.shape, generator=self.generator) < self.drop_prob).to(x.device)
-            x_hat = torch.where(keep_float, x, x_hat)
-        return x_hat
+        return _LearnedStepQuantize.apply(x, q.broadcast(self.scale, x), q.broadcast(q.zero_point, x), q.q_min,
+                                          q.q_max, keep_float)
 
     def commit(self, point: nn.Module) -> None:
         """Install the learned step in the wrapped quantizer."""
