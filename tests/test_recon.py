@@ -11,6 +11,7 @@ from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough, r
 from vitq.calib.recon import reconstruct_model, reconstruct_stage
 from vitq.config import ReconConfig, make
 from vitq.errors import VitqError
+from vitq.models import Stage
 from vitq.quantizers import build_quantizer
 
 FAST = ReconConfig(iterations=30, batch_size=2)
@@ -161,6 +162,37 @@ def test_stage_reconstruction_lowers_the_output_error_and_leaves_weights_on_the_
     assert not torch.equal(before, block.mlp.fc1.weight.detach())
     assert all(type(q).__name__ != "LearnedStep" for q in qmodel.quantizers().values())  # stand-ins are gone
     assert all(p.requires_grad for p in qmodel.model.parameters())
+
+
+def test_drop_input_mixes_the_quantized_and_float_stage_inputs_elementwise():
+    _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
+    stage = qmodel.stages()[1]
+    x = qmodel.stages()[0].run(images[:1]).detach().expand(2, -1, -1).clone()  # both images the same
+    x_float = x + 1.0  # tells the two inputs apart element by element
+    with torch.no_grad(), qmodel.quantization_disabled():
+        target = stage.run(x_float)
+    seen = []
+
+    def run(inputs):
+        if torch.is_grad_enabled():  # a training step (the losses before and after run without gradients)
+            seen.append(inputs.detach().clone())
+        return stage.run(inputs)
+
+    settings = make(ReconConfig, **{**FAST.model_dump(), "iterations": 5, "drop_prob": 0.5, "drop_input": True})
+    reconstruct_stage(qmodel, Stage(stage.name, stage.modules, run), x, target, settings, x_float=x_float,
+                      progress=False)
+    assert len(seen) == 5
+    for inputs in seen:
+        from_float = inputs == x_float
+        assert bool((from_float | (inputs == x)).all())
+        assert 0.4 < from_float.float().mean().item() < 0.6
+    with pytest.raises(VitqError, match="float input"):
+        reconstruct_stage(qmodel, stage, x, target, settings, progress=False)
+    with pytest.raises(VitqError, match="drop_prob > 0"):
+        make(ReconConfig, drop_input=True)
+    with pytest.raises(VitqError, match="block"):
+        make(ReconConfig, drop_prob=0.5, drop_input=True, unit="layer")
+    assert "drop_input" not in ReconConfig(drop_prob=0.5).model_dump()  # older settings keep their key
 
 
 def test_layer_unit_fits_each_weight_layer_to_its_float_output():

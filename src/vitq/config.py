@@ -163,6 +163,9 @@ class ReconConfig(BaseModel):
     beta: tuple[float, float] = Field((20.0, 2.0), description="β of the regulariser: start and end of its decay")
     warmup: float = Field(0.2, ge=0, lt=1, description="fraction of the steps without the regulariser")
     drop_prob: float = Field(0.0, ge=0, lt=1, description="QDrop: probability of keeping an activation float")
+    drop_input: bool = Field(False, description="QDrop: also keep each element of a stage's input at its float "
+                                                "value with probability drop_prob (QDrop's released code mixes "
+                                                "the quantized model's and the float model's stage inputs so)")
     learn_rounding: bool = Field(True, description="AdaRound the per-row uniform weights")
     learn_steps: bool = Field(True, description="learn the steps of the uniform activation quantizers (LSQ)")
     augment: int = Field(0, ge=0, description="random crop/flip copies added per calibration image")
@@ -190,7 +193,15 @@ class ReconConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        return _without_new_defaults(self, handler, LOSS_FIELDS)
+        return _without_new_defaults(self, handler, (*LOSS_FIELDS, "drop_input"))
+
+    @model_validator(mode="after")
+    def _input_drop_needs_a_probability_and_stages(self) -> ReconConfig:
+        if self.drop_input and not self.drop_prob:
+            raise ValueError("drop_input=true needs drop_prob > 0 (the probability of keeping an element float)")
+        if self.drop_input and self.unit == "layer":
+            raise ValueError("drop_input applies to unit='block' only (a layer's float input is not kept)")
+        return self
 
     @field_validator("loss")
     @classmethod

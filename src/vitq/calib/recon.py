@@ -115,27 +115,32 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 
 def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tensor, settings: ReconConfig,
-                      *, tail: Sequence[Stage] = (), seed: int = 0, index: int = 0,
-                      progress: bool = True) -> StageRecon:
+                      *, x_float: torch.Tensor | None = None, tail: Sequence[Stage] = (), seed: int = 0,
+                      index: int = 0, progress: bool = True) -> StageRecon:
     """Reconstruct one stage of ``qmodel`` (calibrated) from its quantized input ``x`` to the float output
-    ``target``; ``tail``: the stages after it, which every loss but ``mse`` runs in float; ``(seed, index)`` seed
-    its random stream. The learned values are written back into the model; the record's losses are
-    ``settings.loss``."""
+    ``target``; ``x_float``: the float model's input of the stage (needed by ``settings.drop_input``); ``tail``:
+    the stages after it, which every loss but ``mse`` runs in float; ``(seed, index)`` seed its random stream.
+    The learned values are written back into the model; the record's losses are ``settings.loss``."""
+    if settings.drop_input and x_float is None:
+        raise VitqError("drop_input needs the stage's float input (x_float)")
     generator = torch.Generator().manual_seed((seed * 100_003 + index) % 2**64)
     with _frozen(qmodel.model):
         # prepared on the stage as calibrated, before the stand-ins change anything
         loss_fn = prepare_loss(settings, StageProblem(stage, x, target, FloatTail(qmodel, tuple(tail)),
                                                       settings.batch_size), generator)
         loss_before = loss_fn.full()
-        roundings, steps = _learn(qmodel, stage, x, settings, loss_fn, generator, progress)
+        roundings, steps = _learn(qmodel, stage, x, x_float if settings.drop_input else None, settings, loss_fn,
+                                  generator, progress)
         loss_after = loss_fn.full()
     return StageRecon(stage.name, sum(m.alpha.numel() for m in roundings), len(steps), loss_before, loss_after)
 
 
-def _learn(qmodel, stage: Stage, x: torch.Tensor, settings: ReconConfig, loss_fn: StageLoss,
-           generator: torch.Generator, progress: bool) -> tuple[list[AdaRoundWeight], list[LearnedStep]]:
+def _learn(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Tensor | None, settings: ReconConfig,
+           loss_fn: StageLoss, generator: torch.Generator,
+           progress: bool) -> tuple[list[AdaRoundWeight], list[LearnedStep]]:
     """The optimisation of :func:`reconstruct_stage`: swap in the stand-ins, fit them, write back what they learned;
-    returns the rounding and step stand-ins."""
+    returns the rounding and step stand-ins. With ``x_float``, each input element of a step is the float one with
+    probability ``drop_prob`` (QDrop on the stage input)."""
     swapped = _wrap(qmodel, stage, settings, generator)
     roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
     steps = [m for _, m in swapped if isinstance(m, LearnedStep)]
@@ -152,8 +157,12 @@ def _learn(qmodel, stage: Stage, x: torch.Tensor, settings: ReconConfig, loss_fn
             for iteration in bar:
                 # drawn on the CPU generator: the same seed picks the same images on every device
                 batch = torch.randint(len(x), (min(settings.batch_size, len(x)),), generator=generator).to(x.device)
+                inputs = x[batch]
+                if x_float is not None:
+                    keep_float = (torch.rand(inputs.shape, generator=generator) < settings.drop_prob).to(x.device)
+                    inputs = torch.where(keep_float, x_float[batch], inputs)
                 with torch.enable_grad():
-                    loss = loss_fn(stage.run(x[batch]), batch)
+                    loss = loss_fn(stage.run(inputs), batch)
                     beta = settings.beta_at(iteration)
                     if beta is not None and roundings:
                         loss = loss + settings.round_weight * sum(m.regularizer(beta) for m in roundings)
@@ -291,7 +300,8 @@ def reconstruct_model(qmodel, images: torch.Tensor, settings: ReconConfig, *, se
                 records += reconstruct_layers(qmodel, stage, x, x_float, settings, seed=seed, index=index,
                                               progress=progress)
             else:
-                records.append(reconstruct_stage(qmodel, stage, x, target, settings, tail=stages[index + 1:],
+                records.append(reconstruct_stage(qmodel, stage, x, target, settings, x_float=x_float,
+                                                 tail=stages[index + 1:],
                                                  seed=seed, index=index, progress=progress))
             if checkpoint is not None:
                 _save_checkpoint(qmodel, checkpoint, index, fingerprint)
