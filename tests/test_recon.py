@@ -195,6 +195,27 @@ def test_drop_input_mixes_the_quantized_and_float_stage_inputs_elementwise():
     assert "drop_input" not in ReconConfig(drop_prob=0.5).model_dump()  # older settings keep their key
 
 
+def test_normalize_starts_every_stage_loss_at_two(monkeypatch):
+    _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
+    x = qmodel.stages()[0].run(images[:2]).detach()
+    scales, learn = [], recon._learn
+
+    def spy(*args):
+        scales.append(args[6])  # loss_scale
+        return learn(*args)
+
+    monkeypatch.setattr(recon, "_learn", spy)
+    for normalize, stage in ((True, qmodel.stages()[1]), (False, qmodel.stages()[2])):
+        with torch.no_grad(), qmodel.quantization_disabled():
+            target = stage.run(x)
+        settings = make(ReconConfig, **{**TINY.model_dump(), "normalize": normalize})
+        record = reconstruct_stage(qmodel, stage, x, target, settings, progress=False)
+        assert record.loss_before > 0
+        assert scales[-1] * record.loss_before == pytest.approx(2.0 if normalize else record.loss_before)
+        x = stage.run(x).detach()
+    assert "normalize" not in TINY.model_dump()  # older settings keep their key
+
+
 def test_layer_unit_fits_each_weight_layer_to_its_float_output():
     _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
     embed, stage = qmodel.stages()[:2]

@@ -166,6 +166,9 @@ class ReconConfig(BaseModel):
     drop_input: bool = Field(False, description="QDrop: also keep each element of a stage's input at its float "
                                                 "value with probability drop_prob (QDrop's released code mixes "
                                                 "the quantized model's and the float model's stage inputs so)")
+    normalize: bool = Field(False, description="divide a stage's loss by half its value before learning, so that it "
+                                               "starts at 2 in every stage and round_weight weighs the same against "
+                                               "it everywhere (APHQ-ViT's released code)")
     learn_rounding: bool = Field(True, description="AdaRound the per-row uniform weights")
     learn_steps: bool = Field(True, description="learn the steps of the uniform activation quantizers (LSQ)")
     augment: int = Field(0, ge=0, description="random crop/flip copies added per calibration image")
@@ -193,7 +196,7 @@ class ReconConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        return _without_new_defaults(self, handler, (*LOSS_FIELDS, "drop_input"))
+        return _without_new_defaults(self, handler, (*LOSS_FIELDS, "drop_input", "normalize"))
 
     @model_validator(mode="after")
     def _input_drop_needs_a_probability_and_stages(self) -> ReconConfig:

@@ -57,6 +57,8 @@ from vitq.models import Stage
 from vitq.models.weights import load_state_dict_file
 from vitq.quantizers import UniformQuantizer
 
+#: where ``ReconConfig.normalize`` starts every stage's loss (APHQ-ViT's released code: 2)
+NORMALIZED_START = 2.0
 #: the checkpoint in ``checkpoint_dir``: the model state, with the progress in its metadata (one atomic file)
 CHECKPOINT_FILE = "reconstruction.safetensors"
 
@@ -129,18 +131,21 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
         loss_fn = prepare_loss(settings, StageProblem(stage, x, target, FloatTail(qmodel, tuple(tail)),
                                                       settings.batch_size), generator)
         loss_before = loss_fn.full()
+        # NORMALIZED_START / loss_before: the loss starts at NORMALIZED_START (a stage already exact keeps its scale)
+        loss_scale = NORMALIZED_START / loss_before if settings.normalize and loss_before > 0 else 1.0
         roundings, steps = _learn(qmodel, stage, x, x_float if settings.drop_input else None, settings, loss_fn,
-                                  generator, progress)
+                                  loss_scale, generator, progress)
         loss_after = loss_fn.full()
     return StageRecon(stage.name, sum(m.alpha.numel() for m in roundings), len(steps), loss_before, loss_after)
 
 
 def _learn(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Tensor | None, settings: ReconConfig,
-           loss_fn: StageLoss, generator: torch.Generator,
+           loss_fn: StageLoss, loss_scale: float, generator: torch.Generator,
            progress: bool) -> tuple[list[AdaRoundWeight], list[LearnedStep]]:
     """The optimisation of :func:`reconstruct_stage`: swap in the stand-ins, fit them, write back what they learned;
     returns the rounding and step stand-ins. With ``x_float``, each input element of a step is the float one with
-    probability ``drop_prob`` (QDrop on the stage input)."""
+    probability ``drop_prob`` (QDrop on the stage input); the loss is multiplied by ``loss_scale`` before the
+    rounding regulariser is added."""
     swapped = _wrap(qmodel, stage, settings, generator)
     roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
     steps = [m for _, m in swapped if isinstance(m, LearnedStep)]
@@ -162,7 +167,7 @@ def _learn(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Tensor | None, 
                     keep_float = (torch.rand(inputs.shape, generator=generator) < settings.drop_prob).to(x.device)
                     inputs = torch.where(keep_float, x_float[batch], inputs)
                 with torch.enable_grad():
-                    loss = loss_fn(stage.run(inputs), batch)
+                    loss = loss_fn(stage.run(inputs), batch) * loss_scale
                     beta = settings.beta_at(iteration)
                     if beta is not None and roundings:
                         loss = loss + settings.round_weight * sum(m.regularizer(beta) for m in roundings)
