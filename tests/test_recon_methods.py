@@ -92,3 +92,39 @@ def test_dopq_smooth_needs_reconstruction_and_a_fixed_target():
         quantized_test_vit("dopq-vit", 4, 4, smooth=True)
     with pytest.raises(VitqError, match="fixed target"):
         quantized_test_vit("dopq-vit", 4, 4, reconstruct=ReconConfig(iterations=1), smooth=True, target="search")
+
+
+def test_uniform_softmax_and_head_ranges_for_the_attention_quantizers():
+    recon = make(ReconConfig, iterations=3, batch_size=2)
+    _, _, qmodel = quantized_test_vit("qdrop", 4, 4, reconstruct=recon, softmax="uniform", head_ranges=True)
+    _, _, fixed = quantized_test_vit("qdrop", 4, 4, reconstruct=make(ReconConfig, iterations=3, batch_size=2,
+                                                                     learn_steps=False),
+                                     softmax="uniform", head_ranges=True)
+    heads = qmodel.model.blocks[0].attn.num_heads
+    for name in ("q", "k", "v", "softmax"):
+        quantizer = getattr(qmodel.model.blocks[0].attn, name).quantizer
+        assert quantizer.kind == "uniform" and quantizer.granularity == "channel" and quantizer.axis == 1, name
+        assert quantizer.scale.numel() == heads, name
+    # the uniform softmax's per-head steps are learned by the reconstruction (fixed without learn_steps)
+    learned = qmodel.model.blocks[0].attn.softmax.quantizer.scale
+    assert not torch.equal(learned, fixed.model.blocks[0].attn.softmax.quantizer.scale)
+    _, _, plain = quantized_test_vit("qdrop", 4, 4, reconstruct=recon)
+    assert plain.model.blocks[0].attn.softmax.quantizer.kind == "log_sqrt2"
+    assert plain.model.blocks[0].attn.q.quantizer.granularity == "tensor"
+    with pytest.raises(VitqError, match="softmax"):
+        method_class("qdrop").parse_options({"softmax": "log2"})
+    assert method_class("aphq-vit").parse_options({"head_ranges": True}).head_ranges  # aphq-vit has them too
+
+
+def test_per_head_ranges_are_the_ranges_of_each_head_alone():
+    from vitq.quantizers import build_quantizer
+
+    x = torch.randn(4, 3, 10, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 1.0, 5.0])[:, None,
+                                                                                                             None]
+    per_head = build_quantizer({"kind": "uniform", "bits": 4, "granularity": "channel", "axis": 1, "init": "mse"})
+    per_head.calibrate(x)
+    for h in range(3):
+        alone = build_quantizer({"kind": "uniform", "bits": 4, "init": "mse"})
+        alone.calibrate(x[:, h])
+        torch.testing.assert_close(per_head.scale[h], alone.scale.reshape(()))
+        torch.testing.assert_close(per_head.zero_point[h], alone.zero_point.reshape(()))

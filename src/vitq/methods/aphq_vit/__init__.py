@@ -22,7 +22,7 @@ from torch import nn
 from vitq.config import QuantConfig
 from vitq.errors import VitqError
 from vitq.methods.aphq_vit.mlp_reconstruction import reconstruct_mlps, swap_gelu_for_relu
-from vitq.methods.base import MethodOptions, Paper, register_method
+from vitq.methods.base import Paper, register_method
 from vitq.methods.qdrop import QDrop
 from vitq.models import adapter_for
 from vitq.quantized_model import QuantizedModel
@@ -36,7 +36,7 @@ class APHQViT(QDrop):
                "reconstruction (GELU → ReLU, refitted in float)")
     recon_defaults: ClassVar[dict[str, Any]] = {"drop_prob": 0.5, "loss": "aphq"}
 
-    class Options(MethodOptions):
+    class Options(QDrop.Options):
         mlp_reconstruction: bool = Field(False, description="MR: GELU → ReLU in every MLP, refitted in float to the "
                                                             "GELU MLP (changes the network)")
         mr_iterations: int = Field(1000, ge=1, description="MR: Adam steps per MLP (the paper: 20000 on a GPU)")
