@@ -216,6 +216,39 @@ def test_normalize_starts_every_stage_loss_at_two(monkeypatch):
     assert "normalize" not in TINY.model_dump()  # older settings keep their key
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_scale_schedule_anneals_the_step_learning_rate_only(monkeypatch, schedule):
+    _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
+    x = qmodel.stages()[0].run(images[:2]).detach()
+    with torch.no_grad(), qmodel.quantization_disabled():
+        target = qmodel.stages()[1].run(x)
+    rates, adam_step = [], torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        rates.append([group["lr"] for group in self.param_groups])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    settings = make(ReconConfig, **{**FAST.model_dump(), "scale_schedule": schedule})
+    reconstruct_stage(qmodel, qmodel.stages()[1], x, target, settings, progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", adam_step)
+    # the reference: torch's own cosine annealing to 0 over the stage's iterations
+    reference = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=FAST.scale_lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=FAST.iterations, eta_min=0)
+    expected = []
+    for _ in range(FAST.iterations):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        cosine.step()
+    assert [r[0] for r in rates] == [FAST.weight_lr] * FAST.iterations  # the rounding variables: constant
+    steps = [r[1] for r in rates]
+    if schedule == "cosine":
+        assert steps == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    else:
+        assert steps == [FAST.scale_lr] * FAST.iterations
+    assert "scale_schedule" not in FAST.model_dump()  # older settings keep their key
+
+
 def test_layer_unit_fits_each_weight_layer_to_its_float_output():
     _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
     embed, stage = qmodel.stages()[:2]

@@ -159,6 +159,9 @@ class ReconConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="calibration images per step")
     weight_lr: float = Field(3e-2, gt=0, description="Adam learning rate of AdaRound's rounding variables")
     scale_lr: float = Field(4e-5, gt=0, description="Adam learning rate of the LSQ activation steps")
+    scale_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the steps' learning rate over a stage's iterations: constant, or cosine-annealed "
+                                "to 0 (the released QDrop/APHQ-ViT code)")
     round_weight: float = Field(0.01, ge=0, description="weight λ of the rounding regulariser")
     beta: tuple[float, float] = Field((20.0, 2.0), description="β of the regulariser: start and end of its decay")
     warmup: float = Field(0.2, ge=0, lt=1, description="fraction of the steps without the regulariser")
@@ -196,7 +199,7 @@ class ReconConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        return _without_new_defaults(self, handler, (*LOSS_FIELDS, "drop_input", "normalize"))
+        return _without_new_defaults(self, handler, (*LOSS_FIELDS, "drop_input", "normalize", "scale_schedule"))
 
     @model_validator(mode="after")
     def _input_drop_needs_a_probability_and_stages(self) -> ReconConfig:

@@ -35,6 +35,7 @@ mini-batch's autograd graph (through the later stages too with ``loss = "global"
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,12 +150,16 @@ def _learn(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Tensor | None, 
     swapped = _wrap(qmodel, stage, settings, generator)
     roundings = [m for _, m in swapped if isinstance(m, AdaRoundWeight)]
     steps = [m for _, m in swapped if isinstance(m, LearnedStep)]
-    groups = [{"params": [m.alpha for m in roundings], "lr": settings.weight_lr},
-              {"params": [m.offset for m in steps], "lr": settings.scale_lr}]
-    groups = [g for g in groups if g["params"]]
+    # the rounding variables keep their rate; the steps' follows settings.scale_schedule
+    constant, cosine = (lambda _: 1.0), (lambda i: 0.5 * (1 + math.cos(math.pi * i / settings.iterations)))
+    groups = [({"params": [m.alpha for m in roundings], "lr": settings.weight_lr}, constant),
+              ({"params": [m.offset for m in steps], "lr": settings.scale_lr},
+               cosine if settings.scale_schedule == "cosine" else constant)]
+    groups = [(g, rate) for g, rate in groups if g["params"]]
     try:
         if groups:
-            optimizer = torch.optim.Adam(groups)
+            optimizer = torch.optim.Adam([g for g, _ in groups])
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [rate for _, rate in groups])
             for m in steps:
                 m.train()
             bar = tqdm(range(settings.iterations), desc=f"reconstructing {stage.name}", unit="it", leave=False,
@@ -174,6 +179,7 @@ def _learn(qmodel, stage: Stage, x: torch.Tensor, x_float: torch.Tensor | None, 
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
+                schedule.step()
             for m in steps:
                 m.eval()
     finally:
