@@ -128,3 +128,17 @@ def test_per_head_ranges_are_the_ranges_of_each_head_alone():
         alone.calibrate(x[:, h])
         torch.testing.assert_close(per_head.scale[h], alone.scale.reshape(()))
         torch.testing.assert_close(per_head.zero_point[h], alone.zero_point.reshape(()))
+
+
+def test_the_paper_preset_fills_in_the_budget_under_the_given_settings():
+    from vitq.config import RECON_PRESETS
+
+    paper = _reconstruction("qdrop", preset="paper", iterations=50)
+    assert paper.iterations == 50  # given explicitly: wins over the preset
+    assert (paper.batch_size, paper.weight_lr, paper.scale_schedule) == (32, 1e-3, "cosine")
+    assert paper.drop_prob == 0.5  # the method's own default stays
+    assert _reconstruction("qdrop", preset="paper").iterations == RECON_PRESETS["paper"]["iterations"]
+    assert ReconConfig.model_validate(paper.model_dump()) == paper  # a saved config reads back the same
+    assert "preset" not in ReconConfig().model_dump()  # older settings keep their key
+    with pytest.raises(VitqError, match="invalid preset"):
+        make(ReconConfig, preset="fast")

@@ -42,6 +42,8 @@ MAX_SEED = 2**64 - 1
 WEIGHT_ONLY_A_BITS = 16
 #: the reconstruction-loss settings of :class:`ReconConfig`, added after it was first saved (left out of dumps while
 #: at their defaults); the options are named after their loss (``aphq_eps``: loss ``aphq``)
+#: the other settings of :class:`ReconConfig` added after it was first saved (left out of dumps while at their defaults)
+LATER_RECON_FIELDS = ("drop_input", "normalize", "scale_schedule", "preset")
 LOSS_FIELDS = ("loss", "aphq_eps", "aphq_temperature", "aphq_probes", "global_local_weight", "fima_rank",
                "fima_low_rank_share")
 
@@ -146,6 +148,14 @@ class OutlierConfig(BaseModel):
         return make(cls, **values)
 
 
+#: named reconstruction budgets (``ReconConfig.preset``): the settings a preset puts under the ones given with it.
+#: ``paper``: the released QDrop/APHQ-ViT/FIMA-Q code's budget (with 1024 calibration images: ``--calib-size``)
+RECON_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {"iterations": 20000, "batch_size": 32, "weight_lr": 1e-3, "scale_schedule": "cosine"},
+}
+
+
 class ReconConfig(BaseModel):
     """Block reconstruction after calibration (:mod:`vitq.calib.recon`; BRECQ/QDrop hyper-parameters, with fewer
     iterations than the papers' 1000 per block so that DeiT-tiny fits a CPU budget, and so a larger AdaRound
@@ -155,6 +165,10 @@ class ReconConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    preset: Literal[tuple(RECON_PRESETS)] = Field(
+        "default", description="a named budget whose settings come under the ones given with it (paper: the "
+                               "released QDrop/APHQ-ViT code's 20000 iterations, batch 32, AdaRound lr 1e-3, "
+                               "cosine step lr; a GPU budget)")
     iterations: int = Field(200, ge=1, description="optimizer steps per stage")
     batch_size: int = Field(16, ge=1, description="calibration images per step")
     weight_lr: float = Field(3e-2, gt=0, description="Adam learning rate of AdaRound's rounding variables")
@@ -199,7 +213,14 @@ class ReconConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        return _without_new_defaults(self, handler, (*LOSS_FIELDS, "drop_input", "normalize", "scale_schedule"))
+        return _without_new_defaults(self, handler, (*LOSS_FIELDS, *LATER_RECON_FIELDS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in RECON_PRESETS:
+            return {**RECON_PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _input_drop_needs_a_probability_and_stages(self) -> ReconConfig:
