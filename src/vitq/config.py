@@ -42,10 +42,10 @@ MAX_SEED = 2**64 - 1
 WEIGHT_ONLY_A_BITS = 16
 #: the reconstruction-loss settings of :class:`ReconConfig`, added after it was first saved (left out of dumps while
 #: at their defaults); the options are named after their loss (``aphq_eps``: loss ``aphq``)
-#: the other settings of :class:`ReconConfig` added after it was first saved (left out of dumps while at their defaults)
-LATER_RECON_FIELDS = ("drop_input", "normalize", "scale_schedule", "preset")
 LOSS_FIELDS = ("loss", "aphq_eps", "aphq_temperature", "aphq_probes", "global_local_weight", "fima_rank",
                "fima_low_rank_share")
+#: the other settings of :class:`ReconConfig` added after it was first saved (left out of dumps while at their defaults)
+LATER_RECON_FIELDS = ("drop_input", "normalize", "scale_schedule", "preset")
 
 
 def _without_new_defaults(model: BaseModel, handler, names: tuple[str, ...]) -> dict[str, Any]:
