@@ -4,9 +4,10 @@ docs/methods/is-vit.md, docs/protocol.md#like-for-like).
 
 Per stage, in forward order (:func:`reconstruct_model`):
 
-- inputs: the stage's input in the *quantized* model (upstream already reconstructed) and the target, the
-  *float* model's output of the stage (computed from the float stream with the original weights, before
-  anything in the stage changes);
+- inputs: the stage's input in the *quantized* model (upstream already reconstructed; with ``drop_input``, each
+  element of a mini-batch the *float* model's with probability ``drop_prob``, as QDrop's released code) and the
+  target, the *float* model's output of the stage (computed from the float stream with the original weights,
+  before anything in the stage changes);
 - learnable parts (:mod:`vitq.calib.learnable`): the rounding of every per-row uniform weight (AdaRound), the
   step of every uniform activation quantizer (LSQ, optionally with QDrop's random drop); every other quantizer
   is kept fixed with a straight-through gradient;
@@ -15,7 +16,8 @@ Per stage, in forward order (:func:`reconstruct_model`):
   others weight that error by BRECQ's Fisher or APHQ-ViT's Hessian diagonal, or look at the model's prediction
   through the float stages after this one) ``+ λ·Σ (1 − |2h − 1|^β)``, with the regulariser off for the first
   ``warmup`` fraction of the iterations and β decayed linearly from ``beta[0]`` to ``beta[1]`` afterwards (BRECQ's
-  schedule);
+  schedule); with ``normalize`` the stage loss is divided by half its value before learning (APHQ-ViT's released
+  code), and ``scale_schedule = "cosine"`` anneals the steps' learning rate to 0 over the stage;
 - then the learned values are written back (hard rounding → on-grid weights, learned steps → the quantizers).
 
 With ``unit = "layer"`` (AdaRound's protocol) the unit is one weight layer instead of a stage: each Linear/conv of
@@ -132,7 +134,7 @@ def reconstruct_stage(qmodel, stage: Stage, x: torch.Tensor, target: torch.Tenso
         loss_fn = prepare_loss(settings, StageProblem(stage, x, target, FloatTail(qmodel, tuple(tail)),
                                                       settings.batch_size), generator)
         loss_before = loss_fn.full()
-        # NORMALIZED_START / loss_before: the loss starts at NORMALIZED_START (a stage already exact keeps its scale)
+        # normalize: the loss starts at NORMALIZED_START (a stage that is already exact keeps its scale)
         loss_scale = NORMALIZED_START / loss_before if settings.normalize and loss_before > 0 else 1.0
         roundings, steps = _learn(qmodel, stage, x, x_float if settings.drop_input else None, settings, loss_fn,
                                   loss_scale, generator, progress)
