@@ -4,9 +4,9 @@ For each method, budget ``bits`` and seed (its own calibration images and evalua
 weights`` (the default): the uniform ``W{bits}A{a_bits}`` model, and the model whose weight bits are allocated by
 :mod:`vitq.mixed_precision` under ``w-avg-bits={bits}``, both at the same activation bits. With ``--role
 activations``: the uniform ``W{w_bits}A{bits}`` model, and the model whose activation bits are allocated under
-``a-avg-bits={bits}`` with the weights at ``w_bits`` in both (the same model size). The menu is 2,3,4,6,8, the
-costs each point alone (KL to float) on the calibration images; at the menu's widest width only the uniform model
-is run (there is nothing to allocate). Top-1 on the evaluation images, the paired difference, the mean bits of the
+``a-avg-bits={bits}`` with the weights at ``w_bits`` in both (the same model size). The menu (``--menu``) is
+2,3,4,6,8, the costs each point alone (KL to float) on the calibration images; at the menu's widest width only the
+uniform model is run (there is nothing to allocate). Top-1 on the evaluation images, the paired difference, the mean bits of the
 allocated role and the model size, and a plot of top-1 against model size (``<out>.png``, weights) or mean
 activation bits (activations). Each result is appended to a journal (``--journal``), so an interrupted run goes on
 where it stopped.
@@ -61,7 +61,7 @@ def cell_key(record: dict) -> tuple:
     return role, record["method"], record["seed"], record["bits"], record["a_bits" if role == "weights" else "w_bits"]
 
 
-def run_cell(role: str, method: str, seed: int, bits: int, other_bits: int) -> dict:
+def run_cell(role: str, method: str, seed: int, bits: int, other_bits: int, menu: list[int]) -> dict:
     weights = role == "weights"
     spec = RunSpec.resolve(progress=False)
     model = spec.float_model()
@@ -79,11 +79,11 @@ def run_cell(role: str, method: str, seed: int, bits: int, other_bits: int) -> d
                 "size_mb": model_size(qmodel).quantized_bytes / 1e6}
 
     uniform = evaluated(vitq.quantize(model, config, calib, progress=False))
-    if bits >= max(DEFAULT_MENU):
+    if bits >= max(menu):
         return {**record, "uniform": uniform}
-    key = (role, method, seed, other_bits)
+    key = (role, method, seed, other_bits, tuple(menu))
     if key not in _COSTS:  # they do not depend on the budget: measured once per method and seed
-        _COSTS[key] = bit_sensitivities(model, config, calib, calib, calib_labels, DEFAULT_MENU, weights=weights,
+        _COSTS[key] = bit_sensitivities(model, config, calib, calib, calib_labels, menu, weights=weights,
                                         progress=False)
     costs, sizes = _COSTS[key]
     budget = Budget("w-avg-bits" if weights else "a-avg-bits", bits)
@@ -118,6 +118,8 @@ def main() -> None:
                         help="budgets (mean bits of the allocated role), each also the uniform bits")
     parser.add_argument("--a-bits", type=int, default=8, help="activation bits of a weight budget's models")
     parser.add_argument("--w-bits", type=int, default=4, help="weight bits of an activation budget's models")
+    parser.add_argument("--menu", type=comma_list(int), default=list(DEFAULT_MENU),
+                        help="the bit-widths a point may get (the same for every cell of a journal)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--journal", type=Path, default=Path("benchmarks/results/mixed_precision.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_precision.md"))
@@ -132,7 +134,7 @@ def main() -> None:
                 key = (args.role, method, seed, bits, other)
                 if key in done:
                     continue
-                done[key] = run_cell(args.role, method, seed, bits, other)
+                done[key] = run_cell(args.role, method, seed, bits, other, args.menu)
                 append_journal(args.journal, done[key])
                 print(json.dumps(done[key]), flush=True)
     rows = []
@@ -162,7 +164,7 @@ def main() -> None:
             f"- images: {cells[0]['n_eval']} evaluation images per seed, {CALIB} calibration images of the same "
             "seeded split (the allocation's KL costs are measured on the calibration images only)",
             f"- seeds: {', '.join(map(str, args.seeds))}; budgets `{'w' if weights else 'a'}-avg-bits` "
-            f"{', '.join(map(str, args.bits))}, menu {','.join(map(str, DEFAULT_MENU))}, "
+            f"{', '.join(map(str, args.bits))}, menu {','.join(map(str, args.menu))}, "
             f"{'activations' if weights else 'weights'} at {other} bits in both models"),
         markdown_table(["method", "uniform setting", "uniform top-1 % per seed", "mixed top-1 % per seed",
                         "mean paired gain", f"mixed mean {role_text} bits per seed",
