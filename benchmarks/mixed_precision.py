@@ -1,15 +1,15 @@
 """Mixed precision against uniform bits at the same budget: DeiT-tiny, per method, budget and seed.
 
-For each method, budget ``bits`` and seed (its own calibration images and evaluation split), with ``--role
-weights`` (the default): the uniform ``W{bits}A{a_bits}`` model, and the model whose weight bits are allocated by
+For each method, budget ``bits`` and seed (its own calibration images and evaluation split), with ``--role weights``
+(the default): the uniform ``W{bits}A{a_bits}`` model, and the model whose weight bits are allocated by
 :mod:`vitq.mixed_precision` under ``w-avg-bits={bits}``, both at the same activation bits. With ``--role
 activations``: the uniform ``W{w_bits}A{bits}`` model, and the model whose activation bits are allocated under
 ``a-avg-bits={bits}`` with the weights at ``w_bits`` in both (the same model size). The menu (``--menu``) is
 2,3,4,6,8, the costs each point alone (KL to float) on the calibration images; at the menu's widest width only the
-uniform model is run (there is nothing to allocate). Top-1 on the evaluation images, the paired difference, the mean bits of the
-allocated role and the model size, and a plot of top-1 against model size (``<out>.png``, weights) or mean
-activation bits (activations). Each result is appended to a journal (``--journal``), so an interrupted run goes on
-where it stopped.
+uniform model is run (there is nothing to allocate). Top-1 on the evaluation images, the paired difference, the mean
+bits of the allocated role and the model size, and a plot of top-1 against model size (``<out>.png``, weights) or
+mean activation bits (activations). Each result is appended to a journal (``--journal``), so an interrupted run goes
+on where it stopped.
 
     python benchmarks/mixed_precision.py --methods percentile,gptq --bits 3,4,6,8 --seeds 0,1,2 \
         --out benchmarks/results/mixed_precision.md
