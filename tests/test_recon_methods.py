@@ -142,3 +142,10 @@ def test_the_paper_preset_fills_in_the_budget_under_the_given_settings():
     assert "preset" not in ReconConfig().model_dump()  # older settings keep their key
     with pytest.raises(VitqError, match="invalid preset"):
         make(ReconConfig, preset="fast")
+
+
+def test_drop_input_takes_the_methods_drop_probability():
+    assert _reconstruction("qdrop", drop_input=True).drop_prob == 0.5  # qdrop's own default makes it valid
+    assert _reconstruction("repq-vit", drop_input=True, drop_prob=0.3).drop_input
+    with pytest.raises(VitqError, match="drop_input=true needs drop_prob > 0"):
+        _reconstruction("brecq", drop_input=True)  # brecq drops nothing

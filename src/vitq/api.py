@@ -98,12 +98,12 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, *, model_name: s
     if not isinstance(calib_data, torch.Tensor):
         calib_data, _ = load_tensors(calib_data, progress=progress, desc="loading calibration images")
     calib_data = check_images(calib_data, "calibration images", expected_image_size(model))
+    reconstruction = method.reconstruction()  # its settings checked before any work
     qmodel = _prepare(model, config, method, model_name, inplace, device)
     calib_data = calib_data.to(model_device(qmodel.model))
     torch.manual_seed(config.seed)
     method.calibrate(qmodel, calib_data, progress=progress)
     check_calibrated(qmodel.eval(), calib_data)
-    reconstruction = method.reconstruction()
     if reconstruction is not None:
         reconstruct_model(qmodel, calib_data, reconstruction, seed=config.seed, checkpoint_dir=recon_checkpoint,
                           progress=progress)

@@ -223,9 +223,8 @@ class ReconConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _input_drop_needs_a_probability_and_stages(self) -> ReconConfig:
-        if self.drop_input and not self.drop_prob:
-            raise ValueError("drop_input=true needs drop_prob > 0 (the probability of keeping an element float)")
+    def _input_drop_needs_stages(self) -> ReconConfig:
+        # drop_prob > 0 is checked by Method.reconstruction, once the method's own defaults (qdrop: 0.5) are in
         if self.drop_input and self.unit == "layer":
             raise ValueError("drop_input applies to unit='block' only (a layer's float input is not kept)")
         return self

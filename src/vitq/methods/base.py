@@ -176,7 +176,11 @@ class Method:
         if given is None and not self.reconstructs:
             return None
         explicit = {} if given is None else given.model_dump(include=given.model_fields_set)
-        return make(ReconConfig, **{**self.recon_defaults, **explicit})
+        settings = make(ReconConfig, **{**self.recon_defaults, **explicit})
+        if settings.drop_input and not settings.drop_prob:
+            raise VitqError("reconstruction setting drop_input=true needs drop_prob > 0 (the probability of keeping "
+                            f"an element float; method {self.name!r} sets none)")
+        return settings
 
 
 def weight_sensitivity_config(config: QuantConfig) -> QuantConfig:
