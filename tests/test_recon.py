@@ -7,7 +7,7 @@ import torch
 from helpers import quantized_test_vit
 
 import vitq.calib.recon as recon
-from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough, round_ste
+from vitq.calib.learnable import AdaRoundWeight, LearnedStep, StraightThrough
 from vitq.calib.recon import reconstruct_model, reconstruct_stage
 from vitq.config import ReconConfig, make
 from vitq.errors import VitqError
@@ -17,6 +17,11 @@ from vitq.quantizers import build_quantizer
 FAST = ReconConfig(iterations=30, batch_size=2)
 #: the resume test runs three reconstructions of the whole test model
 TINY = ReconConfig(iterations=3, batch_size=2)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """⌊x⌉ with the gradient of the identity: the reference the learned step's written-out gradients must match."""
+    return x + (torch.round(x) - x).detach()
 
 
 def _uniform(bits=4, **spec):

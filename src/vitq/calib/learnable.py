@@ -31,11 +31,6 @@ from vitq.quantizers import Quantizer, UniformQuantizer
 ZETA, GAMMA = 1.1, -0.1
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """⌊x⌉ with the gradient of the identity."""
-    return x + (torch.round(x) - x).detach()
-
-
 class _StraightThroughQuantize(torch.autograd.Function):
     """``Q(x)`` forward, the identity's gradient backward."""
 
