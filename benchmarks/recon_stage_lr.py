@@ -26,6 +26,7 @@ from common import comma_list, deit_tiny_split, report_header, write_report
 import vitq
 from vitq.calib.recon import full_loss, reconstruct_stage
 from vitq.config import ReconConfig, make
+from vitq.experiment.grammar import parse_option
 from vitq.report.tables import markdown_table
 
 
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=comma_list(float), default=[1e-3, 1e-2, 3e-2], help="AdaRound weight_lr values")
     parser.add_argument("--scale-lrs", type=comma_list(float), default=[ReconConfig().scale_lr],
                         help="LSQ scale_lr values (the grid is every weight_lr x scale_lr pair)")
+    parser.add_argument("--recon", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further reconstruction setting for every run, e.g. scale_relative=true (repeatable)")
     parser.add_argument("--calib-size", type=int, default=32, help="calibration images, held-out ones included")
     parser.add_argument("--holdout", type=int, default=0,
                         help="the last K calibration images are left out of the reconstruction and scored")
@@ -51,6 +54,7 @@ def main() -> None:
 
     if not 0 <= args.holdout < args.calib_size:
         parser.error(f"--holdout must be in [0, --calib-size), got {args.holdout}")
+    extra = dict(parse_option(text) for text in args.recon)
     model, calib, _ = deit_tiny_split(args.calib_size, args.seed, 1)  # evaluation images unused
     fit_images = args.calib_size - args.holdout
     rows = []
@@ -74,7 +78,7 @@ def main() -> None:
             for lr, scale_lr in itertools.product(args.lrs, args.scale_lrs):
                 qmodel = copy.deepcopy(calibrated)
                 settings = make(ReconConfig, iterations=args.iterations, batch_size=args.batch_size, weight_lr=lr,
-                                scale_lr=scale_lr)
+                                scale_lr=scale_lr, **extra)
                 stage = qmodel.stages()[index]
                 record = reconstruct_stage(qmodel, stage, x[:fit_images], target[:fit_images], settings,
                                            seed=args.seed, index=index, progress=False)
@@ -90,7 +94,8 @@ def main() -> None:
         f"Stage reconstruction loss vs reconstruction learning rates: {args.method}, DeiT-tiny",
         f"- calibration images: {args.calib_size} (seed {args.seed}): reconstruction on {fit_images}, "
         f"{args.holdout} held out; losses are measured on them (no evaluation images)",
-        f"- reconstruction: {args.iterations} iterations, batch {args.batch_size}, other settings the defaults")
+        f"- reconstruction: {args.iterations} iterations, batch {args.batch_size}, "
+        + (f"{', '.join(args.recon)}, " if args.recon else "") + "other settings the defaults")
     columns = ["bits", "stage", "weight_lr", "scale_lr", "loss before", "loss after", "after / before"]
     if args.holdout:
         columns += ["held-out before", "held-out after", "held-out after / before"]

@@ -1,6 +1,7 @@
 """Tests of the block-reconstruction engine (vitq.calib.recon) and its learnable stand-ins (vitq.calib.learnable)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -44,15 +45,17 @@ def test_learned_step_has_lsq_gradients():
     assert float(quantizer.scale) == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("relative", [False, True])
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("drop_prob", [0.0, 0.5])
-def test_learned_step_gradients_equal_autograd_on_the_composed_expression(granularity, drop_prob):
+def test_learned_step_gradients_equal_autograd_on_the_composed_expression(granularity, drop_prob, relative):
     # the reference: the expression written with round_ste, clamp and torch.where, differentiated by autograd
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4, 7, 6, generator=generator) * torch.linspace(0.5, 3, 6)
     quantizer = _uniform(3, **({"granularity": "channel", "axis": -1} if granularity == "channel" else {}))
     quantizer.calibrate(x * 0.6)  # a range narrower than x: some elements are clamped
-    step = LearnedStep(quantizer, drop_prob=drop_prob, generator=torch.Generator().manual_seed(1)).train()
+    step = LearnedStep(quantizer, drop_prob=drop_prob, generator=torch.Generator().manual_seed(1),
+                       relative=relative).train()
     step.offset.data.uniform_(-0.01, 0.01, generator=generator)
     upstream = torch.randn(x.shape, generator=generator)
     ours_x = x.clone().requires_grad_(True)
@@ -105,6 +108,25 @@ def test_learned_per_tensor_step_follows_plain_lsq_and_per_channel_steps_move_by
     assert float(start[1] / start[0]) < 1e-3  # steps four decades apart
     # Adam moves the offset by about lr per iteration: at most 20·lr/m of each step, the tiny one included
     assert bool((ratio > 0).all()) and float((ratio - 1).abs().max()) <= 20 * 4e-5 / float(start.mean()) * 1.01
+
+
+def test_relative_steps_learn_the_same_fractions_whatever_their_size():
+    # x and 100·x with 100 times the step: the loss scales by 10⁴, which Adam does not see, so Δ = Δ₀·e^p follows
+    # the same ratios Δ/Δ₀ in both (LSQ's absolute offset would move the large step 100 times more slowly)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    traces = []
+    for factor in (1.0, 100.0):
+        quantizer = _uniform(3)
+        quantizer.calibrate(x * factor)
+        step = LearnedStep(quantizer, relative=True)
+        start = quantizer.scale.clone()
+        traces.append(torch.stack(_adam_steps(step.offset, lambda _: step.scale, x * factor, quantizer)) / start)
+    torch.testing.assert_close(traces[0], traces[1])
+    assert float((traces[0][-1] - 1).abs()) > 20 * 4e-5 * 0.5  # it moved, by about lr per iteration
+    assert float((traces[0] - 1).abs().max()) <= math.expm1(20 * 4e-5) * 1.01
+    step.offset.data.fill_(math.log(2))
+    step.commit(None)
+    torch.testing.assert_close(quantizer.scale, 2 * start)
 
 
 def test_qdrop_keeps_float_values_while_training_only():

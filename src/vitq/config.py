@@ -45,7 +45,7 @@ WEIGHT_ONLY_A_BITS = 16
 LOSS_FIELDS = ("loss", "aphq_eps", "aphq_temperature", "aphq_probes", "global_local_weight", "fima_rank",
                "fima_low_rank_share")
 #: the other settings of :class:`ReconConfig` added after it was first saved (left out of dumps while at their defaults)
-LATER_RECON_FIELDS = ("drop_input", "normalize", "scale_schedule", "preset")
+LATER_RECON_FIELDS = ("drop_input", "normalize", "scale_schedule", "preset", "scale_relative")
 
 
 def _without_new_defaults(model: BaseModel, handler, names: tuple[str, ...]) -> dict[str, Any]:
@@ -173,6 +173,10 @@ class ReconConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="calibration images per step")
     weight_lr: float = Field(3e-2, gt=0, description="Adam learning rate of AdaRound's rounding variables")
     scale_lr: float = Field(4e-5, gt=0, description="Adam learning rate of the LSQ activation steps")
+    scale_relative: bool = Field(False, description="learn each activation step as the log of its ratio to its "
+                                                   "initial value, so that scale_lr changes every step by about the "
+                                                   "same fraction per iteration whatever its size and bit width "
+                                                   "(false: LSQ's offset in the step's own units)")
     scale_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="the steps' learning rate over a stage's iterations: constant, or cosine-annealed "
                                 "to 0 (the released QDrop/APHQ-ViT code)")

@@ -12,7 +12,10 @@ vitq model again.
   is an offset ``p`` in units of the quantizer's mean initial step ``m``: ``Δ = Δ₀ ⊙ (1 + p/m)``. For one step
   (per tensor) that is ``Δ₀ + p``, plain LSQ; for per-channel steps spread over decades (a post-LayerNorm channel
   that hardly varies), Adam, which moves every parameter by about its learning rate, then changes each channel's
-  step by the same fraction instead of the same amount, which would make a tiny step negative.
+  step by the same fraction instead of the same amount, which would make a tiny step negative. With ``relative``
+  every step is learned as its log-ratio to its initial value, ``Δ = Δ₀ ⊙ e^p``: Adam then moves each step by
+  about the same fraction per iteration whatever its size, so one learning rate suits a 3-bit post-GELU step of
+  0.3 and an 8-bit one of 0.01 alike (LSQ's absolute offset needs a learning rate that grows with the step).
 - :class:`AdaRoundWeight` (Nagel et al. 2020): the rounding of every weight is learned,
   ``Ŵ = (clamp(⌊W/Δ⌋ + h(α) + z, q_min, q_max) − z)·Δ`` with the rectified sigmoid
   ``h(α) = clamp(σ(α)·(ζ − γ) + γ, 0, 1)``, ζ = 1.1, γ = −0.1, α initialised so that ``h(α) = W/Δ − ⌊W/Δ⌋``
@@ -102,8 +105,9 @@ class LearnedStep(nn.Module):
     MIN_RATIO = 1e-3
 
     def __init__(self, quantizer: UniformQuantizer, drop_prob: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, relative: bool = False) -> None:
         super().__init__()
+        self.relative = relative
         self.quantizer = quantizer
         initial = quantizer.scale.detach().clone()
         self.register_buffer("initial", initial)
@@ -114,7 +118,9 @@ class LearnedStep(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        """The current step ``Δ₀ ⊙ (1 + p/m)`` (differentiable in the offset ``p``)."""
+        """The current step, ``Δ₀ ⊙ (1 + p/m)`` or with ``relative`` ``Δ₀ ⊙ e^p`` (differentiable in ``p``)."""
+        if self.relative:
+            return self.initial * torch.exp(self.offset)
         return self.initial * (1 + self.offset / self.unit).clamp_min(self.MIN_RATIO)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def _wrap(qmodel, stage: Stage, settings: ReconConfig, generator: torch.Generato
         if slot.role == "weight" and settings.learn_rounding and _is_row_uniform(quantizer):
             stand_in = AdaRoundWeight(quantizer, slot.module.weight)
         elif slot.role != "weight" and settings.learn_steps and type(quantizer) is UniformQuantizer:
-            stand_in = LearnedStep(quantizer, settings.drop_prob, generator)
+            stand_in = LearnedStep(quantizer, settings.drop_prob, generator, settings.scale_relative)
         else:
             stand_in = StraightThrough(quantizer)
         slot.quantizer = stand_in
