@@ -120,7 +120,8 @@ def test_relative_steps_learn_the_same_fractions_whatever_their_size():
         quantizer.calibrate(x * factor)
         step = LearnedStep(quantizer, relative=True)
         start = quantizer.scale.clone()
-        traces.append(torch.stack(_adam_steps(step.offset, lambda _: step.scale, x * factor, quantizer)) / start)
+        trace = _adam_steps(step.offset, lambda _, step=step: step.scale, x * factor, quantizer)
+        traces.append(torch.stack(trace) / start)
     torch.testing.assert_close(traces[0], traces[1])
     assert float((traces[0][-1] - 1).abs()) > 20 * 4e-5 * 0.5  # it moved, by about lr per iteration
     assert float((traces[0] - 1).abs().max()) <= math.expm1(20 * 4e-5) * 1.01
