@@ -275,6 +275,26 @@ def test_scale_schedule_anneals_the_step_learning_rate_only(monkeypatch, schedul
     assert "scale_schedule" not in FAST.model_dump()  # older settings keep their key
 
 
+def test_relative_steps_move_every_step_of_a_stage_by_a_bounded_fraction():
+    _, images, qmodel = quantized_test_vit("repq-vit", 3, 3)
+    x = qmodel.stages()[0].run(images[:2]).detach()
+    with torch.no_grad(), qmodel.quantization_disabled():
+        target = qmodel.stages()[1].run(x)
+    stage = qmodel.stages()[1]
+    uniform = {name: q for name, q in qmodel.quantizers().items()
+               if type(q).__name__ == "UniformQuantizer" and stage.contains(name.rsplit(".", 1)[0])
+               and not name.endswith("weight_quantizer")}
+    before = {name: q.scale.clone() for name, q in uniform.items()}
+    lr = 0.01
+    settings = make(ReconConfig, **{**FAST.model_dump(), "scale_relative": True, "scale_lr": lr})
+    reconstruct_stage(qmodel, stage, x, target, settings, progress=False)
+    ratios = torch.cat([(uniform[name].scale / start).flatten() for name, start in before.items()])
+    assert before and bool((ratios != 1).any())
+    # Adam moves each log-ratio by about lr per iteration at most, whatever the step's size
+    assert float(ratios.log().abs().max()) <= FAST.iterations * lr * 1.05
+    assert "scale_relative" not in FAST.model_dump() and settings.model_dump()["scale_relative"] is True
+
+
 def test_layer_unit_fits_each_weight_layer_to_its_float_output():
     _, images, qmodel = quantized_test_vit("repq-vit", 4, 4)
     embed, stage = qmodel.stages()[:2]
