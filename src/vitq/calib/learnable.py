@@ -14,8 +14,8 @@ vitq model again.
   that hardly varies), Adam, which moves every parameter by about its learning rate, then changes each channel's
   step by the same fraction instead of the same amount, which would make a tiny step negative. With ``relative``
   every step is learned as its log-ratio to its initial value, ``Δ = Δ₀ ⊙ e^p``: Adam then moves each step by
-  about the same fraction per iteration whatever its size, so one learning rate suits a 3-bit post-GELU step of
-  0.3 and an 8-bit one of 0.01 alike (LSQ's absolute offset needs a learning rate that grows with the step).
+  about the same fraction per iteration whatever its size, so one learning rate changes a 3-bit post-GELU step of
+  0.3 and an 8-bit one of 0.01 alike (with LSQ's absolute offset the large step moves 30 times more slowly).
 - :class:`AdaRoundWeight` (Nagel et al. 2020): the rounding of every weight is learned,
   ``Ŵ = (clamp(⌊W/Δ⌋ + h(α) + z, q_min, q_max) − z)·Δ`` with the rectified sigmoid
   ``h(α) = clamp(σ(α)·(ζ − γ) + γ, 0, 1)``, ζ = 1.1, γ = −0.1, α initialised so that ``h(α) = W/Δ − ⌊W/Δ⌋``
