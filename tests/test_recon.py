@@ -13,7 +13,7 @@ from vitq.calib.recon import reconstruct_model, reconstruct_stage
 from vitq.config import ReconConfig, make
 from vitq.errors import VitqError
 from vitq.models import Stage
-from vitq.quantizers import build_quantizer
+from vitq.quantizers import UniformQuantizer, build_quantizer
 
 FAST = ReconConfig(iterations=30, batch_size=2)
 #: the resume test runs three reconstructions of the whole test model
@@ -281,14 +281,14 @@ def test_relative_steps_move_every_step_of_a_stage_by_a_bounded_fraction():
     with torch.no_grad(), qmodel.quantization_disabled():
         target = qmodel.stages()[1].run(x)
     stage = qmodel.stages()[1]
-    uniform = {name: q for name, q in qmodel.quantizers().items()
-               if type(q).__name__ == "UniformQuantizer" and stage.contains(name.rsplit(".", 1)[0])
-               and not name.endswith("weight_quantizer")}
-    before = {name: q.scale.clone() for name, q in uniform.items()}
+    # the activation quantizers whose steps the stage learns (the selection of recon._wrap)
+    uniform = [slot.quantizer for slot in qmodel.slots() if slot.role != "weight" and stage.contains(slot.point)
+               and type(slot.quantizer) is UniformQuantizer]
+    before = [q.scale.clone() for q in uniform]
     lr = 0.01
     settings = make(ReconConfig, **{**FAST.model_dump(), "scale_relative": True, "scale_lr": lr})
     reconstruct_stage(qmodel, stage, x, target, settings, progress=False)
-    ratios = torch.cat([(uniform[name].scale / start).flatten() for name, start in before.items()])
+    ratios = torch.cat([(q.scale / start).flatten() for q, start in zip(uniform, before, strict=True)])
     assert before and bool((ratios != 1).any())
     # Adam moves each log-ratio by about lr per iteration at most, whatever the step's size
     assert float(ratios.log().abs().max()) <= FAST.iterations * lr * 1.05
