@@ -55,6 +55,9 @@ def main() -> None:
     if not 0 <= args.holdout < args.calib_size:
         parser.error(f"--holdout must be in [0, --calib-size), got {args.holdout}")
     extra = dict(parse_option(text) for text in args.recon)
+    if clash := sorted(extra.keys() & {"iterations", "batch_size", "weight_lr", "scale_lr"}):
+        parser.error(f"--recon {', '.join(clash)}: set by the script's own options (--iterations, --batch-size, "
+                     "--lrs, --scale-lrs)")
     model, calib, _ = deit_tiny_split(args.calib_size, args.seed, 1)  # evaluation images unused
     fit_images = args.calib_size - args.holdout
     rows = []
