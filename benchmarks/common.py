@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitq.experiment import RunSpec
@@ -30,6 +31,15 @@ def deit_tiny_split(calib_size: int, seed: int, n_eval: int) -> tuple[nn.Module,
     cache = spec.image_cache(model)
     split = cache.split(calib_size, seed, n_eval)
     return model, cache.tensors(split.calib)[0], cache.tensors(split.eval)
+
+
+@torch.no_grad()
+def agreement_with_float(model: nn.Module, qmodel: nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(float ‖ quantized) of the class distribution, top-1 agreement with float %) on ``images``."""
+    ref, out = model(images).log_softmax(-1), qmodel(images).log_softmax(-1)
+    kl = F.kl_div(out, ref, log_target=True, reduction="batchmean")
+    agree = (ref.argmax(-1) == out.argmax(-1)).double().mean() * 100
+    return float(kl), float(agree)
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> float:

@@ -22,22 +22,20 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from common import append_journal, comma_list, deit_tiny_split, journal_records, report_header, write_report
+from common import (
+    agreement_with_float,
+    append_journal,
+    comma_list,
+    deit_tiny_split,
+    journal_records,
+    report_header,
+    write_report,
+)
 
 import vitq
 from vitq.experiment import parse_variants
 from vitq.experiment.runs import ConfigRequest
 from vitq.report.tables import markdown_table
-
-
-def _score(model, qmodel, images: torch.Tensor) -> tuple[float, float]:
-    """(mean KL(float ‖ quantized), top-1 agreement %) on ``images``."""
-    with torch.no_grad():
-        ref, out = model(images).log_softmax(-1), qmodel(images).log_softmax(-1)
-    kl = F.kl_div(out, ref, log_target=True, reduction="batchmean")
-    agree = (ref.argmax(-1) == out.argmax(-1)).double().mean() * 100
-    return float(kl), float(agree)
 
 
 def main() -> None:
@@ -75,7 +73,7 @@ def main() -> None:
                 config = ConfigRequest().build(v.options, method=v.method, w_bits=w_bits, a_bits=a_bits,
                                                calib_size=len(fit), seed=seed)
                 qmodel = vitq.quantize(model, config, fit, progress=False)
-                fold_scores.append(_score(model, qmodel, held_out))
+                fold_scores.append(agreement_with_float(model, qmodel, held_out))
                 if args.journal:
                     append_journal(args.journal, {"key": key, "kl": fold_scores[-1][0], "agree": fold_scores[-1][1]})
             kl, agree = (statistics.mean(s[i] for s in fold_scores) for i in (0, 1))

@@ -23,20 +23,13 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from common import deit_tiny_split, report_header, write_report
+from common import agreement_with_float, deit_tiny_split, report_header, write_report
 
 import vitq
 from vitq.experiment import parse_variants
 from vitq.experiment.runs import ConfigRequest
 from vitq.methods import method_class
 from vitq.report.tables import markdown_table
-
-
-@torch.no_grad()
-def _held_out_kl(model, qmodel, images: torch.Tensor) -> float:
-    ref, out = model(images).log_softmax(-1), qmodel(images).log_softmax(-1)
-    return float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
 
 
 def main() -> None:
@@ -55,13 +48,13 @@ def main() -> None:
     half = len(calib) // 2
     fit, held_out = calib[:half], calib[half:]
 
+    float_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear)}
     rows = []
     for variant in parse_variants(args.methods):
         config = ConfigRequest().build(variant.options, method=variant.method, w_bits=w_bits, a_bits=a_bits,
                                        calib_size=half, seed=args.seed)
         method = method_class(config.method)(config)
-        float_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear)}
         qmodel = vitq.prepare(model, config)  # the quantizers this method asks for, uncalibrated
         torch.manual_seed(config.seed)
         method.calibrate(qmodel, fit, progress=False)
@@ -69,13 +62,12 @@ def main() -> None:
         spreads, errors = [], []
         for _, linear_name in qmodel.norm_linear_pairs():
             linear = qmodel.model.get_submodule(linear_name)
-            before = float_weights[linear_name]
+            weight, before = linear.weight.detach(), float_weights[linear_name]
             # W ← W·diag(r): the column ratio, read where the float column is not zero
-            ratio = (linear.weight.detach().abs().sum(0) / before.abs().sum(0).clamp_min(1e-12)).clamp_min(1e-12)
+            ratio = (weight.abs().sum(0) / before.abs().sum(0).clamp_min(1e-12)).clamp_min(1e-12)
             spreads.append(float((ratio.max() / ratio.min()).log()))
-            weight = linear.weight.detach()
             errors.append(float((linear.weight_quantizer(weight) - weight).pow(2).sum() / weight.pow(2).sum()))
-        kl = _held_out_kl(model, qmodel, held_out)
+        kl, _ = agreement_with_float(model, qmodel, held_out)
         rows.append([variant.label, f"{statistics.median(spreads):.2f}", f"{max(spreads):.2f}",
                      f"{statistics.median(errors):.4f}", f"{max(errors):.4f}", f"{kl:.3f}"])
         print(" | ".join(rows[-1]), flush=True)
