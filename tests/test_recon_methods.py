@@ -116,6 +116,32 @@ def test_uniform_softmax_and_head_ranges_for_the_attention_quantizers():
     assert method_class("aphq-vit").parse_options({"head_ranges": True}).head_ranges  # aphq-vit has them too
 
 
+def test_fpcs_initialises_the_ranges_by_the_layer_output_error_on_the_first_images(monkeypatch):
+    """``fpcs=true``: every stage is reparameterized and then FPCS-searched, on the first FPCS_IMAGES images only;
+    the weight ranges (which AdaRound keeps) are FPCS's, not the percentile search's."""
+    import vitq.methods.brecq as brecq
+
+    seen = []
+    original = brecq.fpcs_stage
+
+    def record(qmodel, stage, x, settings):
+        seen.append((stage.name, x.shape[0]))
+        original(qmodel, stage, x, settings)
+
+    monkeypatch.setattr(brecq, "fpcs_stage", record)
+    monkeypatch.setattr(brecq, "FPCS_IMAGES", 1)
+    recon = make(ReconConfig, iterations=2, batch_size=2, learn_steps=False)
+    _, _, searched = quantized_test_vit("qdrop", 3, 3, reconstruct=recon, fpcs=True, head_ranges=True)
+    assert [name for name, _ in seen] == [stage.name for stage in searched.stages()]
+    assert all(n == 1 for _, n in seen)
+    _, _, plain = quantized_test_vit("qdrop", 3, 3, reconstruct=recon, head_ranges=True)
+    fc1, plain_fc1 = searched.model.blocks[0].mlp.fc1, plain.model.blocks[0].mlp.fc1
+    assert not torch.equal(fc1.weight_quantizer.scale, plain_fc1.weight_quantizer.scale)
+    zero_points = fc1.weight_quantizer.zero_point
+    assert torch.equal(zero_points, zero_points.round())  # FPCS's grid: integer zero points
+    assert method_class("aphq-vit").parse_options({"fpcs": True}).fpcs
+
+
 def test_per_head_ranges_are_the_ranges_of_each_head_alone():
     from vitq.quantizers import build_quantizer
 

@@ -10,20 +10,30 @@ Options (shared by ``qdrop``, ``adaround`` and ``aphq-vit``) for the attention q
 APHQ-ViT/FIMA-Q code: ``softmax=uniform`` (a uniform post-softmax quantizer, whose step reconstruction learns,
 instead of the fixed log√2 one) and ``head_ranges`` (one range per attention head for q, k, v and a uniform
 softmax: per index of axis 1 of those tensors, the heads in ViT/DeiT/Swin attention). Per-head activation ranges
-have no integer ONNX form (they export with a float path).
+have no integer ONNX form (they export with a float path). ``fpcs=true`` initialises the uniform ranges as that code
+does before reconstruction: after the reparameterization, every Linear's weight (per row) and input and the q, k, v
+ranges are searched by their layer's output error (AdaLog's FPCS, :mod:`vitq.methods.adalog.fpcs`) on the first
+:data:`FPCS_IMAGES` calibration images, instead of each tensor's own error over three percentiles.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
+from vitq.calib.runner import run_stagewise
+from vitq.methods.adalog.fpcs import FpcsSettings, fpcs_stage
 from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
+from vitq.methods.repq_vit.reparam import reparameterize_stage
+from vitq.models import Stage
 
 #: the roles of the attention tensors whose axis 1 is the head
 HEAD_ROLES = ("attn_q", "attn_k", "attn_v", "softmax")
+#: ``fpcs=true`` initialises the ranges on this many calibration images (the released APHQ-ViT code's 128)
+FPCS_IMAGES = 128
 
 
 @register_method("brecq")
@@ -41,6 +51,9 @@ class BRECQ(RepQViT):
         head_ranges: bool = Field(False, description="one range per attention head for q, k, v and a uniform "
                                                      "softmax (the released APHQ-ViT/FIMA-Q code's; no integer "
                                                      "export)")
+        fpcs: bool = Field(False, description="initialise the uniform weight and activation ranges by their "
+                                              "layer's output error (AdaLog's FPCS, as the released APHQ-ViT "
+                                              "code) instead of the percentile search")
 
     options: Options
 
@@ -52,3 +65,15 @@ class BRECQ(RepQViT):
         if self.options.head_ranges and role in HEAD_ROLES and spec is not None and spec["kind"] == "uniform":
             spec = {**spec, "granularity": "channel", "axis": 1}
         return spec
+
+    def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
+        if not self.options.fpcs:
+            super().calibrate(qmodel, images, progress=progress)
+            return
+        settings = FpcsSettings()
+
+        def visit(stage: Stage, x: torch.Tensor) -> None:
+            reparameterize_stage(qmodel, stage, x, target="mean")
+            fpcs_stage(qmodel, stage, x, settings)
+
+        run_stagewise(qmodel, images[:FPCS_IMAGES], visit, progress=progress, desc="calibrating (FPCS)")
