@@ -125,15 +125,6 @@ def write_images(folder: Path, n: int) -> Path:
     return folder
 
 
-def cpu_has_vnni() -> bool:
-    """Whether the CPU has int8 dot-product instructions (AVX-VNNI, AVX512-VNNI or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: nothing known against the check
-    return any(flag in flags for flag in ("avx_vnni", "avx512_vnni", "amx_int8"))
-
-
 def self_labelled_folder(root: Path, n: int, model_name: str = "test_vit") -> tuple[Path, Path]:
     """A random-init ``model_name`` checkpoint (seed 0) and ``n`` noise JPEGs in ``root``, each named after the
     class the float model predicts for it (so top-1 is 100 % for float, not trivially 0, and a difference in the

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import timm
 import torch
-from helpers import assert_close_to_fake_quant, cpu_has_vnni, random_images
+from helpers import assert_close_to_fake_quant, random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,8 +110,6 @@ def test_uniform_w4a4_export_forms_and_accuracy(float_model, images, tmp_path):
         _assert_close_to_fake_quant(qmodel, exported.path, images, optimization)
 
 
-@pytest.mark.skipif(not cpu_has_vnni(), reason="without VNNI, onnxruntime's fused u8s8 kernels differ from "
-                    "fake-quant by ~0.5 logit std on test_vit (seen on an AVX2-only AMD EPYC)")
 def test_integer_kernels_keep_the_classes_at_w8a8(float_model, images, tmp_path):
     """With every fusion on (MatMulIntegerToFloat, QLinearMatMul) the classes are those of fake-quant."""
     qmodel = _quantize(float_model, images, "percentile", 8, 8)

@@ -1,4 +1,5 @@
-"""Tests of vitq.export.ort: the onnxruntime-optimised export and the bias folding into its integer GEMMs."""
+"""Tests of vitq.export.ort (the onnxruntime-optimised export, the bias folding into its integer GEMMs) and
+vitq.export.int8_gemm (the uint8 weights its GEMMs compute exactly on x86 without VNNI)."""
 
 import numpy as np
 import onnx
@@ -10,6 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 import vitq
 from vitq.calib.runner import calibrating
 from vitq.eval.ort import OrtModel, open_session
+from vitq.export import int8_gemm
+from vitq.export.int8_gemm import unsigned_weight_codes
 from vitq.export.matmul_nbits import FORM, nbits_problem, nbits_weight
 from vitq.export.onnx import export_onnx
 from vitq.export.ort import export_onnxruntime, fold_bias_into_integer_matmul
@@ -66,6 +69,55 @@ def test_fold_bias_folds_a_linear_bias_and_nothing_else(tmp_path):
     np.testing.assert_allclose(after[0], expected, rtol=1e-6, atol=1e-5)
     for got, reference in zip(after, before, strict=True):
         np.testing.assert_array_equal(got, reference)
+
+
+def test_unsigned_weight_codes_compute_the_closed_form_where_int8_codes_saturate(tmp_path):
+    """Codes 0..255 times int8 weights up to ±128 saturate an int16 pair sum on x86 without VNNI; the same weights
+    stored as uint8 (zero point + 128) give the closed form on every CPU."""
+    rng = np.random.default_rng(0)
+    model, values = _integer_gemm_graph(rng)
+    assert unsigned_weight_codes(model.graph) == 1  # one weight initializer, shared by the four GEMMs
+    assert unsigned_weight_codes(model.graph) == 0
+    stored = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    assert "weight" not in stored and "b_zero" not in stored
+    np.testing.assert_array_equal(stored["weight_uint8"].astype(np.int64) - stored["b_zero_uint8"],
+                                  values["weight"].astype(np.int64))
+    onnx.save(model, str(tmp_path / "unsigned.onnx"))
+    feeds = {"codes": np.full((2, 3, K), 255, np.uint8), "residual": np.zeros((2, 3, N), np.float32)}
+    feeds["codes"][1] = rng.integers(0, 256, (3, K))
+    session = open_session(tmp_path / "unsigned.onnx", threads=1, optimization="disable", unsigned_weights=False)
+    biased = session.run(["biased"], feeds)[0]
+    product = (feeds["codes"].astype(np.int64) - 7) @ values["weight"].astype(np.int64)
+    np.testing.assert_allclose(biased, product * (values["a_scale"] * values["b_scale"]) + values["bias"],
+                               rtol=1e-6, atol=1e-5)
+
+
+def test_an_exported_model_with_unsigned_weights_computes_its_qdq_graph(float_model, tmp_path):
+    """Every weight of a W8A8 export meets a uint8 activation, so every one is changed, and the result is the QDQ
+    graph run unfused (dequantized weights, float MatMul: no integer kernel involved)."""
+    images = random_images(4)
+    config = vitq.QuantConfig(method="percentile", w_bits=8, a_bits=8, calib_size=2)
+    qmodel = vitq.quantize(float_model, config, images[:2], progress=False)
+    exported = export_onnxruntime(qmodel, tmp_path / "ort.onnx")
+    weights = [p for p in exported.points if p.slot.endswith("weight_quantizer")]
+    assert unsigned_weight_codes(onnx.load(str(exported.path)).graph) == len(weights)
+    qdq = export_onnx(qmodel, tmp_path / "qdq.onnx").path
+    assert unsigned_weight_codes(onnx.load(str(qdq)).graph) == len(weights)
+    reference = OrtModel(qdq, threads=1, optimization="disable", unsigned_weights=False)(images)
+    for path in (exported.path, qdq):
+        logits = OrtModel(path, threads=1, unsigned_weights=True)(images)
+        torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("machine", "flags", "saturates"), [
+    ("x86_64", "flags : fpu sse avx2 fma", True), ("x86_64", "flags : avx2 avx512f avx512_vnni", False),
+    ("AMD64", "flags : avx2 avx_vnni", False), ("x86_64", None, True), ("aarch64", "Features : asimd", False)])
+def test_int8_gemm_saturates_on_x86_without_vnni(monkeypatch, tmp_path, machine, flags, saturates):
+    monkeypatch.setattr(int8_gemm.platform, "machine", lambda: machine)
+    monkeypatch.setattr(int8_gemm, "CPUINFO", tmp_path / "cpuinfo")  # None: no file to read
+    if flags is not None:
+        (tmp_path / "cpuinfo").write_text(flags)
+    assert int8_gemm.int8_gemm_saturates() is saturates
 
 
 def test_onnxruntime_export_computes_the_qdq_export(float_model, tmp_path):

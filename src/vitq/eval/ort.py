@@ -17,6 +17,7 @@ from torch import nn
 
 from vitq.config import QuantConfig, first_error
 from vitq.errors import VitqError
+from vitq.export.int8_gemm import int8_gemm_saturates, unsigned_weight_codes
 from vitq.export.onnx import METADATA_KEY
 from vitq.models.registry import check_model_name
 
@@ -50,9 +51,13 @@ def session_options(threads: int | None = None, optimization: str = "all"):
 
 
 def open_session(path: str | Path, threads: int | None = None, optimization: str = "all",
-                 save_to: str | Path | None = None):
+                 save_to: str | Path | None = None, unsigned_weights: bool | None = None):
     """An onnxruntime CPU session for ``path``; a missing or unreadable file raises :class:`VitqError`.
-    ``save_to``: also write the graph as optimised at level ``optimization`` there."""
+    ``save_to``: also write the graph as optimised at level ``optimization`` there (the file's own graph).
+
+    ``unsigned_weights``: run the file with its int8 weights stored as uint8 (:func:`unsigned_weight_codes`), which
+    onnxruntime computes exactly on every CPU; None (the default): where its u8·s8 GEMMs saturate (x86 without
+    VNNI, :func:`vitq.export.int8_gemm.int8_gemm_saturates`) and no ``save_to`` is given."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -62,9 +67,20 @@ def open_session(path: str | Path, threads: int | None = None, optimization: str
         options = session_options(threads, optimization)
         if save_to is not None:
             options.optimized_model_filepath = str(save_to)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if unsigned_weights is None:
+            unsigned_weights = save_to is None and int8_gemm_saturates()
+        source = _unsigned_weights(path) if unsigned_weights else None
+        return ort.InferenceSession(source or str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for corrupt files
         raise VitqError(f"onnxruntime cannot load {path}: {err}") from None
+
+
+def _unsigned_weights(path: Path) -> bytes | None:
+    """The ONNX file ``path`` serialised with its int8 weights as uint8, or None if it has none to change."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return model.SerializeToString() if unsigned_weight_codes(model.graph) else None
 
 
 class OnnxPoint(BaseModel):
@@ -105,12 +121,14 @@ def parse_header(text: str | None, path: Path) -> OnnxHeader:
 
 
 class OrtModel(nn.Module):
-    """An onnxruntime session as a module: ``forward(images) -> logits`` (torch tensors, CPU)."""
+    """An onnxruntime session as a module: ``forward(images) -> logits`` (torch tensors, CPU).
+    ``unsigned_weights``: see :func:`open_session` (None: uint8 weights where int8 ones would saturate)."""
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all") -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all",
+                 unsigned_weights: bool | None = None) -> None:
         super().__init__()
         self.path = Path(path)
-        self.session = open_session(path, threads, optimization)
+        self.session = open_session(path, threads, optimization, unsigned_weights=unsigned_weights)
         # files written by vitq use INPUT_NAME/OUTPUT_NAME; other single-input classifiers work too
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name

@@ -12,6 +12,7 @@ model, slower on such CPUs).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from vitq.errors import VitqError
 from vitq.eval.ort import OnnxHeader, parse_header
+from vitq.export.int8_gemm import int8_gemm_saturates
 from vitq.export.onnx import METADATA_KEY
 from vitq.export.openvino import XML_FILE
 
@@ -51,6 +53,10 @@ def compile_model(path: str | Path, threads: int | None = None, precision: str =
     xml = model_xml(path)
     config = {"PERFORMANCE_HINT": "LATENCY", **({} if threads is None else {"INFERENCE_NUM_THREADS": threads}),
               **({} if precision == "default" else {"INFERENCE_PRECISION_HINT": precision})}
+    if int8_gemm_saturates():
+        warnings.warn("this CPU has no int8 dot-product instructions (VNNI): OpenVINO's int8 kernels compute "
+                      "8-bit weights only approximately here, so results can fall below the fake-quant model's "
+                      "(onnxruntime computes them exactly: --backend onnxruntime)", RuntimeWarning, stacklevel=2)
     core = ov.Core()
     try:
         model = core.read_model(str(xml))
