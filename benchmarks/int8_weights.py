@@ -26,6 +26,12 @@ from vitq.export.ort import export_onnxruntime
 from vitq.report.tables import markdown_table
 
 
+@torch.no_grad()
+def batched_logits(model, images: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits on ``images``, in batches of 64."""
+    return torch.cat([model(images[i:i + 64]) for i in range(0, len(images), 64)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="percentile,repq-vit", help="comma-separated methods (W8A8)")
@@ -50,16 +56,14 @@ def main() -> None:
         for method in args.methods.split(","):
             deploy = None if method == "percentile" else "onnxruntime"
             qmodel = vitq.quantize(model, target_config(method, args.seed, deploy), calib, progress=False)
-            with torch.no_grad():
-                reference = torch.cat([qmodel(images[i:i + 64]) for i in range(0, len(images), 64)])
+            reference = batched_logits(qmodel, images)
             fake_top1 = 100.0 * (reference.argmax(1) == labels).float().mean().item()
             path = Path(tmp) / f"{method}.onnx"
             (export_onnx if deploy is None else export_onnxruntime)(qmodel, path)
             for weights, unsigned in (("int8", False), ("uint8", True)):
                 name = f"vitq `{method}`, {weights} weights"
                 engine = engines[name] = OrtModel(path, threads=args.threads, unsigned_weights=unsigned)
-                with torch.no_grad():
-                    logits = torch.cat([engine(images[i:i + 64]) for i in range(0, len(images), 64)])
+                logits = batched_logits(engine, images)
                 agree = 100.0 * (logits.argmax(1) == reference.argmax(1)).float().mean().item()
                 rows.append([name, f"{fake_top1:.2f}", f"{100.0 * (logits.argmax(1) == labels).float().mean():.2f}",
                              f"{(logits - reference).abs().mean():.4f}", f"{(logits - reference).abs().max():.3f}",

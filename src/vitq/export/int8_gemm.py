@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitq.export.onnx import graph_consumers
+from vitq.export.onnx import constant_tensors, graph_consumers
 
 #: ops whose constant operand may be int8 weight codes: input indices of (activation, weight, weight zero point);
 #: a ``DequantizeLinear`` has no activation of its own (its consumers' other input is one)
@@ -52,16 +52,14 @@ def unsigned_weight_codes(graph) -> int:
     weights changed."""
     from onnx import TensorProto, numpy_helper
 
-    initializers = {init.name: init for init in graph.initializer}
-    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
+    constants = constant_tensors(graph)
     producers = {output: node for node in graph.node for output in node.output}
     consumers = graph_consumers(graph)
     uint8_values = {value.name for value in graph.input if value.type.tensor_type.elem_type == TensorProto.UINT8}
-    uint8_values |= {name for name, init in initializers.items() if init.data_type == TensorProto.UINT8}
+    uint8_values |= {name for name, tensor in constants.items() if tensor.data_type == TensorProto.UINT8}
     for node in graph.node:  # in topological order, as ONNX stores it
         if node.op_type == "DynamicQuantizeLinear" or (
-                node.op_type == "QuantizeLinear" and len(node.input) > 2
-                and _constant_array(node.input[2], initializers, constants, np.uint8) is not None) or (
+                node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in uint8_values) or (
                 node.op_type in LAYOUT_OPS and node.input[0] in uint8_values):
             uint8_values.update(node.output)
 
@@ -84,39 +82,21 @@ def unsigned_weight_codes(graph) -> int:
         activation, weight, zero = WEIGHT_INPUTS[node.op_type]
         if len(node.input) <= zero or not meets_uint8(node, activation):
             continue
-        arrays = {index: _constant_array(node.input[index], initializers, constants, np.int8)
-                  for index in (weight, zero)}
-        if any(array is None for array in arrays.values()):
+        tensors = {index: constants.get(node.input[index]) for index in (weight, zero)}
+        if any(tensor is None or tensor.data_type != TensorProto.INT8 for tensor in tensors.values()):
             continue
         weights.add(node.input[weight])
-        for index, array in arrays.items():
+        for index, tensor in tensors.items():
             name = node.input[index]
             if name not in renamed:
                 renamed[name] = f"{name}_uint8"
-                shifted = (array.astype(np.int16) + 128).astype(np.uint8)
+                shifted = (numpy_helper.to_array(tensor).astype(np.int16) + 128).astype(np.uint8)
                 graph.initializer.append(numpy_helper.from_array(shifted, renamed[name]))
             node.input[index] = renamed[name]
     used = {name for node in graph.node for name in node.input}
     for init in [init for init in graph.initializer if init.name in renamed and init.name not in used]:
         graph.initializer.remove(init)
     return len(weights)
-
-
-def _constant_array(name: str, initializers: dict, constants: dict, dtype) -> np.ndarray | None:
-    """The constant ``name`` (initializer or ``Constant`` node) as a numpy array, if its element type is
-    ``dtype``."""
-    from onnx import numpy_helper
-
-    if name in initializers:
-        array = numpy_helper.to_array(initializers[name])
-    elif name in constants:
-        value = next((attr.t for attr in constants[name].attribute if attr.name == "value"), None)
-        if value is None:
-            return None
-        array = numpy_helper.to_array(value)
-    else:
-        return None
-    return array if array.dtype == dtype else None
 
 
 __all__ = ["int8_gemm_saturates", "unsigned_weight_codes"]

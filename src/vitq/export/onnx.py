@@ -266,6 +266,18 @@ def graph_consumers(graph) -> dict[str, list]:
     return consumers
 
 
+def constant_tensors(graph) -> dict:
+    """The constant tensors of an ONNX ``graph`` (initializers and ``Constant`` node values, as ``TensorProto``),
+    by name."""
+    tensors = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((attr.t for attr in node.attribute if attr.name == "value"), None)
+            if value is not None:
+                tensors[node.output[0]] = value
+    return tensors
+
+
 def export_header(qmodel: QuantizedModel, points: list[PointExport],
                   calibration_files: list[str] | None = None) -> dict:
     """What a reader of the ONNX file needs: model name (preprocessing), config and calibration file names (so an
@@ -319,4 +331,4 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, *, image_size: tuple[i
 
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "OnnxExport", "PointExport", "export_onnx",
-           "graph_consumers"]
+           "constant_tensors", "graph_consumers"]

@@ -35,23 +35,20 @@ from pathlib import Path
 from vitq.device import model_device
 from vitq.errors import VitqError
 from vitq.export import matmul_nbits
-from vitq.export.onnx import DEFAULT_OPSET, METADATA_KEY, OnnxExport, export_header, export_onnx, graph_consumers
+from vitq.export.onnx import (
+    DEFAULT_OPSET,
+    METADATA_KEY,
+    OnnxExport,
+    constant_tensors,
+    export_header,
+    export_onnx,
+    graph_consumers,
+)
 from vitq.files import atomic_file
 from vitq.quantized_model import QuantizedModel
 
 #: the contrib GEMMs that take a bias added to their float output, and the index of that input
 BIAS_INPUTS = {"MatMulIntegerToFloat": 6, matmul_nbits.OP: 5}
-
-
-def _constants(graph) -> dict[str, tuple[int, ...]]:
-    """Shapes of the graph's constant tensors (initializers and ``Constant`` nodes), by name."""
-    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    shapes[node.output[0]] = tuple(attr.t.dims)
-    return shapes
 
 
 def _output_features(node, constants: dict[str, tuple[int, ...]]) -> int | None:
@@ -69,7 +66,7 @@ def fold_bias_into_integer_matmul(graph) -> int:
     Only when the GEMM's output feeds that ``Add`` alone, the GEMM has no bias yet, and the other operand is a
     constant 1-D tensor as long as the output's last dimension (the bias of a Linear layer; a residual or a
     broadcast constant is left alone). The ``Add``'s output name is kept. Returns the number of folds."""
-    constants = _constants(graph)
+    constants = {name: tuple(tensor.dims) for name, tensor in constant_tensors(graph).items()}
     consumers = graph_consumers(graph)
     graph_outputs = {value.name for value in graph.output}
     folded = []
