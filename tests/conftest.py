@@ -34,13 +34,33 @@ def sample_tensors(assets, deit_tiny) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def split_seed0(sample_tensors):
-    """(calibration images, (eval images, eval labels)) for the default 32/968 split, seed 0."""
+def split_indices_seed0(sample_tensors) -> tuple[list[int], list[int]]:
+    """(calibration indices, evaluation indices) of the default 32/968 split, seed 0."""
     from vitq.data import split_calib_eval
 
+    return split_calib_eval(len(sample_tensors[0]), 32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def split_seed0(sample_tensors, split_indices_seed0):
+    """(calibration images, (eval images, eval labels)) for the default 32/968 split, seed 0."""
     images, labels = sample_tensors
-    calib_idx, eval_idx = split_calib_eval(len(images), 32, seed=0)
+    calib_idx, eval_idx = split_indices_seed0
     return images[calib_idx], (images[eval_idx], labels[eval_idx])
+
+
+@pytest.fixture(scope="session")
+def float_result_all(deit_tiny, sample_tensors):
+    """Float DeiT-tiny on all 1000 sample images: the one float evaluation every real-model test shares."""
+    import vitq
+
+    return vitq.evaluate(deit_tiny, sample_tensors, progress=False)
+
+
+@pytest.fixture(scope="session")
+def float_top1_seed0(float_result_all, split_indices_seed0) -> float:
+    """Float top-1 (%) on the seed-0 evaluation images, read from the all-image evaluation."""
+    return 100 * float_result_all.correct[split_indices_seed0[1]].float().mean().item()
 
 
 @pytest.fixture(scope="module")

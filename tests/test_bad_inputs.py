@@ -15,6 +15,7 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -672,35 +673,47 @@ def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again():
         signal.signal(signal.SIGINT, previous)
 
 
+def _interrupt_quantize_at(env, out: Path, moment: float | None) -> tuple[int, str]:
+    """Run ``vitq quantize`` into ``out`` and send it SIGINT ``moment`` seconds after its first progress bar
+    (``None``: one second after the start, while the libraries load); its exit code and stderr."""
+    command = [c for c in _quantize_command(env, out, "--recon", "iterations=30") if c != "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if moment is None:
+        time.sleep(1.0)
+        head = b""
+    else:
+        head = process.stderr.read(1)  # blocks until the first progress bar
+        time.sleep(moment)
+    process.send_signal(signal.SIGINT)
+    err = (head + process.communicate(timeout=300)[1]).decode()
+    return process.returncode, err
+
+
 def test_sigint_leaves_the_output_absent_or_complete(env, tmp_path):
     """SIGINT while the libraries load, then at moments spread over the work (images, calibration, a short
     reconstruction of ~3 s, saving, after saving): exit 130 with one ``vitq: interrupted`` line and no output,
-    or exit 0 and a complete output. The progress bars (stderr) mark the start of the work."""
-    codes = []
-    for number, moment in enumerate(MOMENTS):
-        out = tmp_path / f"at{number}"
-        command = [c for c in _quantize_command(env, out, "--recon", "iterations=30") if c != "--no-progress"]
-        # a runner started in the background (``cmd &``) ignores SIGINT, and its children would inherit that
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        if moment is None:
-            time.sleep(1.0)
-            head = b""
-        else:
-            head = process.stderr.read(1)  # blocks until the first progress bar
-            time.sleep(moment)
-        process.send_signal(signal.SIGINT)
-        err = (head + process.communicate(timeout=300)[1]).decode()
-        codes.append(process.returncode)
-        assert process.returncode in (0, 130), err
+    or exit 0 and a complete output. The progress bars (stderr) mark the start of the work. Two runs at a time
+    (one per core of a 2-core machine)."""
+    # a runner started in the background (``cmd &``) ignores SIGINT, and its children would inherit that; a
+    # Python handler is reset to the default by exec, so the children get the default action
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            runs = list(pool.map(lambda item: _interrupt_quantize_at(env, tmp_path / f"at{item[0]}", item[1]),
+                                 enumerate(MOMENTS)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for number, (code, err) in enumerate(runs):
+        assert code in (0, 130), err
         assert "Traceback" not in err, err
-        complete = _absent_or_complete(out)
+        complete = _absent_or_complete(tmp_path / f"at{number}")
         messages = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("vitq:")]
-        if process.returncode == 130:
+        if code == 130:
             assert len(messages) == 1 and messages[0].startswith("vitq: interrupted"), err
         else:
             assert complete and not messages, err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary siblings left
+    codes = [code for code, _ in runs]
     assert codes.count(130) >= 4, codes  # loading and the first moments of the work are always interrupted
 
 

@@ -282,8 +282,8 @@ def test_shift_kernel_with_underflow_codes_and_batch_dims(kind, bits, monkeypatc
         assert bool((codes % 2 == 1).logical_and(codes < 2**bits).any())  # odd (√2) codes exercised
     qa = q(attn)
     # the kernel must not read the float level table: break it and the kernel still works
-    monkeypatch.setattr(logmod, "log2_levels", None)
-    monkeypatch.setattr(logmod, "log_sqrt2_levels", None)
+    monkeypatch.setattr(logmod, "log2_values", None)
+    monkeypatch.setattr(logmod, "log_sqrt2_values", None)
     out = q.attention_matmul(codes, v)
     _assert_kernel_matches(out, qa, v, rtol=1e-5)
 

@@ -58,9 +58,10 @@ SQRT2 = math.sqrt(2.0)
 # ------------------------------------------------------------------ codes and levels (shared by both kinds)
 
 
-def log_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_octave: int) -> torch.Tensor:
-    """int32 codes ``0..n`` of ``x``: ``clamp(round(−k·log2(x/Δ)), 0, n−1)``, or ``n`` (zero) where
-    ``round(−k·log2(x/Δ)) ≥ n`` or ``x/Δ ≤ 0`` (k = ``steps_per_octave``: 1 for log2, 2 for log√2)."""
+def log_exponents(x: torch.Tensor, scale: torch.Tensor, bits: int,
+                  steps_per_octave: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of ``x`` as float32 ``clamp(round(−k·log2(x/Δ)), 0, n−1)``, and the bool mask of the entries
+    that get the zero code instead (``round(−k·log2(x/Δ)) ≥ n`` or ``x/Δ ≤ 0``; k = ``steps_per_octave``)."""
     n = 2**bits
     ratio = x / scale
     positive = ratio > 0
@@ -68,24 +69,26 @@ def log_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_octave:
     # fresh ``ratio``: activations are large)
     exponent = ratio.masked_fill_(~positive, 1.0).log2_().mul_(-steps_per_octave).round_()
     zero = (exponent >= n).logical_or_(~positive)
-    return exponent.clamp_(0, n - 1).masked_fill_(zero, n).to(torch.int32)
+    return exponent.clamp_(0, n - 1).float(), zero
 
 
-def log2_levels(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """x̂ = Δ·2^(−q) for codes q < n, 0 for codes ≥ n."""
-    n = 2**bits
-    q = codes.clamp(0, n - 1).float()
-    out = q.neg_().exp2_() * scale
-    return out.masked_fill_(codes >= n, 0.0)
+def log_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, steps_per_octave: int) -> torch.Tensor:
+    """int32 codes ``0..n`` of ``x``: ``clamp(round(−k·log2(x/Δ)), 0, n−1)``, or ``n`` (zero) where
+    ``round(−k·log2(x/Δ)) ≥ n`` or ``x/Δ ≤ 0`` (k = ``steps_per_octave``: 1 for log2, 2 for log√2)."""
+    exponent, zero = log_exponents(x, scale, bits, steps_per_octave)
+    return exponent.masked_fill_(zero, 2**bits).to(torch.int32)
 
 
-def log_sqrt2_levels(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """RepQ-ViT's x̂ = 2^(−ceil(q/2))·(1 + (q mod 2)(√2−1))·Δ for codes q < n, 0 for codes ≥ n."""
-    n = 2**bits
-    q = codes.clamp(0, n - 1).float()
-    odd_factor = (q % 2) * (SQRT2 - 1) + 1
-    out = (q / 2).ceil_().neg_().exp2_().mul_(odd_factor) * scale
-    return out.masked_fill_(codes >= n, 0.0)
+def log2_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Δ·2^(−q) of float codes ``q`` in 0..n−1, computed in place on ``q``."""
+    return q.neg_().exp2_().mul_(scale)
+
+
+def log_sqrt2_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """RepQ-ViT's Δ·2^(−ceil(q/2))·(1 + (q mod 2)(√2−1)) of float codes ``q`` in 0..n−1, in place on ``q``."""
+    half = (q / 2).ceil_()
+    odd_factor = q.sub_(half, alpha=2).mul_(1 - SQRT2).add_(1)  # q − 2·ceil(q/2) = −(q mod 2), exact
+    return half.neg_().exp2_().mul_(odd_factor).mul_(scale)
 
 
 # ------------------------------------------------------------------ integer (shift) kernels for Q(A)·V
@@ -188,11 +191,19 @@ class LogQuantizer(Quantizer):
         return 2**self.bits
 
     # --------------------------------------------------------------- formulas
-    def _levels(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _values(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The non-zero level values of float codes ``q`` in 0..n−1 (in place on ``q``)."""
         raise NotImplementedError
 
+    def _levels(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        n = self.n_levels
+        return self._values(codes.clamp(0, n - 1).float(), scale).masked_fill_(codes >= n, 0.0)
+
     def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self._levels(log_codes(x, scale, self.bits, self.steps_per_octave), scale).to(x.dtype)
+        """``dequantize(int_repr(x))`` without the int32 round trip: the same float codes go to the levels
+        (post-Softmax maps are the largest activations, so each pass over them counts)."""
+        exponent, zero = log_exponents(x, scale, self.bits, self.steps_per_octave)
+        return self._values(exponent, scale).masked_fill_(zero, 0.0).to(x.dtype)
 
     def _scale(self) -> torch.Tensor:
         return self.scale.reshape(())
@@ -240,8 +251,8 @@ class Log2Quantizer(LogQuantizer):
 
     steps_per_octave = 1
 
-    def _levels(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return log2_levels(codes, scale, self.bits)
+    def _values(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return log2_values(q, scale)
 
     def attention_matmul(self, codes: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return log2_attention_matmul(codes, self._scale(), v, self.bits)
@@ -254,8 +265,8 @@ class LogSqrt2Quantizer(LogQuantizer):
 
     steps_per_octave = 2
 
-    def _levels(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return log_sqrt2_levels(codes, scale, self.bits)
+    def _values(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return log_sqrt2_values(q, scale)
 
     def attention_matmul(self, codes: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return log_sqrt2_attention_matmul(codes, self._scale(), v, self.bits)
