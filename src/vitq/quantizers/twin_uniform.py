@@ -108,7 +108,7 @@ class TwinUniformSoftmaxQuantizer(_TwinQuantizer):
     def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(fine codes, coarse codes without their offset H, mask of the fine range x ≤ s), as floats."""
         s, k = self.split.reshape(()).to(x.dtype), self.half - 1
-        return torch.round(x * k / s).clamp_(0, k), torch.round(x * k).clamp_(0, k), x <= s
+        return (x * k / s).round_().clamp_(0, k), (x * k).round_().clamp_(0, k), x <= s
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         fine, coarse, in_fine = self._codes(x)
@@ -155,8 +155,8 @@ class TwinUniformGeluQuantizer(_TwinQuantizer):
 
     def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(negative-range codes, positive-range codes, mask x < 0), as floats."""
-        positive = torch.round(x / self.pos_step.reshape(()).to(x.dtype)).clamp_(0, self.half - 1)
-        return torch.round(x / self.neg_step).clamp_(-self.half, 0), positive, x < 0
+        positive = (x / self.pos_step.reshape(()).to(x.dtype)).round_().clamp_(0, self.half - 1)
+        return (x / self.neg_step).round_().clamp_(-self.half, 0), positive, x < 0
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         negative, positive, in_negative = self._codes(x)
