@@ -5,6 +5,8 @@ checkpoints and ONNX metadata. Then the Python API's table, and interrupts and w
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import resource
@@ -27,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import vitq
+from vitq.__main__ import load_cli, reraise_swallowed_interrupt
 from vitq.cli import main
 from vitq.errors import VitqError
 from vitq.experiment.compare import JOURNAL_FILE, CompareSpec, Journal, compare_plan
@@ -658,19 +661,59 @@ def _absent_or_complete(out: Path) -> bool:
 MOMENTS = (None, 0.0, 0.3, 0.8, 1.5, 2.5, 4.0, 8.0)
 
 
-def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again():
-    from vitq.__main__ import reraise_swallowed_interrupt
-
-    unraisable = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None,
-                                       err_msg="Exception ignored in", object=None)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an earlier in-process CLI run ignores it
+@contextlib.contextmanager
+def default_sigint():
+    """Python's own SIGINT handler for the duration: an earlier in-process CLI run leaves SIGINT ignored, and a
+    runner started in the background (``cmd &``) ignores it from the start."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            reraise_swallowed_interrupt(unraisable)
-            for _ in range(1000):  # the interrupt arrives at the main thread's next signal check
-                time.sleep(0.001)
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again():
+    unraisable = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None,
+                                       err_msg="Exception ignored in", object=None)
+    with default_sigint(), pytest.raises(KeyboardInterrupt):
+        reraise_swallowed_interrupt(unraisable)
+        for _ in range(1000):  # the interrupt arrives at the main thread's next signal check
+            time.sleep(0.001)
+
+
+def _import_interrupted_then(error: Exception | None):
+    """A stand-in for ``importlib.import_module``: SIGINT arrives mid-import and a library catches it; then the
+    import fails with ``error`` (as a half-initialised module makes a later import fail), or goes on."""
+    def import_module(name):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                time.sleep(0.001)
+        except KeyboardInterrupt:
+            if error is not None:
+                raise error from None
+        return types.SimpleNamespace(main=lambda: 0)
+    return import_module
+
+
+def test_an_interrupt_while_loading_counts_whatever_the_import_raises(monkeypatch):
+    monkeypatch.setattr(importlib, "import_module",
+                        _import_interrupted_then(AttributeError("partially initialized module 'numpy'")))
+    with default_sigint():
+        assert load_cli() is None
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_an_import_error_without_an_interrupt_propagates(monkeypatch):
+    def broken(name):
+        raise AttributeError("a real bug")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with default_sigint(), pytest.raises(AttributeError, match="a real bug"):
+        load_cli()
+    with default_sigint():  # the real loader gives the command line
+        monkeypatch.undo()
+        assert load_cli() is main
 
 
 def _interrupt_quantize_at(env, out: Path, moment: float | None) -> tuple[int, str]:
@@ -694,15 +737,10 @@ def test_sigint_leaves_the_output_absent_or_complete(env, tmp_path):
     reconstruction of ~3 s, saving, after saving): exit 130 with one ``vitq: interrupted`` line and no output,
     or exit 0 and a complete output. The progress bars (stderr) mark the start of the work. Two runs at a time
     (one per core of a 2-core machine)."""
-    # a runner started in the background (``cmd &``) ignores SIGINT, and its children would inherit that; a
-    # Python handler is reset to the default by exec, so the children get the default action
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            runs = list(pool.map(lambda item: _interrupt_quantize_at(env, tmp_path / f"at{item[0]}", item[1]),
-                                 enumerate(MOMENTS)))
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # the children would inherit an ignored SIGINT; a Python handler is reset to the default action by exec
+    with default_sigint(), ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda item: _interrupt_quantize_at(env, tmp_path / f"at{item[0]}", item[1]),
+                             enumerate(MOMENTS)))
     for number, (code, err) in enumerate(runs):
         assert code in (0, 130), err
         assert "Traceback" not in err, err

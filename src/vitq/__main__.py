@@ -7,9 +7,11 @@ still ends with one line and exit code 130, like a Ctrl-C during the work (:func
 from __future__ import annotations
 
 import _thread
+import importlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 EXIT_INTERRUPTED = 130
 
@@ -34,12 +36,39 @@ def reraise_swallowed_interrupt(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def load_cli() -> Callable[[], int] | None:
+    """``vitq.cli.main``, or ``None`` when a Ctrl-C arrived while the libraries loaded.
+
+    A Ctrl-C during an import does not always surface as ``KeyboardInterrupt``: a library that catches it (or an
+    import it leaves half done, seen again by a later import) can raise something else, e.g. an ``AttributeError``
+    of a partially initialised module. Any exception after a Ctrl-C therefore counts as the interrupt; without
+    one, an exception is a real error and propagates."""
+    interrupts: list[int] = []
+
+    def on_sigint(signum, frame):
+        interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # a process started with Ctrl-C ignored keeps ignoring it
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return importlib.import_module("vitq.cli").main
+    except KeyboardInterrupt:
+        return None
+    except Exception:
+        if interrupts:
+            return None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run() -> int:
     """Load the command line and run it on ``sys.argv``."""
     sys.unraisablehook = reraise_swallowed_interrupt
-    try:
-        from vitq.cli import main
-    except KeyboardInterrupt:
+    main = load_cli()
+    if main is None:
         return _interrupted("vitq: interrupted (while loading; nothing was written)")
     try:
         code = main()
