@@ -142,6 +142,27 @@ def test_fpcs_initialises_the_ranges_by_the_layer_output_error_on_the_first_imag
     assert method_class("aphq-vit").parse_options({"fpcs": True}).fpcs
 
 
+def test_wide_weight_ranges_search_the_wider_percentiles_for_every_weight():
+    """``weight_ranges=wide``: every weight quantizer, the re-calibrated ones of the folded qkv/fc1 too, searches
+    the wider percentiles (ranges that AdaRound then keeps); the default keeps RepQ-ViT's."""
+    from vitq.quantizers.ranges import REPQ_PERCENTILES, WEIGHT_PERCENTILES
+
+    recon = make(ReconConfig, iterations=2, batch_size=2, learn_steps=False)
+    _, _, wide = quantized_test_vit("qdrop", 3, 3, reconstruct=recon, weight_ranges="wide")
+    _, _, repq = quantized_test_vit("qdrop", 3, 3, reconstruct=recon)
+    layers = [(name, layer, plain) for (name, layer), plain in zip(wide.named_modules(), repq.modules(), strict=True)
+              if getattr(layer, "weight_quantizer", None) is not None]
+    assert len(layers) > 4
+    for name, layer, plain in layers:
+        assert tuple(layer.weight_quantizer.search_percentiles) == WEIGHT_PERCENTILES, name
+        assert tuple(plain.weight_quantizer.search_percentiles) == REPQ_PERCENTILES, name
+    assert any(not torch.equal(layer.weight_quantizer.scale, plain.weight_quantizer.scale)
+               for _, layer, plain in layers)
+    with pytest.raises(VitqError, match="weight_ranges"):
+        method_class("qdrop").parse_options({"weight_ranges": "minmax"})
+    assert method_class("aphq-vit").parse_options({"weight_ranges": "wide"}).weight_ranges == "wide"
+
+
 def test_per_head_ranges_are_the_ranges_of_each_head_alone():
     from vitq.quantizers import build_quantizer
 

@@ -29,6 +29,7 @@ from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.models import Stage
+from vitq.quantizers.ranges import WEIGHT_PERCENTILES
 
 #: the roles of the attention tensors whose axis 1 is the head
 HEAD_ROLES = ("attn_q", "attn_k", "attn_v", "softmax")
@@ -54,6 +55,9 @@ class BRECQ(RepQViT):
         fpcs: bool = Field(False, description="initialise the uniform weight and activation ranges by their "
                                               "layer's output error (AdaLog's FPCS, as the released APHQ-ViT "
                                               "code) instead of the percentile search")
+        weight_ranges: Literal["repq", "wide"] = Field(
+            "repq", description="percentiles searched for each weight row's range: repq (0.999-0.99999, "
+                                "RepQ-ViT's) or wide (0.97-1, the ERQ and I&S-ViT code's)")
 
     options: Options
 
@@ -64,6 +68,8 @@ class BRECQ(RepQViT):
             spec = super().quantizer_spec(role)
         if self.options.head_ranges and role in HEAD_ROLES and spec is not None and spec["kind"] == "uniform":
             spec = {**spec, "granularity": "channel", "axis": 1}
+        if role == "weight" and self.options.weight_ranges == "wide":
+            spec = {**spec, "search_percentiles": list(WEIGHT_PERCENTILES)}
         return spec
 
     def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
