@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import random_test_vit
 
 from vitq.assets import DEIT_TINY_CHECKPOINT, IMAGENET_SAMPLE, assets_dir
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: each worker process gets one intra-op thread, so that N workers share the cores instead of
+    # oversubscribing them (a test that needs more threads sets them itself)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
