@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -672,13 +673,30 @@ def default_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again():
-    unraisable = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None,
-                                       err_msg="Exception ignored in", object=None)
+def _swallowed_interrupt():
+    return types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None,
+                                 err_msg="Exception ignored in", object=None)
+
+
+def test_an_interrupt_swallowed_in_another_thread_is_raised_again_in_the_main_thread():
     with default_sigint(), pytest.raises(KeyboardInterrupt):
-        reraise_swallowed_interrupt(unraisable)
+        worker = threading.Thread(target=reraise_swallowed_interrupt, args=(_swallowed_interrupt(),))
+        worker.start()
+        worker.join()
         for _ in range(1000):  # the interrupt arrives at the main thread's next signal check
             time.sleep(0.001)
+
+
+def test_an_interrupt_swallowed_in_the_main_thread_while_loading_counts(monkeypatch):
+    """In the main thread the hook cannot raise (its own exception would only be reported): it records the
+    interrupt, and the loading counts as interrupted although the import went on."""
+    def import_module(name):
+        reraise_swallowed_interrupt(_swallowed_interrupt())
+        return types.SimpleNamespace(main=lambda: 0)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    with default_sigint():
+        assert load_cli() is None
 
 
 def _import_interrupted_then(error: Exception | None):

@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 EXIT_INTERRUPTED = 130
@@ -26,12 +27,24 @@ def _interrupted(message: str | None) -> int:
     os._exit(EXIT_INTERRUPTED)
 
 
+#: Ctrl-Cs seen while the libraries load: by the SIGINT handler :func:`load_cli` installs, or swallowed (below)
+_interrupts: list[str] = []
+
+
 def reraise_swallowed_interrupt(unraisable) -> None:
     """``sys.unraisablehook``: a Ctrl-C that lands in code whose exceptions CPython can only report (a finalizer,
     the logging module's fork handlers while libraries load) would be printed as "Exception ignored" and lost, and
-    the command would go on; raise it again in the main thread, where the one-line handlers see it."""
+    the command would go on.
+
+    From another thread it is raised again in the main thread, where the one-line handlers see it. In the main
+    thread that is impossible: the signal would be handled inside this hook, whose own exception CPython again only
+    reports. There it is recorded, and :func:`load_cli` treats the loading as interrupted; once the work has begun,
+    it runs to its end (a complete output, exit 0)."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        _thread.interrupt_main()
+        if threading.current_thread() is threading.main_thread():
+            _interrupts.append("swallowed")
+        else:
+            _thread.interrupt_main()
         return
     sys.__unraisablehook__(unraisable)
 
@@ -42,26 +55,28 @@ def load_cli() -> Callable[[], int] | None:
     A Ctrl-C during an import does not always surface as ``KeyboardInterrupt``: a library that catches it (or an
     import it leaves half done, seen again by a later import) can raise something else, e.g. an ``AttributeError``
     of a partially initialised module. Any exception after a Ctrl-C therefore counts as the interrupt; without
-    one, an exception is a real error and propagates."""
-    interrupts: list[int] = []
+    one, an exception is a real error and propagates; so does a Ctrl-C swallowed where it landed
+    (:func:`reraise_swallowed_interrupt`), once the import is over."""
+    _interrupts.clear()
 
     def on_sigint(signum, frame):
-        interrupts.append(signum)
+        _interrupts.append("signal")
         raise KeyboardInterrupt
 
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.default_int_handler:  # a process started with Ctrl-C ignored keeps ignoring it
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        return importlib.import_module("vitq.cli").main
+        main = importlib.import_module("vitq.cli").main
     except KeyboardInterrupt:
         return None
     except Exception:
-        if interrupts:
+        if _interrupts:
             return None
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
+    return None if _interrupts else main
 
 
 def run() -> int:
