@@ -55,8 +55,8 @@ def load_cli() -> Callable[[], int] | None:
     A Ctrl-C during an import does not always surface as ``KeyboardInterrupt``: a library that catches it (or an
     import it leaves half done, seen again by a later import) can raise something else, e.g. an ``AttributeError``
     of a partially initialised module. Any exception after a Ctrl-C therefore counts as the interrupt; without
-    one, an exception is a real error and propagates; so does a Ctrl-C swallowed where it landed
-    (:func:`reraise_swallowed_interrupt`), once the import is over."""
+    one, an exception is a real error and propagates. A Ctrl-C swallowed where it landed
+    (:func:`reraise_swallowed_interrupt`) counts too, once the import is over."""
     _interrupts.clear()
 
     def on_sigint(signum, frame):
