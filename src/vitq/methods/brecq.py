@@ -29,7 +29,7 @@ from vitq.methods.base import MethodOptions, Paper, register_method
 from vitq.methods.repq_vit import RepQViT
 from vitq.methods.repq_vit.reparam import reparameterize_stage
 from vitq.models import Stage
-from vitq.quantizers.ranges import WEIGHT_PERCENTILES
+from vitq.quantizers.ranges import REPQ_PERCENTILES, WEIGHT_PERCENTILES
 
 #: the roles of the attention tensors whose axis 1 is the head
 HEAD_ROLES = ("attn_q", "attn_k", "attn_v", "softmax")
@@ -68,9 +68,11 @@ class BRECQ(RepQViT):
             spec = super().quantizer_spec(role)
         if self.options.head_ranges and role in HEAD_ROLES and spec is not None and spec["kind"] == "uniform":
             spec = {**spec, "granularity": "channel", "axis": 1}
-        if role == "weight" and self.options.weight_ranges == "wide":
-            spec = {**spec, "search_percentiles": list(WEIGHT_PERCENTILES)}
         return spec
+
+    @property
+    def weight_percentiles(self) -> tuple[float, ...]:
+        return WEIGHT_PERCENTILES if self.options.weight_ranges == "wide" else REPQ_PERCENTILES
 
     def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
         if not self.options.fpcs:

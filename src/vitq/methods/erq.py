@@ -217,6 +217,7 @@ class ERQ(RepQViT):
     paper = Paper("ERQ: Error Reduction for Post-Training Quantization of Vision Transformers", "Zhong et al.",
                   "ICML", 2024)
     summary = "Aqer (ridge regression moves the activation error into the weights) + Wqer (rounding refinement)"
+    weight_percentiles = WEIGHT_PERCENTILES
 
     class Options(MethodOptions):
         aqer: bool = Field(True, description="Aqer: ridge regression of the activation-quantization error")
@@ -236,18 +237,12 @@ class ERQ(RepQViT):
         super().__init__(config)
         self.layer_errors: list[LayerError] = []
 
-    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
-        spec = super().quantizer_spec(role)
-        if role == "weight":
-            spec["search_percentiles"] = list(WEIGHT_PERCENTILES)
-        return spec
-
     def slot_spec(self, slot) -> dict[str, Any] | None:
         # the extended variant: two scales per row for the layers fed by a LayerNorm (qkv, fc1; Swin reduction)
         if self.options.dual_uniform and slot.role == "weight" and \
                 slot.module.slot_roles.get("input_quantizer") == "post_ln":
             return {"kind": "dual_uniform", "bits": self.config.w_bits, "init": self.init,
-                    "search_percentiles": list(WEIGHT_PERCENTILES)}
+                    "search_percentiles": list(self.weight_percentiles)}
         return super().slot_spec(slot)
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:

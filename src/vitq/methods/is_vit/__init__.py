@@ -22,8 +22,6 @@ iterations per block (W3/W4), batch 64, 1024 images).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from vitq.calib.runner import calibrate_in_forward_order
@@ -43,14 +41,8 @@ class ISViT(RepQViT):
                   "Zhong et al.", "TPAMI", 2025)
     summary = "shift-uniform-log2 softmax quantizer and three-stage smooth optimization with reconstruction"
     reconstructs = True
-
-    def quantizer_spec(self, role: str) -> dict[str, Any] | None:
-        if role == "softmax":
-            return {"kind": "sulq", "bits": self.config.a_bits}
-        spec = super().quantizer_spec(role)
-        if role == "weight":
-            spec["search_percentiles"] = list(WEIGHT_PERCENTILES)
-        return spec
+    softmax_kind = "sulq"
+    weight_percentiles = WEIGHT_PERCENTILES
 
     def calibrate(self, qmodel, images: torch.Tensor, *, progress: bool = True) -> None:
         smooth_optimization(qmodel, images, self.reconstruction(),

@@ -15,6 +15,7 @@ from typing import Any
 
 from vitq.methods.base import Method, Paper, register_method
 from vitq.methods.repq_vit.reparam import reparameterize_model
+from vitq.quantizers.ranges import REPQ_PERCENTILES
 
 
 @register_method("repq-vit")
@@ -25,11 +26,16 @@ class RepQViT(Method):
     init = "mse"
     #: the post-Softmax quantizer kind
     softmax_kind = "log_sqrt2"
+    #: the percentiles each weight row's range is searched over (a subclass or an option may widen them)
+    weight_percentiles: tuple[float, ...] = REPQ_PERCENTILES
 
     def quantizer_spec(self, role: str) -> dict[str, Any] | None:
         if role == "softmax":
             return {"kind": self.softmax_kind, "bits": self.config.a_bits}
-        return super().quantizer_spec(role)
+        spec = super().quantizer_spec(role)
+        if role == "weight" and self.weight_percentiles != REPQ_PERCENTILES:
+            spec["search_percentiles"] = list(self.weight_percentiles)
+        return spec
 
     def calibrate(self, qmodel, images, *, progress: bool = True) -> None:
         reparameterize_model(qmodel, images, progress=progress, target="mean")
