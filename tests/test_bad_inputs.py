@@ -699,24 +699,20 @@ def test_an_interrupt_swallowed_in_the_main_thread_while_loading_counts(monkeypa
         assert load_cli() is None
 
 
-def _import_interrupted_then(error: Exception | None):
+def _import_interrupted_then_failing(name):
     """A stand-in for ``importlib.import_module``: SIGINT arrives mid-import and a library catches it; then the
-    import fails with ``error`` (as a half-initialised module makes a later import fail), or goes on."""
-    def import_module(name):
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):
-                time.sleep(0.001)
-        except KeyboardInterrupt:
-            if error is not None:
-                raise error from None
-        return types.SimpleNamespace(main=lambda: 0)
-    return import_module
+    import fails with another error, as a half-initialised module makes a later import fail."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            time.sleep(0.001)
+    except KeyboardInterrupt:
+        raise AttributeError("partially initialized module 'numpy'") from None
+    return types.SimpleNamespace(main=lambda: 0)
 
 
 def test_an_interrupt_while_loading_counts_whatever_the_import_raises(monkeypatch):
-    monkeypatch.setattr(importlib, "import_module",
-                        _import_interrupted_then(AttributeError("partially initialized module 'numpy'")))
+    monkeypatch.setattr(importlib, "import_module", _import_interrupted_then_failing)
     with default_sigint():
         assert load_cli() is None
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

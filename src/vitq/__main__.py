@@ -27,8 +27,8 @@ def _interrupted(message: str | None) -> int:
     os._exit(EXIT_INTERRUPTED)
 
 
-#: Ctrl-Cs seen while the libraries load: by the SIGINT handler :func:`load_cli` installs, or swallowed (below)
-_interrupts: list[str] = []
+#: set by a Ctrl-C while the libraries load: through the SIGINT handler :func:`load_cli` installs, or swallowed (below)
+_interrupted_while_loading = threading.Event()
 
 
 def reraise_swallowed_interrupt(unraisable) -> None:
@@ -42,7 +42,7 @@ def reraise_swallowed_interrupt(unraisable) -> None:
     it runs to its end (a complete output, exit 0)."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
         if threading.current_thread() is threading.main_thread():
-            _interrupts.append("swallowed")
+            _interrupted_while_loading.set()
         else:
             _thread.interrupt_main()
         return
@@ -57,10 +57,10 @@ def load_cli() -> Callable[[], int] | None:
     of a partially initialised module. Any exception after a Ctrl-C therefore counts as the interrupt; without
     one, an exception is a real error and propagates. A Ctrl-C swallowed where it landed
     (:func:`reraise_swallowed_interrupt`) counts too, once the import is over."""
-    _interrupts.clear()
+    _interrupted_while_loading.clear()
 
     def on_sigint(signum, frame):
-        _interrupts.append("signal")
+        _interrupted_while_loading.set()
         raise KeyboardInterrupt
 
     previous = signal.getsignal(signal.SIGINT)
@@ -71,12 +71,12 @@ def load_cli() -> Callable[[], int] | None:
     except KeyboardInterrupt:
         return None
     except Exception:
-        if _interrupts:
+        if _interrupted_while_loading.is_set():
             return None
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
-    return None if _interrupts else main
+    return None if _interrupted_while_loading.is_set() else main
 
 
 def run() -> int:
